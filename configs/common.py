@@ -1,0 +1,62 @@
+"""Pieces shared by configs: `key=value` arg parsing, model variants, sharding rules."""
+import ml_collections
+
+# width, depth, heads, mlp_dim
+VARIANTS = {
+    "tiny": (128, 2, 4, 512),
+    "small": (384, 12, 6, 1536),
+    "base": (768, 12, 12, 3072),
+    "large": (1024, 24, 16, 4096),
+    "huge": (1280, 32, 20, 5120),
+}
+
+# Logical axis -> mesh axes. Batch over data+fsdp; params FSDP-sharded on embed, tensor-parallel on
+# heads/mlp; the cluster centers (classes) are sharded over every device.
+LOGICAL_AXIS_RULES = (
+    ("batch", ("data", "fsdp")),
+    ("length", None),
+    ("embed", "fsdp"),
+    ("heads", "tensor"),
+    ("mlp", "tensor"),
+    ("kv", None),
+    ("patch", None),
+    ("norm", None),
+    ("act_embed", None),
+    ("act_heads", "tensor"),
+    ("act_mlp", "tensor"),
+    ("classes", ("data", "fsdp", "tensor")),
+)
+
+
+def parse_arg(arg, **defaults):
+  """'variant=base,frames=8' -> ConfigDict over defaults (types follow the defaults)."""
+  out = ml_collections.ConfigDict(defaults)
+  for item in filter(None, (arg or "").split(",")):
+    key, sep, value = item.partition("=")
+    if not sep:  # a bare word is a bool flag ('runlocal') or the variant ('base')
+      key, value = (key, "True") if isinstance(defaults.get(key), bool) else ("variant", key)
+    if key not in defaults:
+      raise ValueError(f"config arg {key!r} is unknown; known: {sorted(defaults)}")
+    kind = type(defaults[key])
+    out[key] = value.lower() in ("1", "true", "yes") if kind is bool else kind(value)
+  return out
+
+
+def model_config(variant: str) -> ml_collections.ConfigDict:
+  if variant not in VARIANTS:
+    raise ValueError(f"config arg variant={variant!r} is unknown; known: {sorted(VARIANTS)}")
+  width, depth, heads, mlp = VARIANTS[variant]
+  return ml_collections.ConfigDict(dict(
+      variant=variant, patch_size=14, width=width, depth=depth, num_heads=heads, mlp_dim=mlp,
+      rope_layout="official",  # 'official' = weights-compatible quirk; 'consistent' = textbook RoPE
+      rope_theta=10000.0,
+      attention="xla",         # 'xla' | 'chunked' (memory-bounded on CPU) | 'cudnn' (flash, GPU)
+      attn_chunk_size=512,
+      remat="none",            # 'none' | 'block' | 'dots'
+      dtype="float32",         # compute dtype; params stay fp32
+  ))
+
+
+def mesh_config(data=-1, fsdp=1, tensor=1) -> ml_collections.ConfigDict:
+  """Mesh shape; -1 on one axis = fill with the remaining devices."""
+  return ml_collections.ConfigDict(dict(data=data, fsdp=fsdp, tensor=tensor))

@@ -1,0 +1,255 @@
+"""OV-Encoder ViT (Flax linen): sparse (t, h, w) tokens, shared 3D RoPE, segment masks, probe pooling."""
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ovenc_jax import attention as attn_lib
+from ovenc_jax import rope as rope_lib
+
+# CLIP pixel statistics, applied when patches arrive as uint8.
+CLIP_MEAN = np.array([0.48145466, 0.4578275, 0.40821073], np.float32)
+CLIP_STD = np.array([0.26862954, 0.26130258, 0.27577711], np.float32)
+LN_EPS = 1e-6
+
+_dense_init = nn.initializers.lecun_normal()
+_zeros = nn.initializers.zeros_init()
+_ones = nn.initializers.ones_init()
+
+REMAT_POLICIES = {
+    "none": None,
+    "block": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def normalize_pixels(patches: jnp.ndarray) -> jnp.ndarray:
+  """uint8 [..., p*p*3] -> CLIP-normalised float32; float input passes through unchanged."""
+  if patches.dtype != jnp.uint8:
+    return patches.astype(jnp.float32)
+  x = patches.astype(jnp.float32).reshape(*patches.shape[:-1], -1, 3) / 255.0
+  x = (x - CLIP_MEAN) / CLIP_STD
+  return x.reshape(patches.shape)
+
+
+class _Module(nn.Module):
+  """Holds the logical-axis plumbing shared by every layer."""
+  dtype: Any = jnp.float32
+  axis_rules: Sequence[tuple[str, Any]] = ()
+
+  def _p(self, name, init, shape, names):
+    return self.param(name, nn.with_logical_partitioning(init, names), shape, jnp.float32)
+
+  def _constrain(self, x, names):
+    if not self.axis_rules:
+      return x
+    return nn.with_logical_constraint(x, names, rules=tuple(self.axis_rules))
+
+
+class LayerNorm(_Module):
+  eps: float = LN_EPS
+
+  @nn.compact
+  def __call__(self, x):
+    d = x.shape[-1]
+    scale = self._p("scale", _ones, (d,), ("norm",))
+    bias = self._p("bias", _zeros, (d,), ("norm",))
+    xf = x.astype(jnp.float32)
+    mean = xf.mean(-1, keepdims=True)
+    var = jnp.square(xf - mean).mean(-1, keepdims=True)
+    y = (xf - mean) * jax.lax.rsqrt(var + self.eps) * scale + bias
+    return y.astype(self.dtype)
+
+
+class RMSNorm(_Module):
+  eps: float = LN_EPS
+
+  @nn.compact
+  def __call__(self, x):
+    scale = self._p("scale", _ones, (x.shape[-1],), ("norm",))
+    xf = x.astype(jnp.float32)
+    y = xf * jax.lax.rsqrt(jnp.square(xf).mean(-1, keepdims=True) + self.eps) * scale
+    return y.astype(self.dtype)
+
+
+class Linear(_Module):
+  """y = x W + b with W [in, out]; logical names (in_name, out_name)."""
+  features: int = 0
+  names: tuple[str, str] = ("embed", "mlp")
+  use_bias: bool = True
+
+  @nn.compact
+  def __call__(self, x):
+    kernel = self._p("kernel", _dense_init, (x.shape[-1], self.features), self.names)
+    y = jnp.dot(x.astype(self.dtype), kernel.astype(self.dtype))
+    if self.use_bias:
+      y = y + self._p("bias", _zeros, (self.features,), (self.names[1],)).astype(self.dtype)
+    return y
+
+
+class HeadProjection(_Module):
+  """[B, N, D] -> [B, N, H, hd] (q/k/v projections), kernel [D, H, hd] sharded over heads."""
+  num_heads: int = 1
+  head_dim: int = 64
+
+  @nn.compact
+  def __call__(self, x):
+    kernel = self._p("kernel", _dense_init, (x.shape[-1], self.num_heads, self.head_dim),
+                     ("embed", "heads", "kv"))
+    bias = self._p("bias", _zeros, (self.num_heads, self.head_dim), ("heads", "kv"))
+    return jnp.einsum("bnd,dhk->bnhk", x.astype(self.dtype), kernel.astype(self.dtype)) + bias.astype(self.dtype)
+
+
+class OutProjection(_Module):
+  """[B, N, H, hd] -> [B, N, D], kernel [H, hd, D]."""
+  features: int = 0
+
+  @nn.compact
+  def __call__(self, x):
+    h, k = x.shape[-2:]
+    kernel = self._p("kernel", _dense_init, (h, k, self.features), ("heads", "kv", "embed"))
+    bias = self._p("bias", _zeros, (self.features,), ("norm",))
+    return jnp.einsum("bnhk,hkd->bnd", x, kernel.astype(self.dtype)) + bias.astype(self.dtype)
+
+
+class Attention(_Module):
+  """Multi-head attention; RoPE on q and k when angles are given (self-attention)."""
+  num_heads: int = 1
+  rope_layout: str = "official"
+  impl: str = "xla"
+  chunk_size: int = 512
+
+  @nn.compact
+  def __call__(self, x_q, x_kv, q_segments, kv_segments, angles=None):
+    d = x_kv.shape[-1]
+    hd = d // self.num_heads
+    kw = dict(dtype=self.dtype, axis_rules=self.axis_rules, num_heads=self.num_heads, head_dim=hd)
+    q = HeadProjection(name="q_proj", **kw)(x_q)
+    k = HeadProjection(name="k_proj", **kw)(x_kv)
+    v = HeadProjection(name="v_proj", **kw)(x_kv)
+    if angles is not None:
+      q = rope_lib.apply_rope(q, angles, self.rope_layout)
+      k = rope_lib.apply_rope(k, angles, self.rope_layout)
+    names = ("batch", "length", "act_heads", "kv")
+    q, k, v = (self._constrain(t, names) for t in (q, k, v))
+    o = attn_lib.dot_product_attention(q, k, v, q_segments, kv_segments,
+                                       impl=self.impl, chunk_size=self.chunk_size)
+    o = self._constrain(o, names)
+    return OutProjection(name="out_proj", features=d, dtype=self.dtype, axis_rules=self.axis_rules)(o)
+
+
+class Mlp(_Module):
+  mlp_dim: int = 0
+
+  @nn.compact
+  def __call__(self, x):
+    d = x.shape[-1]
+    h = Linear(name="fc1", features=self.mlp_dim, names=("embed", "mlp"),
+               dtype=self.dtype, axis_rules=self.axis_rules)(x)
+    h = self._constrain(nn.gelu(h, approximate=False), ("batch", "length", "act_mlp"))
+    return Linear(name="fc2", features=d, names=("mlp", "embed"),
+                  dtype=self.dtype, axis_rules=self.axis_rules)(h)
+
+
+class EncoderLayer(_Module):
+  """Pre-LN block: x + attn(ln1(x)); x + mlp(ln2(x))."""
+  num_heads: int = 1
+  mlp_dim: int = 0
+  rope_layout: str = "official"
+  impl: str = "xla"
+  chunk_size: int = 512
+
+  @nn.compact
+  def __call__(self, x, segments, angles):
+    kw = dict(dtype=self.dtype, axis_rules=self.axis_rules)
+    h = LayerNorm(name="layer_norm1", **kw)(x)
+    x = x + Attention(name="self_attn", num_heads=self.num_heads, rope_layout=self.rope_layout,
+                      impl=self.impl, chunk_size=self.chunk_size, **kw)(h, h, segments, segments, angles)
+    x = self._constrain(x, ("batch", "length", "act_embed"))
+    h = LayerNorm(name="layer_norm2", **kw)(x)
+    x = x + Mlp(name="mlp", mlp_dim=self.mlp_dim, **kw)(h)
+    return self._constrain(x, ("batch", "length", "act_embed"))
+
+
+class ProbeHead(_Module):
+  """SigLIP2-style attention pooling: one probe query per segment -> RMSNorm -> MLP residual."""
+  num_heads: int = 1
+  mlp_dim: int = 0
+
+  @nn.compact
+  def __call__(self, x, segments, num_segments):
+    b, _, d = x.shape
+    kw = dict(dtype=self.dtype, axis_rules=self.axis_rules)
+    probe = self._p("probe", nn.initializers.xavier_uniform(), (1, 1, d), (None, None, "embed"))
+    queries = jnp.broadcast_to(probe.astype(self.dtype), (b, num_segments, d))
+    q_segments = jnp.broadcast_to(jnp.arange(1, num_segments + 1, dtype=jnp.int32), (b, num_segments))
+    h = Attention(name="attention", num_heads=self.num_heads, impl="xla", **kw)(
+        queries, x, q_segments, segments)
+    y = RMSNorm(name="norm", **kw)(h)
+    return h + Mlp(name="mlp", mlp_dim=self.mlp_dim, **kw)(y)
+
+
+class Encoder(_Module):
+  """The OV-Encoder ViT. Returns last hidden states [B, N, D] and pooled [B, S, D] per segment."""
+  patch_size: int = 14
+  width: int = 768
+  depth: int = 12
+  num_heads: int = 12
+  mlp_dim: int = 3072
+  rope_layout: str = "official"
+  rope_theta: float = 10000.0
+  attention: str = "xla"
+  attn_chunk_size: int = 512
+  remat: str = "none"
+
+  @nn.compact
+  def __call__(self, patches, positions, segment_ids, num_segments: int = 1):
+    kw = dict(dtype=self.dtype, axis_rules=self.axis_rules)
+    x = normalize_pixels(patches)
+    x = Linear(name="patch_embedding", features=self.width, names=("patch", "embed"),
+               use_bias=False, **kw)(x)
+    x = self._constrain(x, ("batch", "length", "act_embed"))
+    angles = rope_lib.rope_angles(positions, self.width // self.num_heads, self.rope_theta)
+    x = LayerNorm(name="layernorm_pre", **kw)(x)
+    layer_cls = EncoderLayer
+    if self.remat != "none":
+      layer_cls = nn.remat(EncoderLayer, policy=REMAT_POLICIES[self.remat])
+    for i in range(self.depth):
+      x = layer_cls(name=f"layers_{i}", num_heads=self.num_heads, mlp_dim=self.mlp_dim,
+                    rope_layout=self.rope_layout, impl=self.attention,
+                    chunk_size=self.attn_chunk_size, **kw)(x, segment_ids, angles)
+    x = LayerNorm(name="layernorm_post", **kw)(x)
+    pooled = ProbeHead(name="head", num_heads=self.num_heads, mlp_dim=self.mlp_dim, **kw)(
+        x, segment_ids, num_segments)
+    return {"last_hidden_state": x, "pooled": pooled}
+
+
+def encoder_from_config(model_cfg, axis_rules=()) -> Encoder:
+  """Builds the Encoder from a `config.model` ConfigDict (validated first)."""
+  validate_model_config(model_cfg)
+  return Encoder(
+      patch_size=model_cfg.patch_size, width=model_cfg.width, depth=model_cfg.depth,
+      num_heads=model_cfg.num_heads, mlp_dim=model_cfg.mlp_dim, rope_layout=model_cfg.rope_layout,
+      rope_theta=model_cfg.rope_theta, attention=model_cfg.attention,
+      attn_chunk_size=model_cfg.attn_chunk_size, remat=model_cfg.remat,
+      dtype=jnp.dtype(model_cfg.dtype), axis_rules=tuple(axis_rules))
+
+
+def validate_model_config(m) -> None:
+  """Raises ValueError naming the offending `model.*` key."""
+  for key in ("patch_size", "width", "depth", "num_heads", "mlp_dim", "attn_chunk_size"):
+    if int(m[key]) <= 0:
+      raise ValueError(f"model.{key}={m[key]} must be a positive integer")
+  if m.width % m.num_heads:
+    raise ValueError(f"model.width={m.width} is not divisible by model.num_heads={m.num_heads}")
+  rope_lib.axis_frequencies(m.width // m.num_heads)
+  if m.rope_layout not in ("official", "consistent"):
+    raise ValueError(f"model.rope_layout={m.rope_layout!r}: expected 'official' or 'consistent'")
+  if m.attention not in attn_lib.IMPLEMENTATIONS:
+    raise ValueError(f"model.attention={m.attention!r}: expected one of {attn_lib.IMPLEMENTATIONS}")
+  if m.remat not in REMAT_POLICIES:
+    raise ValueError(f"model.remat={m.remat!r}: expected one of {tuple(REMAT_POLICIES)}")
+  if m.dtype not in ("float32", "bfloat16"):
+    raise ValueError(f"model.dtype={m.dtype!r}: expected 'float32' or 'bfloat16'")
