@@ -1,12 +1,39 @@
-"""Pretraining config: `--config configs/pretrain.py:variant=tiny` (also small/base/large/huge)."""
+"""Pretraining config: `--config configs/pretrain.py:variant=tiny[,runlocal]` (tiny/small/base/large/huge)."""
+import ml_collections
+
 from configs import common
+from ovenc_jax import input_pipeline, loss, optim
 
 
 def get_config(arg=None):
-  a = common.parse_arg(arg, variant="tiny", runlocal=False)
-  config = common.ml_collections.ConfigDict()
-  config.model = common.model_config(a.variant)
-  config.mesh = common.mesh_config()
-  config.logical_axis_rules = common.LOGICAL_AXIS_RULES
-  config.seed = 0
-  return config
+  a = common.parse_arg(arg, variant="tiny", runlocal=False, data="", eval_data="")
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.model = common.model_config(a.variant)
+  c.mesh = common.mesh_config(data=-1, fsdp=1, tensor=1)
+  c.logical_axis_rules = common.LOGICAL_AXIS_RULES
+
+  c.input = input_pipeline.default_input_config()
+  c.input.sources = [{"path": a.data, "weight": 1.0}] if a.data else []
+  c.input.global_batch_size = 256
+  c.input.tokens_per_row = 1024
+  c.input.max_segments = 4
+
+  c.loss = loss.default_loss_config()
+  c.loss.num_classes = 100_000
+  c.optim = optim.default_optim_config()
+
+  c.total_steps = 100_000
+  c.log_every, c.ckpt_every, c.keep_ckpts, c.async_ckpt = 50, 1000, 3, True
+  c.eval_every = 5000
+  c.eval = ml_collections.ConfigDict(dict(
+      path=a.eval_data, tokens_per_row=1024, batch_size=64, knn_k=10, linear_probe=True))
+  c.init_from = ""  # a workdir (e.g. from import_torch) whose params start training
+
+  if a.variant == "tiny" or a.runlocal:  # laptop / CPU / tests
+    c.input.update(global_batch_size=16, tokens_per_row=256, max_segments=2)
+    c.loss.num_classes = 64
+    c.optim.update(lr=2e-3, warmup_steps=10)
+    c.total_steps, c.log_every, c.ckpt_every, c.eval_every = 200, 10, 50, 100
+    c.eval.update(tokens_per_row=256, batch_size=16)
+  return c

@@ -1,0 +1,61 @@
+"""Entry point: python -m ovenc_jax.main --config configs/pretrain.py:variant=tiny --workdir DIR."""
+import json
+import logging
+import os
+
+from absl import app, flags
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "configs/pretrain.py:ARGS", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "checkpoints, metrics.jsonl and TensorBoard events go here")
+_DISTRIBUTED = flags.DEFINE_enum(
+    "distributed", "auto", ["auto", "on", "off"],
+    "auto: initialise jax.distributed when a coordinator flag, SLURM (>1 task) or a TPU pod is detected")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (GPU clusters, tests)")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "total processes (with --coordinator_address)")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "this process's index (with --coordinator_address)")
+
+
+def _want_distributed() -> bool:
+  if _DISTRIBUTED.value != "auto":
+    return _DISTRIBUTED.value == "on"
+  if _COORDINATOR.value:
+    return True
+  if int(os.environ.get("SLURM_NTASKS", "1")) > 1:
+    return True
+  return "," in os.environ.get("TPU_WORKER_HOSTNAMES", "")
+
+
+def initialize_distributed() -> None:
+  """jax.distributed.initialize from explicit flags, else auto-detected (SLURM env, TPU metadata)."""
+  import jax
+  if not _want_distributed():
+    return
+  if _COORDINATOR.value:
+    if _NUM_PROCESSES.value is None or _PROCESS_ID.value is None:
+      raise app.UsageError("--coordinator_address needs --num_processes and --process_id")
+    jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+  else:
+    jax.distributed.initialize()
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if _WORKDIR.value is None:
+    raise app.UsageError("--workdir is required")
+  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+  initialize_distributed()
+  import jax
+  from ovenc_jax import train  # after distributed init: nothing may touch devices before it
+  logging.info("process %d/%d, %d local / %d global devices", jax.process_index(), jax.process_count(),
+               jax.local_device_count(), jax.device_count())
+  trainer = train.Trainer(_CONFIG.value, _WORKDIR.value)
+  summary = trainer.run()
+  if jax.process_index() == 0:
+    print("SUMMARY " + json.dumps(summary, default=float), flush=True)
+
+
+if __name__ == "__main__":
+  flags.mark_flags_as_required(["config"])
+  app.run(main)

@@ -1,0 +1,297 @@
+"""The trainer: sharded state, jit train step, metrics, kNN eval, orbax checkpoints with resume."""
+import json
+import logging
+import os
+import signal
+import time
+from typing import Any, Iterator
+
+import flax.linen as nn
+import grain
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
+
+from ovenc_jax import checkpoint as ckpt_lib
+from ovenc_jax import evaluate as eval_lib
+from ovenc_jax import input_pipeline
+from ovenc_jax import loss as loss_lib
+from ovenc_jax import model as model_lib
+from ovenc_jax import optim
+from ovenc_jax import sharding as sharding_lib
+
+log = logging.getLogger("ovenc_jax.train")
+BATCH_AXES = ("data", "fsdp")
+CLASS_AXES = ("data", "fsdp", "tensor")
+
+
+class NonFiniteLossError(RuntimeError):
+  pass
+
+
+def validate_config(config) -> None:
+  """Cross-section checks; each section validates its own keys too."""
+  for key in ("total_steps", "log_every", "ckpt_every"):
+    if int(config[key]) <= 0:
+      raise ValueError(f"config.{key}={config[key]} must be a positive integer")
+  if config.eval_every < 0:
+    raise ValueError(f"config.eval_every={config.eval_every} must be >= 0 (0 = only at start and end)")
+  if config.input.global_batch_size % config.optim.grad_accum_steps:
+    raise ValueError(f"input.global_batch_size={config.input.global_batch_size} is not divisible by "
+                     f"optim.grad_accum_steps={config.optim.grad_accum_steps}")
+  optim.validate(config.optim, config.total_steps)
+
+
+class Trainer:
+  """Owns the mesh, the jitted step and the state layout; `run()` is the loop."""
+
+  def __init__(self, config, workdir: str):
+    validate_config(config)
+    self.config, self.workdir = config, workdir
+    self.mesh = sharding_lib.make_mesh(config.mesh)
+    sharding_lib.validate_divisibility(config.model, self.mesh)
+    if config.input.global_batch_size % (self.mesh.shape["data"] * self.mesh.shape["fsdp"]):
+      raise ValueError(f"input.global_batch_size={config.input.global_batch_size} is not divisible by "
+                       f"mesh.data*mesh.fsdp={self.mesh.shape['data'] * self.mesh.shape['fsdp']}")
+    self.rules = tuple(tuple(r) for r in config.logical_axis_rules)
+    self.encoder = model_lib.encoder_from_config(config.model, self.rules)
+    self.num_shards = int(np.prod([self.mesh.shape[a] for a in CLASS_AXES]))
+    self.loss_fn = loss_lib.make_loss_fn(self.mesh, config.loss, batch_axes=BATCH_AXES, class_axes=CLASS_AXES)
+    self.tx = optim.make_optimizer(config.optim, config.loss, config.total_steps)
+    self.lr_schedule = optim.schedule(config.optim, config.total_steps)
+    i = config.input
+    self.example = dict(
+        patches=jnp.zeros((1, i.tokens_per_row, i.patch_size ** 2 * 3), jnp.uint8),
+        positions=jnp.zeros((1, i.tokens_per_row, 3), jnp.int32),
+        segment_ids=jnp.ones((1, i.tokens_per_row), jnp.int32))
+    with jax.set_mesh(self.mesh):
+      abstract = jax.eval_shape(self._init_state, jax.random.key(0))
+      self.state_shardings = nn.meta.unbox(sharding_lib.logical_shardings(abstract, self.mesh, self.rules))
+    self.abstract_state = jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), nn.meta.unbox(abstract),
+        self.state_shardings)
+    self._step_fn = jax.jit(self._train_step, in_shardings=(self.state_shardings, None),
+                            out_shardings=(self.state_shardings, None), donate_argnums=(0,))
+    self._embed_fn = jax.jit(self._embed)
+
+  # ---- state -------------------------------------------------------------------------------
+  def _init_params(self, rng):
+    r_enc, r_cls = jax.random.split(rng)
+    enc = self.encoder.init(r_enc, **self.example)["params"]
+    centers = loss_lib.init_centers(r_cls, self.config.loss.num_classes, self.config.model.width,
+                                    self.num_shards)
+    return {"encoder": enc, "centers": nn.LogicallyPartitioned(centers, ("classes", None))}
+
+  def _init_state(self, rng):
+    params = self._init_params(rng)
+    return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": self.tx.init(params),
+            "rng": jax.random.key_data(jax.random.fold_in(rng, 1))}
+
+  def init_state(self, seed: int):
+    with jax.set_mesh(self.mesh):
+      boxed = jax.jit(self._init_state, out_shardings=self.state_shardings)(jax.random.key(seed))
+    return nn.meta.unbox(boxed)
+
+  def state_from_params(self, params, seed: int):
+    """Fresh optimizer state around given params (fine-tuning from an imported checkpoint)."""
+    state = self.init_state(seed)
+    enc_shardings = self.state_shardings["params"]["encoder"]
+    state["params"]["encoder"] = jax.tree.map(
+        lambda x, s: jax.device_put(np.asarray(x), s), params["encoder"], enc_shardings)
+    if "centers" in params:
+      state["params"]["centers"] = jax.device_put(np.asarray(params["centers"]),
+                                                  self.state_shardings["params"]["centers"])
+    with jax.set_mesh(self.mesh):
+      state["opt_state"] = jax.jit(self.tx.init, out_shardings=self.state_shardings["opt_state"])(
+          state["params"])
+    return state
+
+  # ---- step --------------------------------------------------------------------------------
+  def _loss(self, params, batch, rng):
+    s = self.config.input.max_segments
+    out = self.encoder.apply({"params": params["encoder"]}, batch["patches"], batch["positions"],
+                             batch["segment_ids"], num_segments=s)
+    emb = out["pooled"].astype(jnp.float32)
+    emb = emb.reshape(-1, emb.shape[-1])
+    labels = batch["labels"].reshape(emb.shape[0], -1)
+    loss, metrics = self.loss_fn(emb, params["centers"], labels, rng)
+    return loss, metrics
+
+  def _train_step(self, state, batch):
+    rng = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
+    grad_fn = jax.value_and_grad(self._loss, has_aux=True)
+    accum = int(self.config.optim.grad_accum_steps)
+    if accum == 1:
+      (loss, aux), grads = grad_fn(state["params"], batch, rng)
+    else:
+      # Microbatch i takes rows i, i+accum, ... so every microbatch spans all data shards.
+      micro = jax.tree.map(lambda x: x.reshape(x.shape[0] // accum, accum, *x.shape[1:]).swapaxes(0, 1), batch)
+
+      def body(carry, xs):
+        mb, idx = xs
+        (l, a), g = grad_fn(state["params"], mb, jax.random.fold_in(rng, idx))
+        return jax.tree.map(jnp.add, carry, (l, a, g)), None
+
+      (l0, a0), g0 = jax.eval_shape(grad_fn, state["params"], jax.tree.map(lambda x: x[0], micro), rng)
+      zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), (l0, a0, g0))
+      (loss, aux, grads), _ = jax.lax.scan(body, zeros, (micro, jnp.arange(accum)))
+      loss, aux, grads = jax.tree.map(lambda x: x / accum, (loss, aux, grads))
+    updates, opt_state = self.tx.update(grads, state["opt_state"], state["params"])
+    params = optax.apply_updates(state["params"], updates)
+    metrics = dict(aux, loss=loss, grad_norm=optax.global_norm(grads), lr=self.lr_schedule(state["step"]),
+                   tokens=jnp.sum(batch["segment_ids"] > 0), samples=jnp.sum(batch["sample_id"] >= 0))
+    new_state = dict(state, step=state["step"] + 1, params=params, opt_state=opt_state)
+    return new_state, metrics
+
+  def train_step(self, state, host_batch):
+    batch = input_pipeline.global_batch(host_batch, self.mesh, BATCH_AXES)
+    with jax.set_mesh(self.mesh):
+      return self._step_fn(state, batch)
+
+  # ---- eval --------------------------------------------------------------------------------
+  def _embed(self, enc_params, batch):
+    out = self.encoder.apply({"params": enc_params}, batch["patches"], batch["positions"], batch["segment_ids"])
+    return out["pooled"][:, 0]
+
+  def embed(self, enc_params, batches) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    embs, labels, ids = [], [], []
+    for host_batch in batches:
+      batch = input_pipeline.global_batch(host_batch, self.mesh, BATCH_AXES)
+      with jax.set_mesh(self.mesh):
+        e = self._embed_fn(enc_params, batch)
+      e = np.asarray(multihost_utils.process_allgather(e, tiled=True))
+      sid = np.asarray(multihost_utils.process_allgather(batch["sample_id"], tiled=True))[:, 0]
+      lab = np.asarray(multihost_utils.process_allgather(batch["class_label"], tiled=True))[:, 0]
+      keep = sid >= 0
+      embs.append(e[keep]), labels.append(lab[keep]), ids.append(sid[keep])
+    return np.concatenate(embs), np.concatenate(labels), np.concatenate(ids)
+
+  def evaluate(self, enc_params) -> dict[str, float]:
+    e = self.config.eval
+    if not e.path:
+      return {}
+    batches = input_pipeline.make_eval_batches(
+        e.path, tokens_per_row=e.tokens_per_row, batch_size=e.batch_size,
+        patch_size=self.config.input.patch_size)
+    emb, labels, _ = self.embed(enc_params, batches)
+    keep = labels >= 0
+    out = {"knn_top1": eval_lib.knn_top1(emb[keep], labels[keep], k=e.knn_k)}
+    if e.linear_probe:
+      out["linear_probe"] = eval_lib.linear_probe_accuracy(emb[keep], labels[keep])
+    return out
+
+  # ---- loop --------------------------------------------------------------------------------
+  def run(self) -> dict[str, Any]:
+    c = self.config
+    os.makedirs(self.workdir, exist_ok=True)
+    data_iter = input_pipeline.make_train_iterator(c.input)
+    mngr = ckpt_lib.make_manager(self.workdir, max_to_keep=c.keep_ckpts,
+                                 save_interval_steps=c.ckpt_every, async_save=c.async_ckpt)
+    state, start = self._restore_or_init(mngr, data_iter)
+    writer = MetricsWriter(self.workdir, enabled=jax.process_index() == 0)
+    stop = {"sigterm": False}
+    previous = signal.signal(signal.SIGTERM, lambda *_: stop.__setitem__("sigterm", True))
+    summary: dict[str, Any] = {"start_step": start}
+    try:
+      if start == 0:
+        summary["initial_eval"] = self._log_eval(writer, state, start)
+      t_last, tokens, samples = time.perf_counter(), 0, 0
+      step, loss = start, None
+      while step < c.total_steps:
+        state, metrics = self.train_step(state, next(data_iter))
+        metrics = jax.device_get(metrics)  # blocking per step avoids the CPU collective deadlock
+        step += 1
+        loss = float(metrics["loss"])
+        if not np.isfinite(loss):
+          raise NonFiniteLossError(
+              f"non-finite loss {loss} at step {step}; stopping. The last good checkpoint "
+              f"(step {mngr.latest_step()}) in {ckpt_lib.checkpoint_dir(self.workdir)} is kept.")
+        tokens += int(metrics["tokens"])
+        samples += int(metrics["samples"])
+        writer.step_loss(step, loss)
+        if step % c.log_every == 0 or step == c.total_steps:
+          dt = time.perf_counter() - t_last
+          scalars = {k: float(v) for k, v in metrics.items() if k not in ("tokens", "samples")}
+          scalars.update(tokens_per_s=tokens / dt, samples_per_s=samples / dt)
+          writer.scalars(step, scalars)
+          log.info("step %d/%d loss %.4f lr %.2e grad_norm %.3f %.0f tokens/s %.1f samples/s", step,
+                   c.total_steps, loss, scalars["lr"], scalars["grad_norm"], scalars["tokens_per_s"],
+                   scalars["samples_per_s"])
+          t_last, tokens, samples = time.perf_counter(), 0, 0
+        self._save(mngr, step, state, data_iter, force=stop["sigterm"] or step == c.total_steps)
+        if c.eval_every and step % c.eval_every == 0 and step != c.total_steps:
+          self._log_eval(writer, state, step)
+        if stop["sigterm"]:
+          log.warning("SIGTERM: saved step %d to %s; exiting for preemption", step, self.workdir)
+          summary["preempted_at"] = step
+          break
+      else:
+        summary["final_eval"] = self._log_eval(writer, state, step)
+      summary.update(final_step=step, final_loss=loss)
+    finally:
+      mngr.wait_until_finished()
+      mngr.close()
+      writer.close()
+      signal.signal(signal.SIGTERM, previous)
+    self.state = state
+    return summary
+
+  def _log_eval(self, writer, state, step):
+    result = self.evaluate(state["params"]["encoder"])
+    if result:
+      writer.scalars(step, {f"eval/{k}": v for k, v in result.items()})
+      log.info("eval at step %d: %s", step, ", ".join(f"{k} {v:.4f}" for k, v in result.items()))
+    return result
+
+  def _save(self, mngr, step, state, data_iter, force=False):
+    args = ocp.args.Composite(state=ocp.args.StandardSave(state),
+                              ds=grain.checkpoint.CheckpointSave(data_iter))
+    mngr.save(step, args=args, force=force)
+
+  def _restore_or_init(self, mngr, data_iter):
+    c = self.config
+    step = mngr.latest_step()
+    if step is None:
+      if c.init_from:
+        _, params = ckpt_lib.load_params(c.init_from)
+        log.info("initialising params from %s", c.init_from)
+        return self.state_from_params(params, c.seed), 0
+      return self.init_state(c.seed), 0
+    log.info("resuming from %s step %d", ckpt_lib.checkpoint_dir(self.workdir), step)
+    restored = mngr.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(self.abstract_state),
+        ds=grain.checkpoint.CheckpointRestore(data_iter)))
+    return restored["state"], int(step)
+
+
+class MetricsWriter:
+  """TensorBoard events plus metrics.jsonl (one line per logged step) in the workdir."""
+
+  def __init__(self, workdir: str, enabled: bool = True):
+    self.enabled = enabled
+    if not enabled:
+      return
+    from tensorboardX import SummaryWriter  # imported lazily: only process 0 writes
+    self.tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+    self.jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+
+  def step_loss(self, step, loss):
+    if self.enabled:
+      self.jsonl.write(json.dumps({"step": step, "loss": loss}) + "\n")
+      self.jsonl.flush()
+
+  def scalars(self, step, scalars):
+    if not self.enabled:
+      return
+    for k, v in scalars.items():
+      self.tb.add_scalar(k, v, step)
+    self.jsonl.write(json.dumps(dict(scalars, step=step)) + "\n")
+    self.jsonl.flush()
+
+  def close(self):
+    if self.enabled:
+      self.tb.close()
+      self.jsonl.close()
