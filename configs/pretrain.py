@@ -33,7 +33,9 @@ def get_config(arg=None):
   if a.variant == "tiny" or a.runlocal:  # laptop / CPU / tests
     c.input.update(global_batch_size=16, tokens_per_row=256, max_segments=2)
     c.loss.num_classes = 64
-    c.optim.update(lr=2e-3, warmup_steps=10)
+    # s=64/m=0.3 suit ~1M centers; with tens of centers they stall a tiny model for hundreds of steps.
+    c.loss.update(scale=32.0, margin=0.2)
+    c.optim.update(lr=2e-3, warmup_steps=20)
     c.total_steps, c.log_every, c.ckpt_every, c.eval_every = 200, 10, 50, 100
     c.eval.update(tokens_per_row=256, batch_size=16)
   return c

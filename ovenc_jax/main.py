@@ -45,6 +45,7 @@ def main(argv):
   if _WORKDIR.value is None:
     raise app.UsageError("--workdir is required")
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+  logging.getLogger("absl").setLevel(logging.WARNING)  # orbax logs every save at INFO
   initialize_distributed()
   import jax
   from ovenc_jax import train  # after distributed init: nothing may touch devices before it

@@ -26,6 +26,7 @@ from ovenc_jax import sharding as sharding_lib
 log = logging.getLogger("ovenc_jax.train")
 BATCH_AXES = ("data", "fsdp")
 CLASS_AXES = ("data", "fsdp", "tensor")
+CENTER_ROW_MULTIPLE = 128
 
 
 class NonFiniteLossError(RuntimeError):
@@ -48,17 +49,19 @@ def validate_config(config) -> None:
 class Trainer:
   """Owns the mesh, the jitted step and the state layout; `run()` is the loop."""
 
-  def __init__(self, config, workdir: str):
+  def __init__(self, config, workdir: str, devices=None):
     validate_config(config)
     self.config, self.workdir = config, workdir
-    self.mesh = sharding_lib.make_mesh(config.mesh)
+    self.mesh = sharding_lib.make_mesh(config.mesh, devices)
     sharding_lib.validate_divisibility(config.model, self.mesh)
     if config.input.global_batch_size % (self.mesh.shape["data"] * self.mesh.shape["fsdp"]):
       raise ValueError(f"input.global_batch_size={config.input.global_batch_size} is not divisible by "
                        f"mesh.data*mesh.fsdp={self.mesh.shape['data'] * self.mesh.shape['fsdp']}")
     self.rules = tuple(tuple(r) for r in config.logical_axis_rules)
     self.encoder = model_lib.encoder_from_config(config.model, self.rules)
-    self.num_shards = int(np.prod([self.mesh.shape[a] for a in CLASS_AXES]))
+    # Center rows are padded to a multiple of 128 (and of the shard count) so one checkpoint restores
+    # onto any mesh of up to 128 devices (powers of two) without reshaping the centers.
+    self.num_shards = int(np.lcm(int(np.prod([self.mesh.shape[a] for a in CLASS_AXES])), CENTER_ROW_MULTIPLE))
     self.loss_fn = loss_lib.make_loss_fn(self.mesh, config.loss, batch_axes=BATCH_AXES, class_axes=CLASS_AXES)
     self.tx = optim.make_optimizer(config.optim, config.loss, config.total_steps)
     self.lr_schedule = optim.schedule(config.optim, config.total_steps)
@@ -141,7 +144,7 @@ class Trainer:
       loss, aux, grads = jax.tree.map(lambda x: x / accum, (loss, aux, grads))
     updates, opt_state = self.tx.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
-    metrics = dict(aux, loss=loss, grad_norm=optax.global_norm(grads), lr=self.lr_schedule(state["step"]),
+    metrics = dict(aux, loss=loss, grad_norm=optax.tree.norm(grads), lr=self.lr_schedule(state["step"]),
                    tokens=jnp.sum(batch["segment_ids"] > 0), samples=jnp.sum(batch["sample_id"] >= 0))
     new_state = dict(state, step=state["step"] + 1, params=params, opt_state=opt_state)
     return new_state, metrics

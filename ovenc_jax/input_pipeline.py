@@ -1,0 +1,437 @@
+"""Training input: grain over ArrayRecord codec-patch shards (shuffle, per-process shards, mixing, truncation, flips, packing or padding) and global arrays for the mesh."""
+import atexit
+import functools
+import math
+import os
+from typing import Any, Iterator, Mapping, Sequence
+import weakref
+
+import grain
+import jax
+import ml_collections
+import numpy as np
+from etils import epath
+from jax.sharding import NamedSharding, PartitionSpec as P
+from ml_collections import config_dict
+
+from data_prep import label_table as label_table_lib
+from data_prep import records
+
+# Per-row features a batch carries besides the token arrays; fill values mark empty slots.
+_SEGMENT_FILL = {"labels": -1, "class_label": -1, "sample_id": -1}
+_TOKEN_FILL = {"patches": 0, "positions": 0}
+_GLOB_CHARS = frozenset("*?[")
+_INT32_MASK = np.int64(0x7FFFFFFF)
+
+# Reader threads per process: they hide storage latency, but decoding holds the GIL, so on a small
+# host they only contend (2 cores: 0 threads measured fastest in benchmarks/bench_input.py).
+DEFAULT_READ_THREADS = min(8, max(0, (os.cpu_count() or 1) - 2))
+_BATCH_PREFETCH = 2  # whole batches held ready by the background thread
+
+
+def default_input_config() -> ml_collections.ConfigDict:
+  """Input defaults; `sources` must be filled with at least one {"path", "weight"} before use."""
+  return ml_collections.ConfigDict(dict(
+      sources=[],                                 # [{"path": dir or glob of shards, "weight": float}]
+      label_table=config_dict.placeholder(str),  # side table of cluster labels keyed by sample_id
+      global_batch_size=256,                      # rows per step over all processes
+      tokens_per_row=1024,                        # N: fixed token budget of a row
+      max_segments=4,                             # S: samples per row when packing (1 when padding)
+      pack=True,                                  # pack several samples per row; False = one per row
+      max_labels=10,                              # L: labels per sample, padded with -1 / truncated
+      hflip=False,                                # seeded per-sample horizontal flip
+      seed=0,
+      num_epochs=config_dict.placeholder(int),   # None = repeat forever
+      worker_count=0,                             # grain multiprocessing workers per process
+      patch_size=14,
+  ))
+
+
+# ---- config -------------------------------------------------------------------------------------
+
+def _is_int(v) -> bool:
+  return isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
+
+
+def _positive_int(cfg, key):
+  v = cfg[key]
+  if not _is_int(v) or v < 1:
+    raise ValueError(f"input.{key} must be a positive int, got {v!r}")
+  return int(v)
+
+
+def validate_input_config(cfg, process_count: int = 1) -> None:
+  """Raises ValueError naming the `input.*` key that is missing, unknown or out of range."""
+  known = set(default_input_config().keys())
+  for key in sorted(known):
+    if key not in cfg:
+      raise ValueError(f"input.{key} is missing from the config")
+  for key in sorted(set(cfg.keys()) - known):
+    raise ValueError(f"input.{key} is not a known key; known: {sorted(known)}")
+  sources = cfg.sources
+  if not isinstance(sources, (list, tuple)) or not sources:
+    raise ValueError(f"input.sources must be a non-empty list of {{'path', 'weight'}} dicts, "
+                     f"got {sources!r}")
+  for i, s in enumerate(sources):
+    if not isinstance(s, Mapping) or set(s.keys()) != {"path", "weight"}:
+      raise ValueError(f"input.sources[{i}] must be a dict with exactly 'path' and 'weight', got {s!r}")
+    if not isinstance(s["path"], (str, os.PathLike)) or not str(s["path"]):
+      raise ValueError(f"input.sources[{i}].path must be a non-empty str, got {s['path']!r}")
+    w = s["weight"]
+    if isinstance(w, bool) or not isinstance(w, (int, float, np.number)) or not math.isfinite(w) or w <= 0:
+      raise ValueError(f"input.sources[{i}].weight must be a finite number > 0, got {w!r}")
+  if cfg.label_table is not None and (not isinstance(cfg.label_table, str) or not cfg.label_table):
+    raise ValueError(f"input.label_table must be None or a non-empty path, got {cfg.label_table!r}")
+  for key in ("global_batch_size", "tokens_per_row", "max_segments", "max_labels", "patch_size"):
+    _positive_int(cfg, key)
+  for key in ("pack", "hflip"):
+    if not isinstance(cfg[key], (bool, np.bool_)):
+      raise ValueError(f"input.{key} must be a bool, got {cfg[key]!r}")
+  if not cfg.pack and cfg.max_segments != 1:
+    raise ValueError(f"input.max_segments={cfg.max_segments}: must be 1 when input.pack is False "
+                     f"(pad mode puts one sample per row)")
+  if not _is_int(cfg.seed) or not 0 <= cfg.seed < 2**32:
+    raise ValueError(f"input.seed must be an int in [0, 2**32), got {cfg.seed!r}")
+  if cfg.num_epochs is not None and (not _is_int(cfg.num_epochs) or cfg.num_epochs < 1):
+    raise ValueError(f"input.num_epochs must be None (repeat forever) or a positive int, "
+                     f"got {cfg.num_epochs!r}")
+  if not _is_int(cfg.worker_count) or cfg.worker_count < 0:
+    raise ValueError(f"input.worker_count must be an int >= 0, got {cfg.worker_count!r}")
+  if cfg.global_batch_size % process_count:
+    raise ValueError(f"input.global_batch_size={cfg.global_batch_size} is not divisible by the "
+                     f"process count {process_count}")
+
+
+def shard_paths(path, what: str) -> list[str]:
+  """Shard files of a directory (complete data-XXXXX-of-YYYYY set) or of a file-name glob."""
+  path = str(path)
+  p = epath.Path(path)
+  if p.is_dir():
+    try:
+      return records.list_shards(path)
+    except ValueError as e:
+      raise ValueError(f"{what}: {e}") from e
+  head, pattern = os.path.split(path)
+  if not _GLOB_CHARS & set(pattern):
+    raise ValueError(f"{what}: shard directory {path} does not exist")
+  if _GLOB_CHARS & set(head):
+    raise ValueError(f"{what}: only the file-name part of {path} may be a glob")
+  parent = epath.Path(head or ".")
+  found = sorted(str(f) for f in parent.glob(pattern)) if parent.is_dir() else []
+  if not found:
+    raise ValueError(f"{what}: no shard files match {path}")
+  return found
+
+
+def _resolve_process(process_index, process_count) -> tuple[int, int]:
+  pi = jax.process_index() if process_index is None else process_index
+  pc = jax.process_count() if process_count is None else process_count
+  if not _is_int(pc) or pc < 1 or not _is_int(pi) or not 0 <= pi < pc:
+    raise ValueError(f"process_index={pi!r} / process_count={pc!r}: need 0 <= index < count")
+  return int(pi), int(pc)
+
+
+def _block(n: int, index: int, count: int) -> tuple[int, int]:
+  """Contiguous block `index` of `count` over n records; blocks differ in size by at most one."""
+  return n * index // count, n * (index + 1) // count
+
+
+def _seed(*parts: int) -> int:
+  return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1)[0])
+
+
+# ---- per-sample features --------------------------------------------------------------------------
+
+def load_label_table(path: str) -> "label_table_lib.LabelTable":
+  """The cluster-label side table written by data_prep/label_table.py (a .npz or its directory)."""
+  try:
+    return label_table_lib.LabelTable(path)
+  except (OSError, ValueError) as e:
+    raise ValueError(f"input.label_table: {e}") from e
+
+
+def join_labels(record: Mapping[str, Any], table: "label_table_lib.LabelTable | None") -> np.ndarray:
+  """The sample's labels: its row of the side table when one is given, else the record's own."""
+  if table is None:
+    return np.asarray(record["labels"], np.int32)
+  try:
+    row = table.lookup([record["sample_id"]], missing="error")[0]
+  except KeyError as e:  # a table from other data would otherwise train on no labels, silently
+    raise ValueError(f"input.label_table: {e.args[0]} (source {record['source']!r})") from None
+  return row[row >= 0]
+
+
+def sample_features(record: Mapping[str, Any], rng: np.random.Generator, *, patch_size: int,
+                    tokens_per_row: int, max_labels: int, hflip: bool,
+                    label_table: "label_table_lib.LabelTable | None" = None) -> dict[str, np.ndarray]:
+  """One decoded record -> truncated, optionally flipped, flattened token set and its row features.
+
+  Tokens beyond `tokens_per_row` are dropped by keeping a uniformly random subset of that size drawn
+  from `rng`, in the record's (t, h, w) order. With `hflip`, a coin from `rng` decides whether the
+  kept patches are mirrored left-right and w -> W-1-w; tokens are then re-sorted by (t, h, w).
+  """
+  patches, positions = record["patches"], record["positions"]
+  p = patches.shape[1]
+  if p != patch_size:
+    raise ValueError(f"record sample_id={record['sample_id']} (source {record['source']!r}): patch "
+                     f"size {p} != input.patch_size={patch_size}")
+  # The coin is drawn first and always, so a sample's flip does not depend on its length.
+  flip = bool(hflip) and bool(rng.random() < 0.5)
+  k = patches.shape[0]
+  if k > tokens_per_row:
+    keep = np.sort(rng.choice(k, tokens_per_row, replace=False))
+    patches, positions, k = patches[keep], positions[keep], tokens_per_row
+  patches = patches.reshape(k, p * p * 3)
+  if flip:
+    width = int(record["grid"][2])
+    positions = positions.copy()
+    positions[:, 2] = width - 1 - positions[:, 2]
+    order = np.lexsort((positions[:, 2], positions[:, 1], positions[:, 0]))
+    # A gather over the flat patch mirrors it; a reversed-axis copy is ~1.3x slower as its innermost
+    # loop runs over 3-byte pixels.
+    patches, positions = np.take(patches[order], _mirror_index(p), axis=1), positions[order]
+  labels = join_labels(record, label_table)[:max_labels]
+  padded = np.full((1, max_labels), -1, np.int32)
+  padded[0, :labels.size] = labels
+  return dict(
+      patches=patches,
+      positions=np.ascontiguousarray(positions, np.int32),
+      labels=padded,
+      class_label=np.array([record["class_label"]], np.int32),
+      sample_id=np.array([record["sample_id"]], np.int64))
+
+
+@functools.lru_cache(maxsize=None)
+def _mirror_index(p: int) -> np.ndarray:
+  """Index into a flattened (p, p, 3) patch that mirrors it left-right."""
+  index = np.arange(p * p * 3).reshape(p, p, 3)[:, ::-1, :].reshape(-1)
+  index.setflags(write=False)  # shared by every call through the cache
+  return index
+
+
+def _decode_features(data: bytes, rng: np.random.Generator, **kw) -> dict[str, np.ndarray]:
+  return sample_features(records.decode_record(data), rng, **kw)
+
+
+def _decode_features_eval(data: bytes, **kw) -> dict[str, np.ndarray]:
+  rec = records.decode_record(data)
+  # Seeded by the sample itself, so a long sample keeps the same tokens in every evaluation.
+  return sample_features(rec, np.random.default_rng(rec["sample_id"]), hflip=False, **kw)
+
+
+def pad_row(features: Mapping[str, np.ndarray], tokens_per_row: int) -> dict[str, np.ndarray]:
+  """One sample in one row: tokens first, then zero padding with segment id 0."""
+  k, d = features["patches"].shape
+  patches = np.zeros((tokens_per_row, d), np.uint8)
+  positions = np.zeros((tokens_per_row, 3), np.int32)
+  segment_ids = np.zeros((tokens_per_row,), np.int32)
+  patches[:k], positions[:k], segment_ids[:k] = features["patches"], features["positions"], 1
+  return dict(patches=patches, positions=positions, segment_ids=segment_ids,
+              labels=features["labels"], class_label=features["class_label"],
+              sample_id=features["sample_id"])
+
+
+def empty_row(tokens_per_row: int, patch_size: int, max_labels: int) -> dict[str, np.ndarray]:
+  return dict(patches=np.zeros((tokens_per_row, patch_size * patch_size * 3), np.uint8),
+              positions=np.zeros((tokens_per_row, 3), np.int32),
+              segment_ids=np.zeros((tokens_per_row,), np.int32),
+              labels=np.full((1, max_labels), -1, np.int32),
+              class_label=np.full((1,), -1, np.int32),
+              sample_id=np.full((1,), -1, np.int64))
+
+
+def _finish_packed(row: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+  """Renames grain's packing outputs to the batch layout and drops its per-token offsets."""
+  return dict(patches=row["patches"], positions=row["positions"],
+              segment_ids=row["patches_segment_ids"], labels=row["labels"],
+              class_label=row["class_label"], sample_id=row["sample_id"])
+
+
+def _stack_padded(rows: Sequence[dict[str, np.ndarray]], *, size: int,
+                  empty: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+  """Stacks rows and fills up to `size` with empty rows (sample_id -1)."""
+  rows = list(rows) + [empty] * (size - len(rows))
+  return {k: np.stack([r[k] for r in rows]) for k in rows[0]}
+
+
+# Iterators whose background thread must stop before the interpreter does: a daemon thread that is
+# still reading when Python finalizes dies inside array_record's C++ code and aborts the process
+# ("terminate called without an active exception", exit status 134).
+_LIVE_ITERATORS: "weakref.WeakSet[grain.DatasetIterator]" = weakref.WeakSet()
+
+
+@atexit.register
+def _close_live_iterators() -> None:
+  for it in list(_LIVE_ITERATORS):
+    it.close()
+    # grain's __del__ closes again during module teardown, when its module globals are already
+    # None, and prints an ignored AttributeError; the iterator is closed, so that call is a no-op.
+    it.close = lambda: None
+
+
+def _ensure_absl_flags_parsed() -> None:
+  # grain's worker processes read its absl flags; a library caller (tests, notebooks) has not parsed
+  # them, and app.run() re-parses argv later anyway.
+  from absl import flags
+  if not flags.FLAGS.is_parsed():
+    flags.FLAGS.mark_as_parsed()
+
+
+# ---- train / eval iterators ---------------------------------------------------------------------
+
+class ProcessBlocks(grain.transforms.DatasetSelectionMap):
+  """This process's share of the global stream: block u*count + index of every `count` blocks.
+
+  With blocks of one host batch, global batch g is blocks g*count .. g*count+count-1 of the stream,
+  one per process, so a padded global batch does not depend on the process count. The tail that
+  would not give every process a whole block is dropped, so all processes yield equally many.
+  """
+
+  def __init__(self, stream_length: int, block: int, index: int, count: int):
+    self._block, self._index, self._count = block, index, count
+    self._length = stream_length // (block * count) * block
+
+  def __len__(self) -> int:
+    return self._length
+
+  def __getitem__(self, i: int) -> tuple[int, int]:
+    if not 0 <= i < self._length:
+      raise IndexError(f"ProcessBlocks: index {i} outside [0, {self._length})")
+    unit, offset = divmod(i, self._block)
+    return 0, (unit * self._count + self._index) * self._block + offset
+
+
+def make_train_dataset(cfg, *, process_index=None, process_count=None,
+                       read_threads: int = DEFAULT_READ_THREADS) -> grain.IterDataset:
+  """The grain IterDataset behind make_train_iterator (this process's batches)."""
+  pi, pc = _resolve_process(process_index, process_count)
+  validate_input_config(cfg, pc)
+  rows = cfg.global_batch_size // pc
+  n_tok, s_max = int(cfg.tokens_per_row), int(cfg.max_segments) if cfg.pack else 1
+  table = load_label_table(cfg.label_table) if cfg.label_table else None
+
+  # The global sample stream is the same on every process: each source shuffled (a new permutation
+  # every epoch) and repeated, then interleaved by weight; flips and truncation are seeded by the
+  # position in this stream. Records are read lazily, so a process reads only its own share.
+  parts, weights = [], []
+  for i, src in enumerate(cfg.sources):
+    ds = grain.MapDataset.source(grain.sources.ArrayRecordDataSource(
+        shard_paths(src["path"], f"input.sources[{i}].path")))
+    if not len(ds):
+      raise ValueError(f"input.sources[{i}].path={src['path']}: the shards hold no records")
+    parts.append(ds.shuffle(seed=_seed(cfg.seed, 1, i)).repeat(cfg.num_epochs))
+    weights.append(float(src["weight"]))
+  ds = parts[0] if len(parts) == 1 else grain.MapDataset.mix(parts, weights)
+  ds = ds.random_map(
+      functools.partial(_decode_features, patch_size=int(cfg.patch_size), tokens_per_row=n_tok,
+                        max_labels=int(cfg.max_labels), hflip=bool(cfg.hflip), label_table=table),
+      seed=_seed(cfg.seed, 2))
+  blocks = ProcessBlocks(len(ds), rows, pi, pc)
+  if not len(blocks):
+    raise ValueError(f"input.global_batch_size={cfg.global_batch_size}: one pass over the sources "
+                     f"({len(ds)} samples) does not fill a global batch")
+  ds = grain.MapDataset.select_from_datasets([ds], blocks)
+  if not cfg.pack:
+    ds = ds.map(functools.partial(pad_row, tokens_per_row=n_tok))
+  it = ds.to_iter_dataset(grain.ReadOptions(num_threads=read_threads,
+                                            prefetch_buffer_size=max(2 * rows * s_max, 64)))
+  if cfg.pack:
+    # First-fit over `rows` bins: a sample goes whole into the first row with room for its tokens
+    # and a free segment slot; the group of rows is emitted when a sample fits in none of them.
+    it = grain.experimental.FirstFitPackIterDataset(
+        it,
+        length_struct=dict(patches=n_tok, positions=n_tok, labels=s_max, class_label=s_max,
+                           sample_id=s_max),
+        num_packing_bins=rows,
+        shuffle_bins=False,
+        meta_features=("positions", "labels", "class_label", "sample_id"),
+        padding_struct=dict(_TOKEN_FILL, **_SEGMENT_FILL),
+        max_sequences_per_bin=s_max,
+    ).map(_finish_packed)
+  it = it.batch(rows, drop_remainder=True)
+  if cfg.worker_count:
+    _ensure_absl_flags_parsed()
+    it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=int(cfg.worker_count)))
+  else:
+    # Packing and batching run in a background thread, so they overlap the train step, which
+    # releases the GIL while the device computes; its state is recorded per batch, so resume is exact.
+    it = grain.experimental.ThreadPrefetchIterDataset(it, prefetch_buffer_size=_BATCH_PREFETCH)
+  return it
+
+
+def make_train_iterator(cfg, *, process_index=None, process_count=None) -> grain.DatasetIterator:
+  """Per-host batches (numpy dicts) of global_batch_size // process_count rows; checkpointable.
+
+  Keys: patches uint8 [b, N, p*p*3], positions int32 [b, N, 3], segment_ids int32 [b, N]
+  (0 = padding, k = k-th sample of the row), labels int32 [b, S, L], class_label int32 [b, S],
+  sample_id int64 [b, S] (-1 in empty slots).
+  """
+  it = iter(make_train_dataset(cfg, process_index=process_index, process_count=process_count))
+  _LIVE_ITERATORS.add(it)
+  return it
+
+
+def make_eval_batches(path, *, tokens_per_row: int, batch_size: int, patch_size: int = 14,
+                      max_labels: int = 1, process_index=None,
+                      process_count=None) -> Iterator[dict[str, np.ndarray]]:
+  """One pass, file order, one sample per row; `batch_size` rows over all processes per batch.
+
+  Each process reads its contiguous block of records; every process yields the same number of
+  batches (needed by the collectives of the eval step); rows past the data are empty (sample_id -1).
+  """
+  pi, pc = _resolve_process(process_index, process_count)
+  for key, v in (("tokens_per_row", tokens_per_row), ("batch_size", batch_size),
+                 ("patch_size", patch_size), ("max_labels", max_labels)):
+    if not _is_int(v) or v < 1:
+      raise ValueError(f"eval.{key} must be a positive int, got {v!r}")
+  if batch_size % pc:
+    raise ValueError(f"eval.batch_size={batch_size} is not divisible by the process count {pc}")
+  rows = batch_size // pc
+  ds = grain.MapDataset.source(grain.sources.ArrayRecordDataSource(shard_paths(path, "eval.path")))
+  n = len(ds)
+  lo, hi = _block(n, pi, pc)
+  largest_block = -(-n // pc)
+  num_batches = -(-largest_block // rows)
+  empty = empty_row(tokens_per_row, patch_size, max_labels)
+  ds = ds[lo:hi].map(functools.partial(_decode_features_eval, patch_size=patch_size,
+                                       tokens_per_row=tokens_per_row, max_labels=max_labels))
+  ds = ds.map(functools.partial(pad_row, tokens_per_row=tokens_per_row))
+  ds = ds.batch(rows, drop_remainder=False,
+                batch_fn=functools.partial(_stack_padded, size=rows, empty=empty))
+  if len(ds) < num_batches:
+    filler = _stack_padded([], size=rows, empty=empty)
+    ds = grain.MapDataset.concatenate(
+        [ds, grain.MapDataset.source([filler]).repeat(num_batches - len(ds))])
+  return iter(ds.to_iter_dataset(grain.ReadOptions(num_threads=DEFAULT_READ_THREADS,
+                                                   prefetch_buffer_size=2 * rows)))
+
+
+# ---- device arrays --------------------------------------------------------------------------------
+
+def device_sample_ids(sample_id: np.ndarray) -> np.ndarray:
+  """int64 ids -> int32 for a device without x64: low 31 bits of real ids, -1 stays -1.
+
+  Plain int32 conversion keeps the low 32 bits, turning about half of the ids negative, which the
+  step would count as empty slots.
+  """
+  sample_id = np.asarray(sample_id, np.int64)
+  return np.where(sample_id >= 0, sample_id & _INT32_MASK, -1).astype(np.int32)
+
+
+def global_batch(host_batch: Mapping[str, np.ndarray], mesh: jax.sharding.Mesh,
+                 batch_axes: Sequence[str] = ("data", "fsdp")) -> dict[str, jax.Array]:
+  """Per-host rows -> global jax.Arrays whose leading axis is sharded over `batch_axes`."""
+  batch_axes = tuple(batch_axes)
+  shards = math.prod(mesh.shape[a] for a in batch_axes)
+  sharding = NamedSharding(mesh, P(batch_axes))
+  out = {}
+  for key, value in host_batch.items():
+    value = np.asarray(value)
+    if value.shape[0] * jax.process_count() % shards:
+      raise ValueError(f"global_batch: {key!r} has {value.shape[0]} rows per host x "
+                       f"{jax.process_count()} processes, not divisible by the {shards} shards of "
+                       f"mesh axes {batch_axes}")
+    if value.dtype == np.int64 and not jax.config.jax_enable_x64:
+      value = device_sample_ids(value)
+    out[key] = jax.make_array_from_process_local_data(sharding, value)
+  return out

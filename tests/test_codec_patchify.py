@@ -1,0 +1,290 @@
+"""End-to-end runs of the Beam job data_prep.codec_patchify: bad inputs, outputs, runner modes."""
+import collections
+import glob
+import json
+import os
+
+import apache_beam as beam
+import av
+import numpy as np
+import pytest
+from PIL import Image
+
+from data_prep import codec_patchify
+from data_prep import codec_signals as cs
+from data_prep import make_demo_data as md
+from data_prep import records
+
+FLAGS = ["--image_size", "56", "--patch_size", "14", "--num_frames", "8", "--budget", "0.25"]
+
+
+def _clip(path, seed, n=8, size=64, **kw):
+  frames, _ = md.render_clip(np.random.default_rng(seed), size, n, label=seed % 10, num_digits=2)
+  md.encode_clip(path, frames, gop=4, **kw)
+
+
+def _audio_only(path):
+  with av.open(path, "w") as c:
+    s = c.add_stream("aac", rate=16000)
+    for i in range(8):
+      fr = av.AudioFrame.from_ndarray(np.zeros((1, 1024), np.float32), format="fltp",
+                                      layout="mono")
+      fr.sample_rate, fr.pts = 16000, i * 1024
+      for p in s.encode(fr):
+        c.mux(p)
+    for p in s.encode():
+      c.mux(p)
+
+
+@pytest.fixture(scope="module")
+def mixed(tmp_path_factory):
+  d = tmp_path_factory.mktemp("mixed")
+  p = lambda name: str(d / name)  # noqa: E731
+  valid, bad = {}, {}
+  for i in range(3):
+    _clip(p(f"good_{i}.mp4"), i)
+    valid[p(f"good_{i}.mp4")] = "video"
+  _clip(p("short.mp4"), 5, n=3)  # fewer frames than num_frames: sampled with repetition
+  _clip(p("rotated.mp4"), 6, rotation=90)
+  _clip(p("vfr.mp4"), 7, pts_ms=[0, 10, 90, 123, 323, 333, 413, 446])
+  _clip(p("odd_45x33.mp4"), 8, pix_fmt="yuv444p")  # re-encoded below at an odd size
+  frames, _ = md.render_clip(np.random.default_rng(9), 64, 6, 3, 1)
+  md.encode_clip(p("odd_45x33.mp4"), frames[:, :33, :45].copy(), gop=4, pix_fmt="yuv444p")
+  Image.fromarray(md.render_clip(np.random.default_rng(10), 64, 1, 4, 1)[0][0]).save(
+      p("still.png"))
+  for name in ("short.mp4", "rotated.mp4", "vfr.mp4", "odd_45x33.mp4", "still.png"):
+    valid[p(name)] = "image" if name.endswith(".png") else "video"
+
+  open(p("zero.mp4"), "wb").close()
+  bad[p("zero.mp4")] = "empty file"
+  data = open(p("good_0.mp4"), "rb").read()
+  open(p("truncated.mp4"), "wb").write(data[: len(data) // 2])
+  bad[p("truncated.mp4")] = "cannot open as media"  # the index (moov) at the end is cut off
+  _clip(p("faststart.mp4"), 11, n=16, container_options={"movflags": "+faststart"})
+  data = open(p("faststart.mp4"), "rb").read()
+  os.remove(p("faststart.mp4"))
+  open(p("truncated_faststart.mp4"), "wb").write(data[: len(data) * 2 // 3])
+  bad[p("truncated_faststart.mp4")] = "decode error"  # index intact, frame data cut off
+  open(p("junk.mp4"), "wb").write(b"this is not a video, only text. " * 64)
+  bad[p("junk.mp4")] = "cannot open as media"
+  _audio_only(p("audio.mp4"))
+  bad[p("audio.mp4")] = "no video stream"
+  for w, h in [(1, 1), (7, 5), (4000, 3)]:
+    name = p(f"size_{w}x{h}.mp4")
+    md.encode_clip(name, np.full((3, h, w, 3), 99, np.uint8), pix_fmt="yuv444p")
+    bad[name] = f"frame size {w}x{h}"
+  open(p("bad.png"), "wb").write(b"\x89PNG\r\n\x1a\n" + b"garbage" * 20)
+  bad[p("bad.png")] = "cannot read image"
+  os.mkfifo(p("hang.mp4"))  # opening a FIFO with no writer blocks forever: a hung decode
+  bad[p("hang.mp4")] = "decode timeout"
+  bad[p("missing.mp4")] = "does not exist"
+
+  listing = sorted(valid) + sorted(bad)
+  (d / "inputs.txt").write_text("\n".join(os.path.basename(x) for x in listing) + "\n")
+  labels = {x: i for i, x in enumerate(sorted(valid))}
+  (d / "labels.json").write_text(json.dumps(labels))
+  return d, valid, bad, labels
+
+
+@pytest.fixture(scope="module")
+def mixed_run(mixed, tmp_path_factory):
+  d, valid, bad, labels = mixed
+  out = str(tmp_path_factory.mktemp("out") / "ds")
+  manifest = codec_patchify.run(["--input", str(d / "inputs.txt"), "--output_dir", out,
+                                 "--class_labels", str(d / "labels.json"),
+                                 "--decode_timeout", "6", "--num_shards", "2"] + FLAGS)
+  return out, manifest
+
+
+def test_bad_inputs_are_reported_and_valid_ones_written_once(mixed, mixed_run):
+  _, valid, bad, labels = mixed
+  out, manifest = mixed_run
+  rows = [json.loads(line) for line in open(os.path.join(out, "failures.jsonl"))]
+  reasons = {r["path"]: r["reason"] for r in rows}
+  assert len(rows) == len(reasons) == len(bad)
+  assert set(reasons) == set(bad)
+  for path, pattern in bad.items():
+    assert any(part in reasons[path] for part in pattern.split("|")), (path, reasons[path])
+  recs = list(records.read_all(out))
+  counts = collections.Counter(r["source"] for r in recs)
+  assert counts == collections.Counter(list(valid))  # every valid input once, no bad one
+  for r in recs:
+    assert r["class_label"] == labels[r["source"]]
+    assert r["sample_id"] == records.sample_id_for(r["source"])
+    kind = valid[r["source"]]
+    assert r["grid"].tolist() == ([1, 4, 4] if kind == "image" else [8, 4, 4])
+    assert r["positions"].shape[0] == (16 if kind == "image" else 32)
+  assert manifest["num_records"] == len(valid) and manifest["num_failures"] == len(bad)
+  assert manifest["num_inputs"] == len(valid) + len(bad)
+  assert manifest["num_images"] == 1 and manifest["num_videos"] == len(valid) - 1
+  assert manifest["num_tokens"] == sum(r["positions"].shape[0] for r in recs)
+  assert manifest["format_version"] == records.FORMAT_VERSION
+  assert manifest["options"]["image_size"] == 56
+
+
+def test_output_layout_is_final_and_complete(mixed_run):
+  out, manifest = mixed_run
+  names = sorted(os.listdir(out))
+  assert names == ["data-00000-of-00002.array_record", "data-00001-of-00002.array_record",
+                   "failures.jsonl", "manifest.json"]  # no temp dirs or files left behind
+  assert manifest["shards"] == names[:2]
+  assert [os.path.basename(x) for x in records.list_shards(out)] == names[:2]
+
+
+def test_refuses_to_mix_with_an_earlier_run(mixed, mixed_run):
+  d = mixed[0]
+  with pytest.raises(ValueError, match="--output_dir.*--overwrite"):
+    codec_patchify.run(["--input", str(d / "good_0.mp4"), "--output_dir", mixed_run[0]] + FLAGS)
+
+
+def test_interrupted_write_leaves_no_final_shard(tmp_path):
+  def explode(x):
+    if x == b"boom":
+      raise RuntimeError("simulated crash")
+    return x
+  with pytest.raises(Exception, match="simulated crash"):
+    with beam.Pipeline() as p:
+      _ = (p | beam.Create([b"a", b"b", b"boom"]) | beam.Map(explode)
+           | beam.io.iobase.Write(codec_patchify.ArrayRecordSink(str(tmp_path), 1)))
+  assert glob.glob(str(tmp_path / records.SHARD_PATTERN)) == []
+
+
+def test_multiprocessing_runner_gives_the_same_records(tmp_path):
+  inputs = tmp_path / "in"
+  inputs.mkdir()
+  for i in range(3):
+    _clip(str(inputs / f"c{i}.mp4"), 20 + i, n=6, size=48)
+  Image.fromarray(md.render_clip(np.random.default_rng(1), 48, 1, 2, 1)[0][0]).save(
+      str(inputs / "s.png"))
+  flags = ["--input", str(inputs / "*"), "--image_size", "28", "--patch_size", "14",
+           "--num_frames", "4"]
+  codec_patchify.run(flags + ["--output_dir", str(tmp_path / "a"), "--decode_timeout", "0"])
+  codec_patchify.run(flags + ["--output_dir", str(tmp_path / "b"), "--direct_num_workers=2",
+                              "--direct_running_mode=multi_processing"])
+
+  def raw(d):
+    from array_record.python import array_record_module
+    out = []
+    for path in records.list_shards(str(d)):
+      reader = array_record_module.ArrayRecordReader(path)
+      out.extend(reader.read_all())
+      reader.close()
+    return sorted(out)
+
+  a, b = raw(tmp_path / "a"), raw(tmp_path / "b")
+  assert len(a) == 4 and a == b
+
+
+def test_expand_inputs(tmp_path):
+  for name in ("x.mp4", "y.png", "notes.md"):
+    (tmp_path / name).write_bytes(b"1")
+  sub = tmp_path / "sub"
+  sub.mkdir()
+  (sub / "z.webm").write_bytes(b"1")
+  (tmp_path / "list.txt").write_text("x.mp4\n# comment\n\n/abs/elsewhere.mp4\nx.mp4\n")
+  got = codec_patchify.expand_inputs([str(tmp_path / "*.mp4"), str(tmp_path / "list.txt")])
+  assert got == sorted({str(tmp_path / "x.mp4"), "/abs/elsewhere.mp4"})
+  got = codec_patchify.expand_inputs([str(tmp_path)])
+  assert got == sorted(str(tmp_path / n) for n in ("x.mp4", "y.png", "sub/z.webm"))
+  with pytest.raises(ValueError, match="matches no files"):
+    codec_patchify.expand_inputs([str(tmp_path / "*.avi")])
+
+
+def test_class_labels_and_flag_errors(tmp_path):
+  (tmp_path / "l.json").write_text(json.dumps({"a.mp4": "three"}))
+  with pytest.raises(ValueError, match="--class_labels.*a.mp4"):
+    codec_patchify.load_class_labels(str(tmp_path / "l.json"))
+  (tmp_path / "l.json").write_text("[1, 2]")
+  with pytest.raises(ValueError, match="--class_labels.*JSON object"):
+    codec_patchify.load_class_labels(str(tmp_path / "l.json"))
+  with pytest.raises(ValueError, match="config budget="):
+    codec_patchify.run(["--input", "x.mp4", "--output_dir", str(tmp_path / "o"),
+                        "--budget", "0"])
+
+
+def test_demo_data_runs_end_to_end_with_digit_labels(tmp_path):
+  m = md.make_demo_data(str(tmp_path / "demo"), num_clips=6, num_images=3, size=64,
+                        num_frames=8, seed=1)
+  assert len(m["items"]) == 9
+  labels = json.loads((tmp_path / "demo" / "class_labels.json").read_text())
+  man = codec_patchify.run(["--input", str(tmp_path / "demo" / "list.txt"), "--output_dir",
+                            str(tmp_path / "out"), "--class_labels",
+                            str(tmp_path / "demo" / "class_labels.json"), "--decode_timeout",
+                            "0"] + FLAGS)
+  assert man["num_records"] == 9 and man["num_failures"] == 0
+  recs = list(records.read_all(str(tmp_path / "out")))
+  assert sorted((r["source"], r["class_label"]) for r in recs) == sorted(labels.items())
+  for path, item in m["items"].items():
+    assert f"digit{item['label']}" in os.path.basename(path)
+  with av.open(next(p for p in labels if p.endswith(".mp4"))) as c:
+    types = "".join("?IPB"[f.pict_type] for f in c.decode(video=0))
+  assert types == "IPPPPPPP"  # GOP 16, no B-frames
+
+
+def test_visualize_marks_kept_patches(mixed_run, tmp_path):
+  from data_prep import visualize
+  out, _ = mixed_run
+  recs = list(records.read_all(out))
+  i = next(i for i, r in enumerate(recs) if r["source"].endswith("good_1.mp4"))
+  rec = visualize.record_at(out, i)
+  assert rec["source"] == recs[i]["source"]
+  frames = visualize.source_frames(rec)
+  assert frames.shape == (8, 56, 56, 3)
+  kept = np.zeros((8, 4, 4), bool)
+  for (t, h, w), patch in zip(rec["positions"], rec["patches"]):
+    # The re-decoded frames line up with what the patchifier stored.
+    np.testing.assert_array_equal(frames[t, h * 14:(h + 1) * 14, w * 14:(w + 1) * 14], patch)
+    kept[t, h, w] = True
+  img = np.asarray(visualize.render(rec, frames, dim=0.25, scale=1, columns=8))
+  # Tile t sits at x = 4 + t * 60, y = 4 + 14 (label strip); check one kept and one dropped.
+  t, h, w = rec["positions"][0]
+  y, x = 18 + h * 14, 4 + t * 60 + w * 14
+  np.testing.assert_array_equal(img[y:y + 14, x:x + 14], rec["patches"][0])
+  t, h, w = np.argwhere(~kept)[0]
+  y, x = 18 + h * 14, 4 + t * 60 + w * 14
+  want = (frames[t, h * 14:(h + 1) * 14, w * 14:(w + 1) * 14] * np.float32(0.25)).astype(np.uint8)
+  np.testing.assert_array_equal(img[y:y + 14, x:x + 14], want)
+  png = str(tmp_path / "v.png")
+  visualize.main(["--input", out, "--index", str(i), "--output", png])
+  assert Image.open(png).size == (8 * (2 * 56 + 4) + 4, 2 * 56 + 14 + 8)
+  with pytest.raises(ValueError, match="out of range"):
+    visualize.record_at(out, 10_000)
+
+
+def test_benchmark_smoke(tmp_path):
+  import importlib.util
+  spec = importlib.util.spec_from_file_location(
+      "bench_codec", os.path.join(os.path.dirname(__file__), "..", "benchmarks", "bench_codec.py"))
+  bench = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(bench)
+  path = str(tmp_path / "b.json")
+  fig = bench.main(["--clips", "1", "--frames", "8", "--size", "64", "--rounds", "1",
+                    "--image_size", "56", "--num_frames", "4", "--json", path])
+  saved = json.load(open(path))
+  assert saved["frames"] == 8 and saved["videos"] == 1
+  for key in ("patchify_over_decode", "a_decode_frames_per_s", "b_decode_mvs_videos_per_s",
+              "c_patchify_frames_per_s"):
+    assert isinstance(saved[key], float) and saved[key] > 0 and saved[key] == fig[key]
+  assert saved["patchify_over_decode"] == pytest.approx(
+      saved["c_patchify_videos_per_s"] / saved["a_decode_videos_per_s"])
+
+
+def test_decode_worker_reports_a_crashed_decoder_and_recovers(tmp_path):
+  import signal
+  import threading
+  fifo = str(tmp_path / "blocks.mp4")
+  os.mkfifo(fifo)
+  good = str(tmp_path / "good.mp4")
+  _clip(good, 3, n=6, size=48)
+  cfg = cs.PatchifyConfig(image_size=28, patch_size=14, num_frames=4).validate()
+  worker = cs.DecodeWorker(cfg, timeout=60)
+  try:
+    worker._start()
+    # The child blocks opening the FIFO; killing it stands in for a decoder crash.
+    threading.Timer(1.0, lambda: os.kill(worker.proc.pid, signal.SIGKILL)).start()
+    result = worker.run(fifo, -1)
+    assert result == ("fail", f"decoder process died (exit code {-signal.SIGKILL})")
+    ok = worker.run(good, 5)  # a fresh child takes over
+    assert ok[0] == "ok" and records.decode_record(ok[1])["class_label"] == 5
+  finally:
+    worker.close()

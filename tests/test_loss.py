@@ -1,0 +1,258 @@
+"""Sharded cluster-discrimination loss vs a dense float64 reference, Partial FC, memory, config errors."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from ovenc_jax import loss as loss_lib
+
+AXES = ("data", "fsdp", "tensor")
+
+
+def _mesh(shape=(2, 2, 2)):
+  return Mesh(np.array(jax.devices()[:8]).reshape(shape), AXES)
+
+
+def _cfg(num_classes, **kw):
+  cfg = loss_lib.default_loss_config()
+  cfg.num_classes = num_classes
+  for k, v in kw.items():
+    cfg[k] = v
+  return cfg
+
+
+def dense_reference(emb, centers, labels, num_classes, scale, margin, thr, allowed=None):
+  """Plain single-device loss in float64: every valid label of row b is a softmax of its positive
+  (cosine minus margin) against all classes that are not labels of b (cos <= thr; in `allowed`)."""
+  labels = np.asarray(labels)
+  b = labels.shape[0]
+  own = np.zeros((b, num_classes), bool)
+  for i in range(b):
+    for y in labels[i]:
+      if y >= 0:
+        own[i, y] = True
+  neg_ok = ~own if allowed is None else ~own & allowed[None, :]
+
+  def f(e, c):
+    e = e / jnp.linalg.norm(e, axis=1, keepdims=True)
+    c = c / jnp.linalg.norm(c, axis=1, keepdims=True)
+    cos = e @ c.T
+    neg = neg_ok if thr is None else neg_ok & (cos <= thr)
+    z = jnp.where(neg, scale * cos, -jnp.inf)
+    terms = []
+    for i in range(b):
+      for y in labels[i]:
+        if y >= 0:
+          zp = scale * (cos[i, y] - margin)
+          terms.append(jax.nn.logsumexp(jnp.concatenate([zp[None], z[i]])) - zp)
+    return sum(terms) / len(terms)
+
+  with jax.enable_x64(True):
+    v, (ge, gc) = jax.value_and_grad(f, argnums=(0, 1))(
+        np.asarray(emb, np.float64), np.asarray(centers[:num_classes], np.float64))
+    return float(v), np.asarray(ge), np.asarray(gc)
+
+
+def _problem(num_classes, b=16, d=32, num_labels=4, seed=0):
+  """Embeddings near their first label's center (so the margin and filter matter), padded labels."""
+  rng = np.random.default_rng(seed)
+  c_pad = loss_lib.padded_num_classes(num_classes, 8)
+  centers = np.zeros((c_pad, d), np.float32)
+  centers[:num_classes] = rng.normal(size=(num_classes, d))
+  labels = rng.integers(0, num_classes, (b, num_labels)).astype(np.int32)
+  labels[rng.random((b, num_labels)) < 0.3] = -1
+  labels[:, 0] = rng.integers(0, num_classes, b)
+  labels[3] = -1                      # a row with no label at all
+  labels[5, :3] = [7, 7, num_classes - 1]  # a duplicate label, and the last real class
+  emb = rng.normal(size=(b, d)).astype(np.float32)
+  has = labels[:, 0] >= 0
+  emb[has] = 0.4 * emb[has] + centers[labels[has, 0]] / np.linalg.norm(centers[labels[has, 0]], axis=1,
+                                                                        keepdims=True) * np.sqrt(d)
+  return emb, centers, labels
+
+
+def _grad_fn(mesh, cfg, **kw):
+  return jax.jit(jax.value_and_grad(loss_lib.make_loss_fn(mesh, cfg, **kw), argnums=(0, 1), has_aux=True))
+
+
+def _close_grads(got, ref):
+  # float32 at s=64: a dense float32 computation of this reference is itself ~7e-6 * max|g| off the
+  # float64 values, so entries near zero need an absolute floor on top of rtol.
+  np.testing.assert_allclose(got, ref, rtol=1e-5, atol=3e-5 * np.abs(ref).max())
+
+
+@pytest.mark.parametrize("num_classes,thr,scale", [
+    (1000, None, 64.0), (1003, None, 64.0), (1000, 0.3, 64.0), (1003, 0.3, 64.0),
+    (1003, 0.3, 100.0),  # span s*(1+u) > 130: the exact row-max path instead of the fixed shift
+])
+def test_matches_dense_reference(num_classes, thr, scale):
+  mesh = _mesh()
+  cfg = _cfg(num_classes, fn_threshold=thr, scale=scale, labels_per_step=4)
+  emb, centers, labels = _problem(num_classes)
+  (loss, metrics), (ge, gc) = _grad_fn(mesh, cfg)(emb, centers, labels, jax.random.key(0))
+  ref, ref_ge, ref_gc = dense_reference(emb, centers, labels, num_classes, scale, 0.3, thr)
+  np.testing.assert_allclose(float(loss), ref, rtol=1e-5)
+  _close_grads(np.asarray(ge), ref_ge)
+  _close_grads(np.asarray(gc)[:num_classes], ref_gc)
+  assert not np.asarray(gc)[num_classes:].any(), "padding centers must get no gradient"
+  assert metrics["num_valid_labels"] == (labels >= 0).sum()
+  # Negatives per labelled row, counted independently.
+  e = emb / np.linalg.norm(emb, axis=1, keepdims=True)
+  c = centers[:num_classes] / np.linalg.norm(centers[:num_classes], axis=1, keepdims=True)
+  cos = e @ c.T
+  counts = []
+  for i in range(len(labels)):
+    if (labels[i] >= 0).any():
+      ok = np.ones(num_classes, bool)
+      ok[labels[i][labels[i] >= 0]] = False
+      if thr is not None:
+        ok &= cos[i] <= thr
+      counts.append(ok.sum())
+  np.testing.assert_allclose(float(metrics["negatives_per_sample"]), np.mean(counts), rtol=1e-6)
+  if thr is not None:
+    assert metrics["fn_filtered_per_sample"] > 0  # the filter did drop negatives here
+
+
+def test_other_axis_layout_matches_reference():
+  """Batch over ('data',) only, classes over ('fsdp', 'tensor'): centers replicated over data."""
+  mesh = _mesh()
+  cfg = _cfg(1003, fn_threshold=0.3, labels_per_step=4)
+  emb, centers, labels = _problem(1003, seed=1)
+  fn = _grad_fn(mesh, cfg, batch_axes=("data",), class_axes=("fsdp", "tensor"))
+  c_pad = loss_lib.padded_num_classes(1003, 4)
+  (loss, _), (ge, gc) = fn(emb, centers[:c_pad], labels, jax.random.key(0))
+  ref, ref_ge, ref_gc = dense_reference(emb, centers, labels, 1003, 64.0, 0.3, 0.3)
+  np.testing.assert_allclose(float(loss), ref, rtol=1e-5)
+  _close_grads(np.asarray(ge), ref_ge)
+  _close_grads(np.asarray(gc)[:1003], ref_gc)
+
+
+def test_labels_per_step_sampling():
+  mesh = _mesh()
+  # More label slots (6) than labels_per_step (3), but <= 3 valid per row: every valid one is used.
+  emb, centers, labels = _problem(1000, num_labels=3)
+  wide = np.concatenate([labels, -np.ones((16, 3), np.int32)], axis=1)
+  wide = np.take_along_axis(wide, np.random.default_rng(0).permuted(np.tile(np.arange(6), (16, 1)), axis=1), 1)
+  cfg = _cfg(1000, fn_threshold=None, labels_per_step=3)
+  (loss, _), (ge, gc) = _grad_fn(mesh, cfg)(emb, centers, wide, jax.random.key(4))
+  ref, ref_ge, ref_gc = dense_reference(emb, centers, wide, 1000, 64.0, 0.3, None)
+  np.testing.assert_allclose(float(loss), ref, rtol=1e-5)
+  _close_grads(np.asarray(gc)[:1000], ref_gc)
+
+  # Rows with 6 valid labels, 3 sampled: uniform without replacement, keyed by the seed.
+  n = 4000
+  lab = np.tile(np.arange(6, dtype=np.int32) + 10, (n, 1))
+  lab[:, 5] = -1  # 5 valid of 6
+  s1, v1 = loss_lib.sample_labels(jax.random.key(1), jnp.asarray(lab), jnp.asarray(lab >= 0), 3)
+  s2, _ = loss_lib.sample_labels(jax.random.key(2), jnp.asarray(lab), jnp.asarray(lab >= 0), 3)
+  s1b, _ = loss_lib.sample_labels(jax.random.key(1), jnp.asarray(lab), jnp.asarray(lab >= 0), 3)
+  s1, s2, s1b = map(np.asarray, (s1, s2, s1b))
+  assert np.asarray(v1).all() and (s1 >= 10).all() and (s1 < 15).all()
+  assert all(len(set(r)) == 3 for r in s1.tolist())
+  freq = np.bincount(s1.ravel() - 10, minlength=5) / n
+  np.testing.assert_allclose(freq, 3 / 5, atol=0.03)
+  np.testing.assert_array_equal(s1, s1b)
+  assert (s1 != s2).any()
+
+
+def _selected_rows(gc):
+  return np.abs(np.asarray(gc)).sum(axis=1) > 0
+
+
+def test_partial_fc_sampling():
+  mesh = _mesh()
+  num_classes = 20003
+  emb, centers, labels = _problem(num_classes, d=16)
+  positives = np.unique(labels[labels >= 0])
+  # A small scale keeps every selected center's gradient far from float32 underflow, so the
+  # non-zero gradient rows are exactly the selected centers.
+  full = _grad_fn(mesh, _cfg(num_classes, fn_threshold=None, scale=16.0))
+  (loss_full, _), _ = full(emb, centers, labels, jax.random.key(0))
+  ref_full, _, _ = dense_reference(emb, centers, labels, num_classes, 16.0, 0.3, None)
+  np.testing.assert_allclose(float(loss_full), ref_full, rtol=1e-5)
+
+  for rate in (0.1, 0.02):
+    fn = _grad_fn(mesh, _cfg(num_classes, fn_threshold=None, scale=16.0, sample_rate=rate))
+    (loss, metrics), (ge, gc) = fn(emb, centers, labels, jax.random.key(7))
+    sel = _selected_rows(gc)
+    assert sel[positives].all(), "every positive of the batch must be among the selected centers"
+    assert not sel[num_classes:].any()
+    # Each of the 8 shards keeps ceil(r * 2501) rows (its positives among them): ~ r*C in total.
+    per_shard = int(np.ceil(rate * len(centers) / 8))
+    assert sel.sum() == 8 * per_shard
+    assert abs(sel.sum() - rate * num_classes) <= 8
+    # The sampled loss is the dense loss with negatives restricted to the selected centers.
+    ref, ref_ge, ref_gc = dense_reference(emb, centers, labels, num_classes, 16.0, 0.3, None,
+                                          allowed=sel[:num_classes])
+    np.testing.assert_allclose(float(loss), ref, rtol=1e-5)
+    _close_grads(np.asarray(ge), ref_ge)
+    # Deterministic under the key; another key picks another subset.
+    (loss2, _), (_, gc2) = fn(emb, centers, labels, jax.random.key(7))
+    assert float(loss2) == float(loss)
+    np.testing.assert_array_equal(np.asarray(gc2), np.asarray(gc))
+    (_, _), (_, gc3) = fn(emb, centers, labels, jax.random.key(8))
+    assert (_selected_rows(gc3) != sel).any()
+    assert _selected_rows(gc3)[positives].all()
+  assert float(loss_full) > float(loss)  # fewer negatives, smaller loss
+
+
+def test_center_memory_is_sharded():
+  mesh = _mesh((8, 1, 1))
+  num_classes, d, b = 100_003, 64, 64
+  c_pad = loss_lib.padded_num_classes(num_classes, 8)
+  fn = jax.value_and_grad(loss_lib.make_loss_fn(mesh, _cfg(num_classes)), argnums=(0, 1), has_aux=True)
+  batch = NamedSharding(mesh, P(("data", "fsdp"), None))
+  args = (jax.ShapeDtypeStruct((b, d), jnp.float32, sharding=batch),
+          jax.ShapeDtypeStruct((c_pad, d), jnp.float32, sharding=loss_lib.centers_sharding(mesh)),
+          jax.ShapeDtypeStruct((b, 8), jnp.int32, sharding=batch),
+          jax.random.key(0))
+  compiled = jax.jit(fn).lower(*args).compile()
+  mem = compiled.memory_analysis()
+  small = 2 * (b // 8) * d * 4 + (b // 8) * 8 * 4 + 1024  # embeddings in/grad out, labels, scalars
+  centers_and_grads = mem.argument_size_in_bytes + mem.output_size_in_bytes
+  unsharded = 2 * num_classes * d * 4
+  assert centers_and_grads - small <= unsharded / 8 * 1.05
+  assert centers_and_grads >= 2 * c_pad * d * 4 / 8
+  # The unsharded centers (or their gradient) are never materialised as a temporary either.
+  assert mem.temp_size_in_bytes < num_classes * d * 4
+  out_sharding = compiled.output_shardings[1][1]
+  assert out_sharding.is_equivalent_to(loss_lib.centers_sharding(mesh), 2)
+
+
+def test_init_centers_and_padding():
+  mesh = _mesh()
+  assert loss_lib.padded_num_classes(1003, 8) == 1008
+  assert loss_lib.padded_num_classes(1000, 8) == 1000
+  c = loss_lib.init_centers(jax.random.key(0), 1003, 16, 8, sharding=loss_lib.centers_sharding(mesh))
+  assert c.shape == (1008, 16) and c.sharding.is_equivalent_to(loss_lib.centers_sharding(mesh), 2)
+  c = np.asarray(c)
+  np.testing.assert_allclose(np.linalg.norm(c[:1003], axis=1), 1.0, rtol=1e-5)
+  assert not c[1003:].any()
+
+
+def test_config_errors_name_the_key():
+  mesh = _mesh()
+  for key, value, msg in [("sample_rate", 0.0, "loss.sample_rate must be in (0, 1]"),
+                          ("sample_rate", 1.5, "loss.sample_rate"),
+                          ("num_classes", 0, "loss.num_classes"),
+                          ("fn_threshold", 1.5, "loss.fn_threshold"),
+                          ("labels_per_step", 0, "loss.labels_per_step"),
+                          ("scale", -1.0, "loss.scale"),
+                          ("centers_weight_decay", -0.1, "loss.centers_weight_decay")]:
+    cfg = _cfg(10)
+    cfg[key] = value
+    with pytest.raises(ValueError, match=msg.replace("(", r"\(").replace("]", r"\]")):
+      loss_lib.make_loss_fn(mesh, cfg)
+  fn = loss_lib.make_loss_fn(mesh, _cfg(1003))
+  with pytest.raises(ValueError, match="padded_num_classes"):
+    fn(jnp.ones((16, 8)), jnp.ones((1003, 8)), jnp.zeros((16, 2), jnp.int32), jax.random.key(0))
+  with pytest.raises(ValueError, match="axis 'model'"):
+    loss_lib.make_loss_fn(mesh, _cfg(10), class_axes=("model",))
+
+
+def test_centers_logical_axes_shard_rows_over_every_axis():
+  import flax.linen as nn
+  from configs import common
+  spec = nn.logical_to_mesh_axes(loss_lib.CENTERS_LOGICAL_AXES, common.LOGICAL_AXIS_RULES)
+  assert spec == P(("data", "fsdp", "tensor"), None)

@@ -1,0 +1,201 @@
+"""Round trip and validation of data_prep.records (the codec-patch record format)."""
+import hashlib
+import os
+
+import msgpack
+import numpy as np
+import pytest
+
+from data_prep import records
+
+
+def _record(k=5, p=4, grid=(3, 4, 5), seed=0):
+  rng = np.random.default_rng(seed)
+  t, h, w = grid
+  flat = np.sort(rng.choice(t * h * w, size=k, replace=False))
+  positions = np.stack([flat // (h * w), (flat // w) % h, flat % w], axis=1).astype(np.int32)
+  return dict(
+      patches=rng.integers(0, 256, size=(k, p, p, 3), dtype=np.uint8),
+      positions=positions,
+      grid=np.asarray(grid, np.int32),
+      frame_types="IPB"[:t] if t <= 3 else "I" + "P" * (t - 1),
+      source="/data/clip ü.mp4",
+      sample_id=records.sample_id_for("/data/clip ü.mp4"),
+      labels=np.asarray([3, 1, 4], np.int32),
+      signal="mv+residual+frame_diff",
+      class_label=7,
+  )
+
+
+def test_sample_id_matches_independent_hash():
+  path = "/some/dir/vid_001.mp4"
+  want = int.from_bytes(hashlib.sha1(path.encode()).digest()[:8], "little") & (2**63 - 1)
+  assert records.sample_id_for(path) == want
+  assert records.sample_id_for(path) != records.sample_id_for(path + "x")
+  assert 0 <= records.sample_id_for("é") < 2**63
+
+
+def test_round_trip_exact():
+  rec = _record()
+  out = records.decode_record(records.encode_record(rec))
+  assert set(out) == set(records.FIELDS)
+  np.testing.assert_array_equal(out["patches"], rec["patches"])
+  assert out["patches"].dtype == np.uint8 and out["patches"].flags.writeable
+  np.testing.assert_array_equal(out["positions"], rec["positions"])
+  assert out["positions"].dtype == np.int32 and out["grid"].dtype == np.int32
+  np.testing.assert_array_equal(out["grid"], [3, 4, 5])
+  np.testing.assert_array_equal(out["labels"], [3, 1, 4])
+  for key in ("frame_types", "source", "sample_id", "signal", "class_label"):
+    assert out[key] == rec[key], key
+
+
+def test_round_trip_empty_labels_and_int64_ids():
+  rec = _record(k=1, p=14, grid=(1, 16, 16))
+  rec.update(labels=np.zeros([0], np.int32), signal="image", frame_types="I", class_label=-1,
+             sample_id=2**63 - 1)
+  out = records.decode_record(records.encode_record(rec))
+  assert out["labels"].shape == (0,) and out["sample_id"] == 2**63 - 1 and out["class_label"] == -1
+
+
+def test_encoding_is_compact_and_not_pickle():
+  rec = _record(k=40, p=14)
+  data = records.encode_record(rec)
+  assert len(data) < 40 * 14 * 14 * 3 + 40 * 12 + 200
+  assert not data.startswith(b"\x80")  # pickle protocol marker
+  assert isinstance(msgpack.unpackb(data), dict)
+
+
+@pytest.mark.parametrize("field,value,match", [
+    ("patches", np.zeros((5, 4, 4, 3), np.int32), "'patches'"),
+    ("patches", np.zeros((5, 4, 3, 3), np.uint8), "'patches'"),
+    ("patches", np.zeros((5, 4, 4), np.uint8), "'patches'"),
+    ("patches", [[0]], "'patches'"),
+    ("positions", np.zeros((4, 3), np.int32), "'positions'"),
+    ("positions", np.zeros((5, 3), np.float32), "'positions'"),
+    ("grid", np.asarray([3, 4], np.int32), "'grid'"),
+    ("grid", np.asarray([0, 4, 5], np.int32), "'grid'"),
+    ("frame_types", "IP", "'frame_types'"),
+    ("frame_types", "IPX", "'frame_types'"),
+    ("frame_types", 3, "'frame_types'"),
+    ("source", "", "'source'"),
+    ("source", None, "'source'"),
+    ("sample_id", -1, "'sample_id'"),
+    ("sample_id", 2**63, "'sample_id'"),
+    ("sample_id", 1.5, "'sample_id'"),
+    ("sample_id", True, "'sample_id'"),
+    ("labels", np.zeros((2, 2), np.int32), "'labels'"),
+    ("labels", np.asarray([2**40]), "'labels'"),
+    ("labels", np.asarray([0.5]), "'labels'"),
+    ("signal", "", "'signal'"),
+    ("signal", "optical_flow", "'signal'"),
+    ("signal", "residual+mv", "'signal'"),
+    ("class_label", -2, "'class_label'"),
+    ("class_label", "3", "'class_label'"),
+])
+def test_encode_rejects_bad_field(field, value, match):
+  rec = _record()
+  rec[field] = value
+  with pytest.raises(ValueError, match=match):
+    records.encode_record(rec)
+
+
+def test_positions_must_be_in_grid_unique_and_sorted():
+  rec = _record()
+  bad = rec["positions"].copy()
+  bad[0] = [3, 0, 0]  # t == T
+  with pytest.raises(ValueError, match="outside grid"):
+    records.encode_record(dict(rec, positions=bad))
+  bad = rec["positions"].copy()
+  bad[1] = bad[0]
+  with pytest.raises(ValueError, match="unique and sorted"):
+    records.encode_record(dict(rec, positions=bad))
+  with pytest.raises(ValueError, match="unique and sorted"):
+    records.encode_record(dict(rec, positions=rec["positions"][::-1].copy()))
+  with pytest.raises(ValueError, match="outside grid"):
+    records.encode_record(dict(rec, positions=-rec["positions"]))
+
+
+def test_missing_and_unknown_fields():
+  rec = _record()
+  del rec["signal"]
+  with pytest.raises(ValueError, match="missing field.*signal"):
+    records.encode_record(rec)
+  with pytest.raises(ValueError, match="unknown field.*extra"):
+    records.encode_record(dict(_record(), extra=1))
+  with pytest.raises(ValueError, match="must be a dict"):
+    records.encode_record([1, 2])
+
+
+def _repack(data, **changes):
+  raw = msgpack.unpackb(data)
+  raw.update(changes)
+  for key in [k for k, v in changes.items() if v is None]:
+    del raw[key]
+  return msgpack.packb(raw, use_bin_type=True)
+
+
+def test_decode_validates():
+  data = records.encode_record(_record())
+  with pytest.raises(ValueError, match="not a msgpack record"):
+    records.decode_record(b"\xc1garbage")
+  with pytest.raises(ValueError, match="expected bytes"):
+    records.decode_record("text")
+  with pytest.raises(ValueError, match="not a map"):
+    records.decode_record(msgpack.packb([1, 2]))
+  with pytest.raises(ValueError, match="format version"):
+    records.decode_record(_repack(data, v=records.FORMAT_VERSION + 1))
+  with pytest.raises(ValueError, match="'patches'.*bytes"):
+    records.decode_record(_repack(data, patches=b"\x00" * 10))
+  with pytest.raises(ValueError, match="'positions'"):
+    records.decode_record(_repack(data, positions=b"\x00" * 13))
+  with pytest.raises(ValueError, match="'labels'"):
+    records.decode_record(_repack(data, labels=b"\x00" * 3))
+  with pytest.raises(ValueError, match="'patch_size'"):
+    records.decode_record(_repack(data, patch_size=0))
+  with pytest.raises(ValueError, match="missing or unknown"):
+    records.decode_record(_repack(data, signal=None))
+  with pytest.raises(ValueError, match="'frame_types'"):
+    records.decode_record(_repack(data, frame_types="IPZ"))
+  with pytest.raises(ValueError, match="'grid'"):
+    records.decode_record(_repack(data, grid=[3, 4, -5]))
+  with pytest.raises(ValueError, match="'grid'"):
+    records.decode_record(_repack(data, grid=["3", 4, 5]))
+  with pytest.raises(ValueError, match="'sample_id'"):
+    records.decode_record(_repack(data, sample_id=-4))
+
+
+def test_canonical_signal():
+  got = records.canonical_signal(["frame_diff", "mv", "residual", "mv"])
+  assert got == "mv+residual+frame_diff"
+  with pytest.raises(ValueError, match="unknown token"):
+    records.canonical_signal(["flow"])
+
+
+def test_list_shards_and_read_all(tmp_path):
+  from array_record.python import array_record_module
+  recs = [_record(seed=i) for i in range(5)]
+  for i, chunk in enumerate([recs[:3], recs[3:]]):
+    w = array_record_module.ArrayRecordWriter(str(tmp_path / records.shard_name(i, 2)),
+                                              "group_size:1")
+    for r in chunk:
+      w.write(records.encode_record(r))
+    w.close()
+  (tmp_path / "manifest.json").write_text("{}")
+  paths = records.list_shards(str(tmp_path))
+  want = [records.shard_name(0, 2), records.shard_name(1, 2)]
+  assert [os.path.basename(p) for p in paths] == want
+  got = list(records.read_all(str(tmp_path)))
+  assert len(got) == 5
+  for a, b in zip(got, recs):
+    np.testing.assert_array_equal(a["patches"], b["patches"])
+  os.remove(paths[1])
+  with pytest.raises(ValueError, match=r"lacks shard\(s\) \[1\] of 2"):
+    records.list_shards(str(tmp_path))
+  (tmp_path / records.shard_name(0, 3)).write_bytes(b"")
+  with pytest.raises(ValueError, match="mixes shard counts"):
+    records.list_shards(str(tmp_path))
+  (tmp_path / "empty").mkdir()
+  with pytest.raises(ValueError, match="no data-"):
+    records.list_shards(str(tmp_path / "empty"))
+  with pytest.raises(ValueError, match="not a directory"):
+    records.list_shards(str(tmp_path / "missing"))

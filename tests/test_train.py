@@ -1,0 +1,186 @@
+"""Trainer tests: learning + kNN, SIGTERM resume (bitwise), cross-mesh restore, 2 processes, NaN, config errors."""
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+import digit_shards
+from configs import pretrain
+from ovenc_jax import train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+  root = tmp_path_factory.mktemp("digits")
+  return (digit_shards.write_digit_shards(str(root / "train"), 0, 600, num_shards=4),
+          digit_shards.write_digit_shards(str(root / "eval"), 1000, 200, num_shards=2, seed=1))
+
+
+def overrides(total_steps=8, **extra):
+  o = {"input.global_batch_size": 8, "input.tokens_per_row": 64, "input.max_segments": 2,
+       "input.max_labels": 1, "loss.num_classes": 10, "loss.labels_per_step": 1,
+       "optim.warmup_steps": 2, "total_steps": total_steps, "log_every": 1, "ckpt_every": 2,
+       "eval_every": 0, "eval.tokens_per_row": 32, "eval.batch_size": 16, "eval.linear_probe": False}
+  o.update(extra)
+  return o
+
+
+def make_config(train_dir, eval_dir="", **kw):
+  c = pretrain.get_config(f"variant=tiny,data={train_dir},eval_data={eval_dir}")
+  for key, value in overrides(**kw).items():
+    section, _, name = key.rpartition(".")
+    (c[section] if section else c)[name] = value
+  return c
+
+
+def losses(workdir):
+  out = {}
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    for line in f:
+      row = json.loads(line)
+      if "loss" in row:
+        out[row["step"]] = row["loss"]
+  return out
+
+
+def cli(workdir, train_dir, eval_dir="", extra=(), **kw):
+  args = [sys.executable, "-m", "ovenc_jax.main", "--workdir", str(workdir),
+          f"--config=configs/pretrain.py:variant=tiny,data={train_dir},eval_data={eval_dir}"]
+  args += [f"--config.{k}={v}" for k, v in overrides(**kw).items()]
+  return args + list(extra)
+
+
+def test_short_run_lowers_loss_and_lifts_knn(data, tmp_path):
+  cfg = make_config(*data, total_steps=300, ckpt_every=100, **{"input.global_batch_size": 16, "optim.warmup_steps": 20})
+  summary = train.Trainer(cfg, str(tmp_path)).run()
+  loss = losses(str(tmp_path))
+  first, last = np.mean([loss[s] for s in range(1, 11)]), np.mean([loss[s] for s in range(291, 301)])
+  assert last < 0.5 * first, (first, last)
+  init_knn, final_knn = summary["initial_eval"]["knn_top1"], summary["final_eval"]["knn_top1"]
+  assert final_knn > init_knn + 0.1, (init_knn, final_knn)
+  assert os.path.isdir(os.path.join(tmp_path, "tensorboard"))
+
+
+def _wait_for_step(workdir, step, proc, timeout=120):
+  path = os.path.join(workdir, "metrics.jsonl")
+  deadline = time.time() + timeout
+  while time.time() < deadline:
+    if proc.poll() is not None:
+      raise AssertionError(f"trainer exited early: {proc.stdout.read()}")
+    if os.path.exists(path) and any(s >= step for s in losses(workdir)):
+      return
+    time.sleep(0.02)
+  raise AssertionError("trainer made no progress")
+
+
+def test_sigterm_resume_is_bitwise_identical(data, tmp_path):
+  full, cut = tmp_path / "full", tmp_path / "cut"
+  steps = 40
+  subprocess.run(cli(full, data[0], total_steps=steps), cwd=ROOT, check=True, capture_output=True)
+  proc = subprocess.Popen(cli(cut, data[0], total_steps=steps), cwd=ROOT, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True)
+  _wait_for_step(str(cut), 3, proc)
+  proc.send_signal(signal.SIGTERM)
+  out, _ = proc.communicate(timeout=120)
+  assert proc.returncode == 0, out
+  summary = json.loads(out.split("SUMMARY ")[-1].splitlines()[0])
+  k = summary["preempted_at"]
+  assert 3 <= k < steps
+  subprocess.run(cli(cut, data[0], total_steps=steps), cwd=ROOT, check=True, capture_output=True)
+  a, b = losses(str(full)), losses(str(cut))
+  assert sorted(b) == list(range(1, steps + 1))
+  for s in range(k + 1, steps + 1):
+    assert a[s] == b[s], (s, a[s], b[s])
+
+
+def test_checkpoint_restores_on_fewer_devices(data, tmp_path):
+  devices = jax.devices()
+  cfg = make_config(data[0], total_steps=4, async_ckpt=False)
+  train.Trainer(cfg, str(tmp_path / "a"), devices=devices).run()
+  os.system(f"cp -r {tmp_path / 'a'} {tmp_path / 'b'}")
+  cont = make_config(data[0], total_steps=6)
+  eight = train.Trainer(cont, str(tmp_path / "a"), devices=devices)
+  s8 = eight.run()
+  four = train.Trainer(cont, str(tmp_path / "b"), devices=devices[:4])
+  s4 = four.run()
+  assert s8["start_step"] == s4["start_step"] == 4
+  la, lb = losses(str(tmp_path / "a")), losses(str(tmp_path / "b"))
+  for s in (5, 6):
+    np.testing.assert_allclose(lb[s], la[s], atol=1e-6, rtol=0)
+  centers = four.state["params"]["centers"]
+  assert len(centers.sharding.device_set) == 4
+
+
+def _free_port():
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def test_two_processes_match_one_process(data, tmp_path):
+  kw = dict(total_steps=4, **{"input.pack": False, "input.max_segments": 1})
+  one = tmp_path / "one"
+  subprocess.run(cli(one, data[0], **kw), cwd=ROOT, check=True, capture_output=True)
+  port = _free_port()
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4")
+  procs = [subprocess.Popen(
+      cli(tmp_path / "two", data[0], extra=[f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
+                                            f"--process_id={i}"], **kw),
+      cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
+  outs = [p.communicate(timeout=300)[0] for p in procs]
+  for p, out in zip(procs, outs):
+    assert p.returncode == 0, out[-3000:]
+  assert "process 1/2" in outs[1] or "process 1/2" in outs[0]
+  a, b = losses(str(one)), losses(str(tmp_path / "two"))
+  for s in range(1, 5):
+    np.testing.assert_allclose(b[s], a[s], rtol=1e-5)
+
+
+def test_nan_stops_with_message(data, tmp_path):
+  cfg = make_config(data[0], total_steps=6, **{"optim.lr": 1e30, "optim.clip_norm": None,
+                                               "optim.warmup_steps": 0})
+  with pytest.raises(train.NonFiniteLossError, match=r"non-finite loss .* at step \d"):
+    train.Trainer(cfg, str(tmp_path)).run()
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("optim.schedule", "linear", "optim.schedule='linear'"),
+    ("total_steps", 0, "config.total_steps=0"),
+    ("optim.grad_accum_steps", 3, "not divisible by optim.grad_accum_steps=3"),
+    ("mesh.data", 3, r"mesh.data\*mesh.fsdp\*mesh.tensor"),
+    ("model.num_heads", 3, "model.width=128 is not divisible by model.num_heads=3"),
+])
+def test_bad_config_values(data, tmp_path, key, value, message):
+  cfg = make_config(data[0])
+  section, _, name = key.rpartition(".")
+  (cfg[section] if section else cfg)[name] = value
+  with pytest.raises(ValueError, match=message):
+    train.Trainer(cfg, str(tmp_path))
+
+
+def test_unknown_config_key_on_command_line(data, tmp_path):
+  r = subprocess.run(cli(tmp_path, data[0], extra=["--config.optim.learning_rate=1"]), cwd=ROOT,
+                     capture_output=True, text=True)
+  assert r.returncode != 0
+  assert "learning_rate" in r.stderr
+
+
+def test_gradient_accumulation_matches_full_batch(data, tmp_path):
+  ref = make_config(data[0], total_steps=2, **{"input.pack": False, "input.max_segments": 1})
+  acc = make_config(data[0], total_steps=2, **{"input.pack": False, "input.max_segments": 1,
+                                               "optim.grad_accum_steps": 2, "loss.sample_rate": 1.0})
+  train.Trainer(ref, str(tmp_path / "ref")).run()
+  train.Trainer(acc, str(tmp_path / "acc")).run()
+  a, b = losses(str(tmp_path / "ref")), losses(str(tmp_path / "acc"))
+  # labels_per_step=1 of 1 label: no label sampling, so the averaged microbatch loss equals the full one.
+  np.testing.assert_allclose(b[1], a[1], rtol=1e-5)
+  np.testing.assert_allclose(b[2], a[2], rtol=1e-4)
