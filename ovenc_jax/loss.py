@@ -146,59 +146,70 @@ _MAX_FIXED_CLASSES = 100_000_000
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
-def _shard_logits(e, cs, own_col, pos_col, col_ok, scale, thr, shift):
-  return _shard_logits_fwd(e, cs, own_col, pos_col, col_ok, scale, thr, shift)[0]
+def _shard_logits(e, c, drop_col, pos_col, col_ok, scale, thr, shift):
+  return _shard_logits_fwd(e, c, drop_col, pos_col, col_ok, scale, thr, shift)[0]
 
 
-def _shard_logits_fwd(e, cs, own_col, pos_col, col_ok, scale, thr, shift):
-  """One shard's part of the softmaxes, from e [B, D] and this shard's unit centers cs [n, D].
+def _shard_logits_fwd(e, c, drop_col, pos_col, col_ok, scale, thr, shift):
+  """One shard's part of the softmaxes, from unit embeddings e [B, D] and raw center rows c [n, D].
 
   Returns m [B] and sum_j exp(s*cos_bj - m) [B] over the kept negatives, their count [B], and the
-  cosines of the positives this shard holds [B, K] (0 elsewhere). Kept = usable column (col_ok:
-  real class, in the Partial-FC selection), not one of the row's own labels (own_col [B, L]:
-  their columns, n = not here), cos <= thr. pos_col [B, K]: columns of the sampled positives.
+  cosines of the positives this shard holds [B, K] (0 elsewhere). Kept = not in drop_col [B, *]
+  (the row's own labels and padding classes; n = nothing), in col_ok [n] when given (Partial-FC
+  selection), cos <= thr. pos_col [B, K]: columns of the sampled positives (n = not here).
   With `shift` (a float) m is that constant and no row max is computed; shift=None: the row max.
+
+  The centers are normalised by scaling the logit columns with r = 1/|c| instead of writing
+  normalised rows: the residual is q = p * r, and S = q @ (1/r) recovers the row sums.
   """
-  b, n = e.shape[0], cs.shape[0]
-  cos = e @ cs.T                                                                     # [B, n]
+  b, n = e.shape[0], c.shape[0]
+  r = jax.lax.rsqrt(jnp.maximum(jnp.sum(c * c, axis=1), _NORM_EPS))                  # [n]
+  cos = (e @ c.T) * r[None, :]                                                       # [B, n]
   pos_here = pos_col < n
-  rows = cs[jnp.minimum(pos_col, n - 1)]                                             # [B, K, D]
-  cos_pos = jnp.where(pos_here, jnp.einsum("bd,bkd->bk", e, rows), 0.0)
-  # In-place scatter: the row's own labels become -inf, i.e. never negatives.
-  cos = cos.at[jnp.arange(b)[:, None], own_col].set(-jnp.inf, mode="drop")
-  z = scale * (cos + jnp.where(col_ok, 0.0, -jnp.inf)[None, :])                      # -inf = dropped
+  pc = jnp.minimum(pos_col, n - 1)
+  cos_pos = jnp.where(pos_here, jnp.einsum("bd,bkd->bk", e, c[pc]) * r[pc], 0.0)
+  # In-place scatter of -inf: never negatives. (A per-column mask folded into the elementwise
+  # pass below is recomputed per element by XLA and costs more than this scatter.)
+  cos = cos.at[jnp.arange(b)[:, None], drop_col].set(-jnp.inf, mode="drop")
+  z = scale * cos
+  if col_ok is not None:
+    z = z + jnp.where(col_ok, 0.0, -jnp.inf)[None, :]
   if shift is not None:
     # No max pass: XLA's CPU reductions with a select inside do not vectorise, so each such pass
     # costs about as much as the matmul here; the fixed shift needs none.
     m = jnp.full((b,), shift, jnp.float32)
-    p = jnp.exp(z - shift)
+    q = jnp.exp(z - shift) * r[None, :]
     if thr is not None:
-      p = jnp.where(cos <= thr, p, 0.0)
-    # Under the span bound no kept term underflows, so sign(p) counts the kept negatives exactly.
-    n_kept = jnp.sum(jnp.minimum(p * 1e30, 1.0), axis=1)
+      q = jnp.where(cos <= thr, q, 0.0)
+    # Under the span bound every kept term is >= e^-60, so min(q * 1e35, 1) is exactly 1 for it
+    # (for any center norm below ~1e8) and 0 for dropped ones: a count without a compare, which
+    # would not vectorise inside a reduction.
+    n_kept = jnp.sum(jnp.minimum(q * 1e35, 1.0), axis=1)
   else:
     keep = jnp.isfinite(z) if thr is None else jnp.isfinite(z) & (cos <= thr)
     mx = jnp.max(jnp.where(keep, z, -jnp.inf), axis=1)
     m = jnp.where(jnp.isfinite(mx), mx, -jnp.inf)
-    p = jnp.where(keep, jnp.exp(z - jnp.where(jnp.isfinite(mx), mx, 0.0)[:, None]), 0.0)
+    q = jnp.where(keep, jnp.exp(z - jnp.where(jnp.isfinite(mx), mx, 0.0)[:, None]) * r[None, :], 0.0)
     n_kept = jnp.sum(keep.astype(jnp.float32), axis=1)
-  return (m, jnp.sum(p, axis=1), n_kept, cos_pos), (e, cs, p, pos_col)
+  return (m, q @ (1.0 / r), n_kept, cos_pos), (e, c, r, q, pos_col)
 
 
 def _shard_logits_bwd(scale, thr, shift, res, g):
-  # d sum_b / d cos_bj = s * p_bj: the row weights go onto the small [B, D] side of each matmul.
-  # The positives' gradient is added in place (a scatter of B*K rows into the dot's output), not
-  # through a zero-filled [n, D] buffer as autodiff of a gather would.
-  e, cs, p, pos_col = res
+  # With G = s * g_sum * p the gradient of the logits, u_j = sum_b G_bj e_b (+ the positives'
+  # terms) is the gradient w.r.t. the unit center c_j / |c_j|; then dc_j = r_j (u_j - (u_j.ĉ_j) ĉ_j).
+  # Both matmuls use q = p * r and the raw c, so the row weights stay on the small [B, D] side
+  # and the positives are added in place (a scatter of B*K rows into the dot's output).
+  e, c, r, q, pos_col = res
   _, g_sum, _, g_pos = g
-  n = cs.shape[0]
-  pos_here = pos_col < n
-  g_pos = jnp.where(pos_here, g_pos, 0.0)
+  n = c.shape[0]
+  pc = jnp.minimum(pos_col, n - 1)
+  g_pos = jnp.where(pos_col < n, g_pos, 0.0) * r[pc]                                 # [B, K]
   w = scale * g_sum[:, None]
-  de = w * (p @ cs) + jnp.einsum("bk,bkd->bd", g_pos, cs[jnp.minimum(pos_col, n - 1)])
-  dcs = (p.T @ (w * e)).at[pos_col.reshape(-1)].add(
-      (g_pos[:, :, None] * e[:, None, :]).reshape(-1, e.shape[1]), mode="drop")
-  return (de, dcs, None, None, None)
+  de = w * (q @ c) + jnp.einsum("bk,bkd->bd", g_pos, c[pc])
+  ru = (q.T @ (w * e)).at[pos_col.reshape(-1)].add(
+      (g_pos[:, :, None] * e[:, None, :]).reshape(-1, e.shape[1]), mode="drop")     # r * u
+  dc = ru - (r * r * jnp.sum(ru * c, axis=1))[:, None] * c
+  return (de, dc, None, None, None)
 
 
 _shard_logits.defvjp(_shard_logits_fwd, _shard_logits_bwd)
@@ -235,7 +246,7 @@ def make_loss_fn(mesh, cfg, batch_axes: Sequence[str] = ("data", "fsdp"),
   if scale * (1.0 + u) <= _MAX_FIXED_SPAN and num_classes <= _MAX_FIXED_CLASSES:
     shift = scale * u - _SHIFT_HEADROOM
 
-  def local_loss(emb, centers, labels, rng, *, n_sel):
+  def local_loss(emb, centers, labels, rng, *, n_sel, c_pad):
     c_local_n = centers.shape[0]
     shard = _linear_axis_index(mesh, class_axes)
     offset = shard * c_local_n
@@ -250,7 +261,7 @@ def make_loss_fn(mesh, cfg, batch_axes: Sequence[str] = ("data", "fsdp"),
     out_of_range = jnp.sum((lab < -1) | (lab >= num_classes))
     pos, pos_valid = sample_labels(k_lab, lab, lab_valid, k_labels)                # [B, K]
 
-    c = _l2_normalize(centers)                                                       # [Cn, D]
+    c = centers  # normalised inside _shard_logits (as column scales of the logits)
 
     pos_loc = pos - offset
     pos_own = pos_valid & (pos_loc >= 0) & (pos_loc < c_local_n)
@@ -274,28 +285,40 @@ def make_loss_fn(mesh, cfg, batch_axes: Sequence[str] = ("data", "fsdp"),
       cs = c
       inv = row_ids.astype(jnp.int32)
     n_cols = cs.shape[0]
+    n_pad = c_pad - num_classes
 
     # Every label of a sample (sampled or not) is excluded from that sample's negatives.
     lab_loc = lab - offset
     lab_own = lab_valid & (lab_loc >= 0) & (lab_loc < c_local_n)
     col = jnp.where(lab_own, inv[jnp.clip(lab_loc, 0, c_local_n - 1)], n_cols)       # [B, L]
     pos_col = jnp.where(pos_own, inv[jnp.clip(pos_loc, 0, c_local_n - 1)], n_cols)    # [B, K]
+    if n_sel is None:
+      # Dense: padding classes (global rows >= C, at most n_pad) are dropped like own labels.
+      pad = num_classes + jnp.arange(n_pad) - offset
+      pad = jnp.where((pad >= 0) & (pad < n_cols), pad, n_cols)
+      drop_col, col_mask = jnp.concatenate([col, jnp.broadcast_to(pad, (b, n_pad))], axis=1), None
+    else:
+      drop_col, col_mask = col, col_ok
     m_loc, s_loc, n_kept, cos_pos = _shard_logits(
-        _vary(e, all_axes), _vary(cs, all_axes), col, pos_col, col_ok, scale, thr, shift)
-    # Positive cosines: the owner shard contributes each, psum assembles them.
-    cos_pos = jax.lax.psum(cos_pos, class_axes)                                      # [B, K]
-    # Combine the shards' (shift, sum-exp) pairs; the shift only stabilises: no gradient through it.
+        _vary(e, all_axes), _vary(cs, all_axes), drop_col, pos_col, col_mask, scale, thr, shift)
+    # The shift only stabilises: no gradient through it.
     m_loc = jax.lax.stop_gradient(m_loc)
     if shift is not None:
       m = m_loc
-      sum_neg = jax.lax.psum(s_loc, class_axes)                                      # [B]
-      has_neg = sum_neg > 0
     else:
       m = jax.lax.pmax(m_loc, class_axes)                                            # [B]
+      s_loc = s_loc * jnp.exp(jnp.where(jnp.isfinite(m_loc), m_loc - m, -jnp.inf))
+    # Filtered = usable columns - the sample's distinct own labels among them - kept negatives.
+    own_ok = lab_own & (col < n_cols) & col_ok[jnp.minimum(col, n_cols - 1)]
+    first = jnp.argmax(lab[:, :, None] == lab[:, None, :], axis=2) == jnp.arange(lab.shape[1])
+    n_usable = (jnp.sum(col_ok) - jnp.sum(own_ok & first, axis=1)).astype(jnp.float32)
+    # One all-reduce: positive cosines (each from its owner shard), sum-exp terms, counts.
+    cos_pos, sum_neg, n_neg, n_usable = jax.lax.psum((cos_pos, s_loc, n_kept, n_usable), class_axes)
+    if shift is not None:
+      has_neg = sum_neg > 0
+    else:
       has_neg = jnp.isfinite(m)
       m = jnp.where(has_neg, m, 0.0)
-      sum_neg = jax.lax.psum(s_loc * jnp.exp(jnp.where(jnp.isfinite(m_loc), m_loc - m, -jnp.inf)),
-                             class_axes)                                             # [B]
 
     z_pos = scale * (cos_pos - margin)                                               # [B, K]
     big = jax.lax.stop_gradient(jnp.where(has_neg[:, None], jnp.maximum(z_pos, m[:, None]), z_pos))
@@ -307,13 +330,7 @@ def make_loss_fn(mesh, cfg, batch_axes: Sequence[str] = ("data", "fsdp"),
 
     has_label = jnp.any(pos_valid, axis=1)
     n_rows = jnp.maximum(jnp.sum(has_label), 1).astype(jnp.float32)
-    n_neg = jax.lax.psum(n_kept, class_axes)
-    if thr is not None:
-      # Filtered = usable columns - the sample's distinct own labels among them - kept negatives.
-      own_ok = lab_own & (col < n_cols) & col_ok[jnp.minimum(col, n_cols - 1)]
-      first = jnp.argmax(lab[:, :, None] == lab[:, None, :], axis=2) == jnp.arange(lab.shape[1])
-      n_usable = jnp.sum(col_ok) - jnp.sum(own_ok & first, axis=1)
-      n_filt = jax.lax.psum(n_usable, class_axes) - n_neg
+    n_filt = n_usable - n_neg
     metrics = dict(
         num_valid_labels=n_valid.astype(jnp.float32),
         negatives_per_sample=jnp.sum(jnp.where(has_label, n_neg, 0)) / n_rows,
@@ -353,7 +370,7 @@ def make_loss_fn(mesh, cfg, batch_axes: Sequence[str] = ("data", "fsdp"),
     if math.ceil(rate * c_local_n) < c_local_n:
       n_sel = min(c_local_n, max(math.ceil(rate * c_local_n), b * k))
     fn = jax.shard_map(
-        lambda e, c, l, r: local_loss(e, c, l, r, n_sel=n_sel), mesh=mesh,
+        lambda e, c, l, r: local_loss(e, c, l, r, n_sel=n_sel, c_pad=c_pad), mesh=mesh,
         in_specs=(P(batch_axes, None), P(class_axes, None), P(batch_axes, None), P()),
         out_specs=(P(), P()))
     return fn(embeddings, centers, labels.astype(jnp.int32), rng)

@@ -354,6 +354,28 @@ def test_config_errors_name_paths_and_modes(data, tmp_path):
     ip.make_train_iterator(config([(str(partial), 1.0)]), process_index=0, process_count=1)
 
 
+def test_bad_data_errors_name_the_problem(data, tmp_path):
+  empty = write_shards(tmp_path / "empty", [], 2)
+  with pytest.raises(ValueError, match=r"input.sources\[0\].path=.*empty: the shards hold no records"):
+    ip.make_train_iterator(config([(empty, 1.0)]), process_index=0, process_count=1)
+  with pytest.raises(ValueError, match=r"input.global_batch_size=128: one pass .*\(13 samples\)"):
+    ip.make_train_iterator(config([(data["c"][0], 1.0)], num_epochs=1, global_batch_size=128),
+                           process_index=0, process_count=1)
+  bad = tmp_path / "garbage"
+  bad.mkdir()
+  writer = array_record_module.ArrayRecordWriter(str(bad / records.shard_name(0, 1)), "group_size:1")
+  writer.write(b"\x01not a record")
+  writer.close()
+  with pytest.raises(ValueError, match="decode_record: "):
+    next(ip.make_train_iterator(config([(str(bad), 1.0)], global_batch_size=1), process_index=0,
+                                process_count=1))
+  with pytest.raises(ValueError, match="eval.batch_size=5"):
+    ip.make_eval_batches(data["c"][0], tokens_per_row=48, batch_size=5, patch_size=PATCH,
+                         process_index=0, process_count=2)
+  with pytest.raises(ValueError, match=r"eval.path: shard directory .*nowhere does not exist"):
+    ip.make_eval_batches(str(tmp_path / "nowhere"), tokens_per_row=48, batch_size=4)
+
+
 def test_glob_sources_read_only_matching_shards(data):
   path, refs = data["a"]
   cfg = config([(os.path.join(path, "data-00001-of-*.array_record"), 1.0)], num_epochs=1, pack=False,

@@ -175,9 +175,11 @@ def test_unknown_config_key_on_command_line(data, tmp_path):
 
 
 def test_gradient_accumulation_matches_full_batch(data, tmp_path):
-  ref = make_config(data[0], total_steps=2, **{"input.pack": False, "input.max_segments": 1})
+  ref = make_config(data[0], total_steps=2, **{"input.pack": False, "input.max_segments": 1,
+                                               "input.global_batch_size": 16})
   acc = make_config(data[0], total_steps=2, **{"input.pack": False, "input.max_segments": 1,
-                                               "optim.grad_accum_steps": 2, "loss.sample_rate": 1.0})
+                                               "optim.grad_accum_steps": 2, "loss.sample_rate": 1.0,
+                                               "input.global_batch_size": 16})
   train.Trainer(ref, str(tmp_path / "ref")).run()
   train.Trainer(acc, str(tmp_path / "acc")).run()
   a, b = losses(str(tmp_path / "ref")), losses(str(tmp_path / "acc"))
