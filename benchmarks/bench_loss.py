@@ -109,7 +109,7 @@ def main(argv=None):
   ap.add_argument("--dim", type=int, default=64)
   ap.add_argument("--batch", type=int, default=128, help="global batch")
   ap.add_argument("--labels", type=int, default=8, help="labels per sample (all sampled)")
-  ap.add_argument("--iters", type=int, default=5)
+  ap.add_argument("--iters", type=int, default=7)
   ap.add_argument("--pfc_rate", type=float, default=0.1)
   ap.add_argument("--json", default=None)
   a = ap.parse_args(argv)

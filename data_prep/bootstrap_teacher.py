@@ -1,10 +1,10 @@
 """No-download bootstrap teacher: pooled patch-pixel statistics of each record, standardised and PCA-projected."""
 import argparse
 import os
-import tempfile
 
 import numpy as np
 
+from data_prep import atomic_io
 from data_prep import records
 
 # Luminance weights (ITU-R BT.601) for the grey-level features.
@@ -13,7 +13,6 @@ HIST_BINS = 8
 LAYOUT = 4   # LAYOUT x LAYOUT grid over the record's (h, w) extent
 THUMB = 4    # each patch box-averaged to THUMB x THUMB grey levels
 FEATURE_DIM = 6 + 3 * HIST_BINS + LAYOUT * LAYOUT + 2 * THUMB * THUMB + 2
-TEACHER_FILE = "teacher.npz"
 
 
 def _box_average(grey, size):
@@ -101,18 +100,6 @@ def embed_records(record_iter, dim: int = 64):
   return emb, np.asarray(ids, np.int64), proj
 
 
-def _save_npy(path, arr):
-  fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".tmp-", suffix=".npy")
-  try:
-    with os.fdopen(fd, "wb") as f:
-      np.save(f, arr)
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
-
-
 def run(records_dir, output_dir, dim: int = 64) -> dict:
   """Embeds every record of an ArrayRecord shard folder; writes embeddings.npy, sample_ids.npy and
   teacher.npz (the fitted standardisation + PCA, to embed further records the same way)."""
@@ -121,17 +108,7 @@ def run(records_dir, output_dir, dim: int = 64) -> dict:
   dup = s[1:][s[1:] == s[:-1]]
   if dup.size:
     raise ValueError(f"{records_dir}: duplicate sample_id(s) across records, e.g. {dup[:5].tolist()}")
-  os.makedirs(output_dir, exist_ok=True)
-  paths = dict(embeddings=os.path.join(output_dir, "embeddings.npy"),
-               sample_ids=os.path.join(output_dir, "sample_ids.npy"),
-               teacher=os.path.join(output_dir, TEACHER_FILE))
-  _save_npy(paths["embeddings"], emb)
-  _save_npy(paths["sample_ids"], ids)
-  fd, tmp = tempfile.mkstemp(dir=output_dir, prefix=".tmp-", suffix=".npz")
-  with os.fdopen(fd, "wb") as f:
-    np.savez(f, mean=mean, scale=scale, components=comps)
-  os.replace(tmp, paths["teacher"])
-  return paths
+  return atomic_io.write_embedding_folder(output_dir, emb, ids, mean=mean, scale=scale, components=comps)
 
 
 def main(argv=None):

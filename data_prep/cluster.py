@@ -2,10 +2,8 @@
 import argparse
 import functools
 import glob
-import json
 import math
 import os
-import tempfile
 import time
 
 import jax
@@ -13,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from data_prep import atomic_io
 from data_prep import label_table
 
 MESH_AXES = ("data", "model")
@@ -320,42 +319,31 @@ def run_clustering(embeddings, sample_ids, num_clusters: int, top_k: int, *, ite
               sample_ids=ids.astype(np.int64), history=history)
 
 
-def _atomic_save_npy(path, arr):
-  d = os.path.dirname(os.path.abspath(path))
-  fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-", suffix=".npy")
-  try:
-    with os.fdopen(fd, "wb") as f:
-      np.save(f, arr)
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
-
-
 def write_outputs(output_dir, result: dict, params: dict) -> dict:
   """centers.npy, labels.npz (label_table format) and cluster_summary.json; each atomically."""
   os.makedirs(output_dir, exist_ok=True)
   paths = dict(centers=os.path.join(output_dir, "centers.npy"),
                labels=os.path.join(output_dir, label_table.FILE_NAME),
                summary=os.path.join(output_dir, "cluster_summary.json"))
-  _atomic_save_npy(paths["centers"], result["centers"].astype(np.float32))
+  atomic_io.save_npy(paths["centers"], result["centers"].astype(np.float32))
   label_table.write_label_table(paths["labels"], result["sample_ids"], result["labels"],
                                 num_classes=int(result["centers"].shape[0]), cosine=result["cosine"])
   sizes = np.bincount(result["labels"][:, 0], minlength=result["centers"].shape[0])
   summary = dict(params, num_points=int(result["labels"].shape[0]), dim=int(result["centers"].shape[1]),
                  history=result["history"], cluster_size_min=int(sizes.min()),
                  cluster_size_max=int(sizes.max()), empty_clusters=int((sizes == 0).sum()))
-  fd, tmp = tempfile.mkstemp(dir=output_dir, prefix=".tmp-", suffix=".json")
-  with os.fdopen(fd, "w") as f:
-    json.dump(summary, f, indent=1)
-  os.replace(tmp, paths["summary"])
+  atomic_io.save_json(paths["summary"], summary)
   return paths
 
 
 def main(argv=None):
   ap = argparse.ArgumentParser(prog="python -m data_prep.cluster", description=__doc__)
-  ap.add_argument("--embeddings", required=True, help="embeddings .npy (+ sibling sample_ids .npy) or a folder")
+  src = ap.add_mutually_exclusive_group(required=True)
+  src.add_argument("--embeddings", help="embeddings .npy (+ sibling sample_ids .npy) or a folder")
+  src.add_argument("--encoder_workdir",
+                   help="a training workdir: embed --records with its latest (or --encoder_step) checkpoint")
+  ap.add_argument("--records", help="ArrayRecord shard folder to embed (with --encoder_workdir)")
+  ap.add_argument("--encoder_step", type=int, default=None)
   ap.add_argument("--num_clusters", type=int, required=True)
   ap.add_argument("--top_k", type=int, default=10)
   ap.add_argument("--output", required=True)
@@ -368,12 +356,23 @@ def main(argv=None):
   ap.add_argument("--init_trials", type=int, default=None,
                   help="k-means++ candidates per step (default 2 + ln C; 1 = plain k-means++)")
   a = ap.parse_args(argv)
-  x, ids = load_embeddings(a.embeddings)
-  print(f"{x.shape[0]} embeddings of dim {x.shape[1]} from {a.embeddings}; devices: {jax.local_device_count()}")
+  if a.encoder_workdir:
+    if not a.records:
+      ap.error("--encoder_workdir needs --records (the ArrayRecord folder to embed)")
+    # Imported here so that clustering teacher embeddings does not pull in the model code.
+    from ovenc_jax import embed
+    x, ids = embed.embed_records(a.encoder_workdir, a.records, step=a.encoder_step)
+    source = f"{a.records} embedded by {a.encoder_workdir}"
+    _check_rows(x, source)
+    _check_ids(ids, source)
+  else:
+    x, ids = load_embeddings(a.embeddings)
+    source = a.embeddings
+  print(f"{x.shape[0]} embeddings of dim {x.shape[1]} from {source}; devices: {jax.local_device_count()}")
   res = run_clustering(x, ids, a.num_clusters, a.top_k, iters=a.iters, seed=a.seed, init=a.init,
                        model_shards=a.model_shards, chunk_size=a.chunk_size,
                        init_trials=a.init_trials, log=print)
-  params = dict(embeddings=os.path.abspath(a.embeddings), num_clusters=a.num_clusters, top_k=a.top_k,
+  params = dict(embeddings=source, num_clusters=a.num_clusters, top_k=a.top_k,
                 iters=a.iters, seed=a.seed, init=a.init)
   paths = write_outputs(a.output, res, params)
   print("wrote " + ", ".join(paths.values()))

@@ -1,8 +1,9 @@
 """Label side table: sample_id -> top-k concept labels, written atomically as one .npz, joined by sample_id."""
 import os
-import tempfile
 
 import numpy as np
+
+from data_prep import atomic_io
 
 FORMAT_VERSION = 1
 FILE_NAME = "labels.npz"
@@ -49,19 +50,8 @@ def write_label_table(path, sample_ids, labels, num_classes: int, cosine=None) -
   path = os.fspath(path)
   if os.path.isdir(path):
     path = os.path.join(path, FILE_NAME)
-  d = os.path.dirname(os.path.abspath(path))
-  os.makedirs(d, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=d, prefix=".labels-", suffix=".npz.tmp")
-  try:
-    with os.fdopen(fd, "wb") as f:
-      np.savez(f, sample_id=ids, labels=lab[order].astype(np.int32), cosine=cos[order],
-               num_classes=np.int64(num_classes), format_version=np.int64(FORMAT_VERSION))
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
-  return path
+  return atomic_io.save_npz(path, sample_id=ids, labels=lab[order].astype(np.int32), cosine=cos[order],
+                            num_classes=np.int64(num_classes), format_version=np.int64(FORMAT_VERSION))
 
 
 class LabelTable:

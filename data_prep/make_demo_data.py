@@ -31,15 +31,28 @@ def _resize(arr: np.ndarray, height: int, width: int) -> np.ndarray:
   return np.stack([_resize(arr[..., c], height, width) for c in range(arr.shape[-1])], -1)
 
 
-def textured_background(rng, height: int, width: int) -> np.ndarray:
-  """Static colour texture: smooth random blobs plus oriented stripes, float [H, W, 3] 0..255."""
-  coarse = rng.uniform(40, 200, size=(max(2, height // 16), max(2, width // 16), 3))
+# Digit clips use a darker, lower-contrast texture than textured_background's defaults, so the
+# near-white strokes stand out from any background pixel in luma.
+DIGIT_TEXTURE = dict(levels=(25.0, 140.0), stripes=15.0)
+# Ink is near-white with a mild per-digit tint: shape, not colour, tells digits apart.
+INK_TINT = 40.0
+# Digit side as a fraction of the frame: 0.4 -> 45 px at 112, spanning ~4x4 patches of 14 px.
+DIGIT_SCALE = 0.4
+# Default clip count: enough variety for the tiny encoder to generalise in a few hundred CPU steps.
+NUM_CLIPS = 800
+
+
+def textured_background(rng, height: int, width: int, levels=(40.0, 200.0),
+                        stripes: float = 25.0) -> np.ndarray:
+  """Static colour texture: smooth random blobs (channel levels uniform in `levels`) plus oriented
+  stripes of amplitude `stripes`, float [H, W, 3] 0..255."""
+  coarse = rng.uniform(*levels, size=(max(2, height // 16), max(2, width // 16), 3))
   base = _resize(coarse, height, width)
   yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
   angle = rng.uniform(0, np.pi)
   period = rng.uniform(5, 12)
-  stripes = 25.0 * np.sin(2 * np.pi * (np.cos(angle) * xx + np.sin(angle) * yy) / period)
-  return np.clip(base + stripes[..., None], 0, 255)
+  wave = stripes * np.sin(2 * np.pi * (np.cos(angle) * xx + np.sin(angle) * yy) / period)
+  return np.clip(base + wave[..., None], 0, 255)
 
 
 def natural_background(rng, height: int, width: int, num_frames: int, speed: float):
@@ -63,16 +76,21 @@ def natural_background(rng, height: int, width: int, num_frames: int, speed: flo
 
 
 def render_clip(rng, size: int, num_frames: int, label: int, num_digits: int,
-                background: str = "texture", noise: float = 0.0):
+                background: str = "texture", noise: float = 0.0,
+                digit_scale: float = DIGIT_SCALE):
   """Frames [T, size, size, 3] uint8 of `num_digits` handwritten `label`s moving and bouncing.
 
-  Also returns the per-frame digit boxes [T, num_digits, 4] (y0, x0, y1, x1) for tests/plots.
+  Each digit is a near-white glyph `digit_scale * size` pixels square. Also returns the per-frame
+  digit boxes [T, num_digits, 4] (y0, x0, y1, x1) for tests/plots.
   """
+  if not 0 < digit_scale <= 1:
+    raise ValueError(f"render_clip: digit_scale={digit_scale} must be in (0, 1]")
   images, labels = _digits()
   pool = np.flatnonzero(labels == label)
-  digit_px = max(8, size // 4)
+  digit_px = min(size, max(8, int(round(digit_scale * size))))
   if background == "texture":
-    bg = np.broadcast_to(textured_background(rng, size, size), (num_frames, size, size, 3))
+    bg = np.broadcast_to(textured_background(rng, size, size, **DIGIT_TEXTURE),
+                         (num_frames, size, size, 3))
   elif background == "natural":
     bg = natural_background(rng, size, size, num_frames, speed=1.5)
   else:
@@ -80,9 +98,10 @@ def render_clip(rng, size: int, num_frames: int, label: int, num_digits: int,
   frames = np.array(bg, np.float32)
   boxes = np.zeros((num_frames, num_digits, 4), np.int32)
   for d in range(num_digits):
-    glyph = np.clip(_resize(images[rng.choice(pool)], digit_px, digit_px), 0, 1)[..., None]
-    colour = rng.uniform(0, 255, size=3)
-    colour[rng.integers(3)] = 255.0  # one saturated channel: digits stand out from the texture
+    glyph = _resize(images[rng.choice(pool)], digit_px, digit_px)
+    # Stretch the blurry upscaled 8x8 grey levels so strokes get solid cores and sharp-ish edges.
+    glyph = np.clip((glyph - 0.15) / 0.55, 0, 1)[..., None]
+    colour = 255.0 - rng.uniform(0, INK_TINT, size=3)
     pos = rng.uniform(0, size - digit_px, size=2)
     speed = rng.uniform(1.5, 3.5)
     theta = rng.uniform(0, 2 * np.pi)
@@ -144,9 +163,10 @@ def _write_json(path, obj):
   os.replace(f.name, path)
 
 
-def make_demo_data(output_dir: str, num_clips: int = 300, num_images: int = 100, size: int = 112,
-                   num_frames: int = 16, gop: int = 16, seed: int = 0,
-                   background: str = "texture", noise: float = 0.0) -> dict:
+def make_demo_data(output_dir: str, num_clips: int = NUM_CLIPS, num_images: int = 100,
+                   size: int = 112, num_frames: int = 16, gop: int = 16, seed: int = 0,
+                   background: str = "texture", noise: float = 0.0,
+                   digit_scale: float = DIGIT_SCALE) -> dict:
   """Writes clips/*.mp4, images/*.png, class_labels.json, manifest.json and list.txt."""
   if num_clips < 0 or num_images < 0 or num_clips + num_images == 0:
     raise ValueError("make_demo_data: num_clips and num_images must be >= 0, not both 0")
@@ -154,6 +174,8 @@ def make_demo_data(output_dir: str, num_clips: int = 300, num_images: int = 100,
     raise ValueError(f"make_demo_data: size={size} must be even and >= 16")
   if num_frames < 1 or gop < 1:
     raise ValueError("make_demo_data: num_frames and gop must be >= 1")
+  if not 0 < digit_scale <= 1:
+    raise ValueError(f"make_demo_data: digit_scale={digit_scale} must be in (0, 1]")
   output_dir = os.path.abspath(output_dir)
   os.makedirs(os.path.join(output_dir, "clips"), exist_ok=True)
   os.makedirs(os.path.join(output_dir, "images"), exist_ok=True)
@@ -161,14 +183,14 @@ def make_demo_data(output_dir: str, num_clips: int = 300, num_images: int = 100,
   items = {}
   for i in range(num_clips):
     label, count = int(rng.integers(10)), int(rng.integers(1, 4))
-    frames, _ = render_clip(rng, size, num_frames, label, count, background, noise)
+    frames, _ = render_clip(rng, size, num_frames, label, count, background, noise, digit_scale)
     path = os.path.join(output_dir, "clips", f"clip_{i:05d}_digit{label}.mp4")
     encode_clip(path, frames, gop=gop)
     items[path] = {"kind": "video", "label": label, "num_digits": count,
                    "num_frames": num_frames, "size": [size, size]}
   for i in range(num_images):
     label = int(rng.integers(10))
-    frames, _ = render_clip(rng, size, 1, label, 1, background, noise)
+    frames, _ = render_clip(rng, size, 1, label, 1, background, noise, digit_scale)
     path = os.path.join(output_dir, "images", f"image_{i:05d}_digit{label}.png")
     tmp = path + ".tmp.png"
     Image.fromarray(frames[0]).save(tmp)
@@ -178,6 +200,7 @@ def make_demo_data(output_dir: str, num_clips: int = 300, num_images: int = 100,
               {p: v["label"] for p, v in items.items()})
   manifest = {"generator": "data_prep.make_demo_data", "seed": seed, "size": size,
               "num_frames": num_frames, "gop": gop, "background": background, "noise": noise,
+              "digit_scale": digit_scale,
               "num_clips": num_clips, "num_images": num_images, "items": items}
   _write_json(os.path.join(output_dir, "manifest.json"), manifest)
   with tempfile.NamedTemporaryFile("w", dir=output_dir, delete=False, suffix=".tmp") as f:
@@ -189,7 +212,7 @@ def make_demo_data(output_dir: str, num_clips: int = 300, num_images: int = 100,
 def main(argv=None):
   ap = argparse.ArgumentParser(description=__doc__)
   ap.add_argument("--output_dir", required=True)
-  ap.add_argument("--num_clips", type=int, default=300)
+  ap.add_argument("--num_clips", type=int, default=NUM_CLIPS)
   ap.add_argument("--num_images", type=int, default=100)
   ap.add_argument("--size", type=int, default=112, help="frame side in pixels (even)")
   ap.add_argument("--num_frames", type=int, default=16, help="frames per clip")
@@ -198,10 +221,13 @@ def main(argv=None):
   ap.add_argument("--background", choices=("texture", "natural"), default="texture",
                   help="static texture (default) or a camera pan over a photo")
   ap.add_argument("--noise", type=float, default=0.0, help="per-frame Gaussian noise sigma")
+  ap.add_argument("--digit_scale", type=float, default=DIGIT_SCALE,
+                  help="digit side as a fraction of --size (0.4: ~4x4 patches of 14 px at 112)")
   args = ap.parse_args(argv)
   start = time.time()
   m = make_demo_data(args.output_dir, args.num_clips, args.num_images, args.size,
-                     args.num_frames, args.gop, args.seed, args.background, args.noise)
+                     args.num_frames, args.gop, args.seed, args.background, args.noise,
+                     args.digit_scale)
   print(f"wrote {m['num_clips']} clips and {m['num_images']} images to {args.output_dir} "
         f"in {time.time() - start:.1f}s (labels: class_labels.json, inputs: list.txt)")
 

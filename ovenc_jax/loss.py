@@ -89,20 +89,20 @@ def _l2_normalize(x):
   return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis=-1, keepdims=True), _NORM_EPS))
 
 
-def sample_labels(rng, labels, num_valid_mask, k: int):
+def sample_labels(rng, labels, valid_mask, k: int):
   """Picks k of the valid labels per row uniformly without replacement; -1 fills short rows.
 
-  labels [B, L] int32, num_valid_mask [B, L] bool. Returns (labels [B, k'], valid [B, k']) with
+  labels [B, L] int32, valid_mask [B, L] bool. Returns (labels [B, k'], valid [B, k']) with
   k' = min(k, L). Rows are keyed by their position in the (global) batch.
   """
   b, l = labels.shape
   if l <= k:
-    return jnp.where(num_valid_mask, labels, -1), num_valid_mask
+    return jnp.where(valid_mask, labels, -1), valid_mask
   u = jax.random.uniform(rng, (b, l))
-  u = jnp.where(num_valid_mask, u, 2.0)  # invalid entries sort last
+  u = jnp.where(valid_mask, u, 2.0)  # invalid entries sort last
   _, idx = jax.lax.top_k(-u, k)
   picked = jnp.take_along_axis(labels, idx, axis=1)
-  valid = jnp.take_along_axis(num_valid_mask, idx, axis=1)
+  valid = jnp.take_along_axis(valid_mask, idx, axis=1)
   return jnp.where(valid, picked, -1), valid
 
 
@@ -160,7 +160,7 @@ def _shard_logits_fwd(e, c, drop_col, pos_col, col_ok, scale, thr, shift):
   With `shift` (a float) m is that constant and no row max is computed; shift=None: the row max.
 
   The centers are normalised by scaling the logit columns with r = 1/|c| instead of writing
-  normalised rows: the residual is q = p * r, and S = q @ (1/r) recovers the row sums.
+  normalised rows: the residual is q = p * r, and q @ (1/r) (a matvec) recovers the row sums.
   """
   b, n = e.shape[0], c.shape[0]
   r = jax.lax.rsqrt(jnp.maximum(jnp.sum(c * c, axis=1), _NORM_EPS))                  # [n]
@@ -261,8 +261,7 @@ def make_loss_fn(mesh, cfg, batch_axes: Sequence[str] = ("data", "fsdp"),
     out_of_range = jnp.sum((lab < -1) | (lab >= num_classes))
     pos, pos_valid = sample_labels(k_lab, lab, lab_valid, k_labels)                # [B, K]
 
-    c = centers  # normalised inside _shard_logits (as column scales of the logits)
-
+    c = centers  # raw rows: _shard_logits normalises them as column scales of the logits
     pos_loc = pos - offset
     pos_own = pos_valid & (pos_loc >= 0) & (pos_loc < c_local_n)
 

@@ -16,6 +16,7 @@ import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
 from ovenc_jax import checkpoint as ckpt_lib
+from ovenc_jax import embed as embed_lib
 from ovenc_jax import evaluate as eval_lib
 from ovenc_jax import input_pipeline
 from ovenc_jax import loss as loss_lib
@@ -190,6 +191,8 @@ class Trainer:
   def run(self) -> dict[str, Any]:
     c = self.config
     os.makedirs(self.workdir, exist_ok=True)
+    if jax.process_index() == 0:
+      embed_lib.save_config(self.workdir, c)
     data_iter = input_pipeline.make_train_iterator(c.input)
     mngr = ckpt_lib.make_manager(self.workdir, max_to_keep=c.keep_ckpts,
                                  save_interval_steps=c.ckpt_every, async_save=c.async_ckpt)

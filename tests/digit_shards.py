@@ -29,14 +29,21 @@ def digit_record(image8: np.ndarray, label: int, index: int, rng: np.random.Gene
               signal="image", class_label=int(label))
 
 
-def write_digit_shards(out_dir: str, start: int, count: int, num_shards: int = 2, seed: int = 0) -> str:
-  digits = load_digits()
-  rng = np.random.default_rng(seed)
+def write_shards(out_dir, recs, num_shards: int = 2) -> str:
+  """Writes records round-robin into num_shards ArrayRecord shards under out_dir (the data_prep layout)."""
   os.makedirs(out_dir, exist_ok=True)
   for s in range(num_shards):
     writer = array_record_module.ArrayRecordWriter(
         os.path.join(out_dir, records.shard_name(s, num_shards)), "group_size:1")
-    for i in range(start + s, start + count, num_shards):
-      writer.write(records.encode_record(digit_record(digits.images[i], int(digits.target[i]), i, rng)))
+    for r in recs[s::num_shards]:
+      writer.write(records.encode_record(r))
     writer.close()
-  return out_dir
+  return str(out_dir)
+
+
+def write_digit_shards(out_dir: str, start: int, count: int, num_shards: int = 2, seed: int = 0) -> str:
+  digits = load_digits()
+  rng = np.random.default_rng(seed)
+  # Records are made in index order so the rng draws (and so the data) do not depend on num_shards.
+  recs = [digit_record(digits.images[i], int(digits.target[i]), i, rng) for i in range(start, start + count)]
+  return write_shards(out_dir, recs, num_shards)

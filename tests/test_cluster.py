@@ -3,8 +3,8 @@ import os
 
 import numpy as np
 import pytest
-from array_record.python import array_record_module
 
+import digit_shards
 from data_prep import bootstrap_teacher, cluster, label_table, records
 
 
@@ -154,6 +154,11 @@ def test_input_errors(tmp_path):
   p = label_table.write_label_table(os.path.join(d, "t.npz"), [9, 2], [[0, -1], [4, 3]], num_classes=5)
   assert [f for f in os.listdir(d) if f.startswith(".")] == []  # no temp files left behind
   np.testing.assert_array_equal(label_table.LabelTable(p).lookup([2, 9]), [[4, 3], [0, -1]])
+  with open(os.path.join(d, "v2.npz"), "wb") as f:
+    np.savez(f, sample_id=np.array([1], np.int64), labels=np.array([[0]], np.int32),
+             cosine=np.array([[1.0]], np.float32), num_classes=np.int64(1), format_version=np.int64(2))
+  with pytest.raises(ValueError, match="v2.npz: field 'format_version' is 2"):
+    label_table.LabelTable(os.path.join(d, "v2.npz"))
   with open(os.path.join(d, "broken.npz"), "wb") as f:
     f.write(b"not a zip")
   with pytest.raises(ValueError, match="broken.npz: not a readable .npz"):
@@ -186,21 +191,15 @@ def _record(rng, i, family):
 def test_bootstrap_teacher(tmp_path):
   rng = np.random.default_rng(0)
   recs = [_record(rng, i, i % 2) for i in range(60)]
-  shard_dir = tmp_path / "shards"
-  shard_dir.mkdir()
-  for s in range(2):
-    w = array_record_module.ArrayRecordWriter(str(shard_dir / records.shard_name(s, 2)), "group_size:1")
-    for r in recs[s::2]:
-      w.write(records.encode_record(r))
-    w.close()
+  shard_dir = digit_shards.write_shards(tmp_path / "shards", recs)
   out = tmp_path / "teacher"
-  bootstrap_teacher.main(["--records", str(shard_dir), "--output", str(out), "--dim", "16"])
+  bootstrap_teacher.main(["--records", shard_dir, "--output", str(out), "--dim", "16"])
   emb = np.load(out / "embeddings.npy")
   ids = np.load(out / "sample_ids.npy")
   assert emb.shape == (60, 16) and emb.dtype == np.float32 and ids.dtype == np.int64
   assert sorted(ids.tolist()) == sorted(r["sample_id"] for r in recs)
   first = emb.copy()
-  bootstrap_teacher.main(["--records", str(shard_dir), "--output", str(out), "--dim", "16"])
+  bootstrap_teacher.main(["--records", shard_dir, "--output", str(out), "--dim", "16"])
   np.testing.assert_array_equal(np.load(out / "embeddings.npy"), first)
 
   # Features against direct numpy computations on one record.

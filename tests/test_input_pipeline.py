@@ -12,6 +12,7 @@ import pytest
 from array_record.python import array_record_module
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+import digit_shards
 from data_prep import label_table, records
 from ovenc_jax import input_pipeline as ip
 
@@ -34,17 +35,6 @@ def make_record(rng, source, index, k_lo, k_hi, grid=GRID):
       signal="image", class_label=int(rng.integers(-1, 10)))
 
 
-def write_shards(out_dir, recs, num_shards):
-  os.makedirs(out_dir)
-  for s in range(num_shards):
-    writer = array_record_module.ArrayRecordWriter(
-        os.path.join(out_dir, records.shard_name(s, num_shards)), "group_size:1")
-    for r in recs[s::num_shards]:
-      writer.write(records.encode_record(r))
-    writer.close()
-  return str(out_dir)
-
-
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
   root = tmp_path_factory.mktemp("shards")
@@ -57,7 +47,7 @@ def data(tmp_path_factory):
   }
   out = {}
   for name, (recs, n) in sets.items():
-    d = write_shards(root / name, recs, n)
+    d = digit_shards.write_shards(root / name, recs, n)
     # The reference is read back through the record module's own reader, not the pipeline.
     out[name] = (d, {r["sample_id"]: r for r in records.read_all(d)})
   return out
@@ -355,7 +345,7 @@ def test_config_errors_name_paths_and_modes(data, tmp_path):
 
 
 def test_bad_data_errors_name_the_problem(data, tmp_path):
-  empty = write_shards(tmp_path / "empty", [], 2)
+  empty = digit_shards.write_shards(tmp_path / "empty", [], 2)
   with pytest.raises(ValueError, match=r"input.sources\[0\].path=.*empty: the shards hold no records"):
     ip.make_train_iterator(config([(empty, 1.0)]), process_index=0, process_count=1)
   with pytest.raises(ValueError, match=r"input.global_batch_size=128: one pass .*\(13 samples\)"):

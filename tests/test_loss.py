@@ -249,6 +249,12 @@ def test_config_errors_name_the_key():
     fn(jnp.ones((16, 8)), jnp.ones((1003, 8)), jnp.zeros((16, 2), jnp.int32), jax.random.key(0))
   with pytest.raises(ValueError, match="axis 'model'"):
     loss_lib.make_loss_fn(mesh, _cfg(10), class_axes=("model",))
+  with pytest.raises(ValueError, match="labels must be integer"):
+    fn(jnp.ones((16, 8)), jnp.ones((1008, 8)), jnp.zeros((16, 2), jnp.float32), jax.random.key(0))
+  with pytest.raises(ValueError, match="batch 10 is not divisible by the 4 batch shards"):
+    fn(jnp.ones((10, 8)), jnp.ones((1008, 8)), jnp.zeros((10, 2), jnp.int32), jax.random.key(0))
+  with pytest.raises(ValueError, match="centers dim 4 != embeddings dim 8"):
+    fn(jnp.ones((16, 8)), jnp.ones((1008, 4)), jnp.zeros((16, 2), jnp.int32), jax.random.key(0))
 
 
 def test_centers_logical_axes_shard_rows_over_every_axis():

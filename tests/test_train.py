@@ -186,3 +186,34 @@ def test_gradient_accumulation_matches_full_batch(data, tmp_path):
   # labels_per_step=1 of 1 label: no label sampling, so the averaged microbatch loss equals the full one.
   np.testing.assert_allclose(b[1], a[1], rtol=1e-5)
   np.testing.assert_allclose(b[2], a[2], rtol=1e-4)
+
+
+def test_embed_from_workdir_feeds_clustering(data, tmp_path):
+  from data_prep import cluster
+  from data_prep import atomic_io
+  from ovenc_jax import embed, input_pipeline
+  cfg = make_config(*data, total_steps=2, async_ckpt=False)
+  trainer = train.Trainer(cfg, str(tmp_path))
+  trainer.run()
+  emb, ids = embed.embed_records(str(tmp_path), data[1], tokens_per_row=32, batch_size=16)
+  ref_emb, _, ref_ids = trainer.embed(trainer.state["params"]["encoder"], input_pipeline.make_eval_batches(
+      data[1], tokens_per_row=32, batch_size=16))
+  assert emb.shape == (200, 128) and len(set(ids.tolist())) == 200
+  np.testing.assert_array_equal(input_pipeline.device_sample_ids(ids), ref_ids)
+  np.testing.assert_allclose(emb, ref_emb, atol=1e-5)
+  out = atomic_io.write_embedding_folder(str(tmp_path / "emb"), emb, ids)
+  x, sid = cluster.load_embeddings(out["embeddings"])
+  res = cluster.run_clustering(x, sid, 8, 2, iters=3)
+  assert res["labels"].shape == (200, 2)
+  np.testing.assert_array_equal(res["sample_ids"], ids)
+  # The CLI path (--encoder_workdir) embeds with the same checkpoint and gives the same clustering.
+  cluster.main(["--encoder_workdir", str(tmp_path), "--records", data[1], "--num_clusters", "8",
+                "--top_k", "2", "--iters", "3", "--output", str(tmp_path / "clu")])
+  table = np.load(tmp_path / "clu" / "labels.npz")
+  order = np.argsort(res["sample_ids"])
+  np.testing.assert_array_equal(np.sort(table["sample_id"]), np.sort(ids))
+  got = dict(zip(table["sample_id"].tolist(), table["labels"].tolist()))
+  np.testing.assert_array_equal(np.array([got[i] for i in res["sample_ids"][order].tolist()]),
+                                res["labels"][order])
+  with pytest.raises(SystemExit):
+    cluster.main(["--encoder_workdir", str(tmp_path), "--num_clusters", "8", "--output", str(tmp_path / "x")])

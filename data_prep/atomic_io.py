@@ -1,0 +1,45 @@
+"""Atomic file writes (temp file in the same folder, then rename) for the offline jobs' outputs."""
+import json
+import os
+import tempfile
+
+import numpy as np
+
+
+def atomic_write(path: str, write, mode: str = "wb") -> str:
+  """Calls write(f) on a temp file beside `path`, then renames it over `path`: readers never see a
+  half-written file, and a crash leaves only a dot-temp file behind."""
+  d = os.path.dirname(os.path.abspath(path))
+  os.makedirs(d, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-", suffix=os.path.splitext(path)[1])
+  try:
+    with os.fdopen(fd, mode) as f:
+      write(f)
+    os.replace(tmp, path)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+    raise
+  return path
+
+
+def save_npy(path: str, arr) -> str:
+  return atomic_write(path, lambda f: np.save(f, arr))
+
+
+def save_npz(path: str, **arrays) -> str:
+  return atomic_write(path, lambda f: np.savez(f, **arrays))
+
+
+def save_json(path: str, obj) -> str:
+  return atomic_write(path, lambda f: json.dump(obj, f, indent=1), mode="w")
+
+
+def write_embedding_folder(output_dir: str, embeddings, sample_ids, **teacher_arrays) -> dict[str, str]:
+  """The folder `data_prep.cluster --embeddings` reads: embeddings.npy [N, D], sample_ids.npy [N] and,
+  when given, teacher.npz (what a teacher needs to embed further records the same way)."""
+  paths = dict(embeddings=save_npy(os.path.join(output_dir, "embeddings.npy"), embeddings),
+               sample_ids=save_npy(os.path.join(output_dir, "sample_ids.npy"), sample_ids))
+  if teacher_arrays:
+    paths["teacher"] = save_npz(os.path.join(output_dir, "teacher.npz"), **teacher_arrays)
+  return paths
