@@ -6,7 +6,7 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 out=${1:-demo_out}
-steps=${DEMO_STEPS:-300}
+steps=${DEMO_STEPS:-600}
 if [ ! -x .venv/bin/python ]; then python3 -m venv .venv; fi
 if ! cmp -s requirements.txt .venv/.requirements.installed; then
   .venv/bin/pip install -q --upgrade pip
@@ -24,11 +24,13 @@ $py -m data_prep.make_demo_data --output_dir "$out/data"
 $py -m data_prep.make_demo_data --output_dir "$out/eval_data" --num_clips 150 --num_images 0 --seed 1
 
 step "2/7 codec patchification (Apache Beam, DirectRunner on both cores)"
+mkdir -p "$out/records"
 for split in data eval_data; do
   $py -m data_prep.codec_patchify --input "$out/$split/list.txt" --output_dir "$out/records/$split" \
     --image_size 112 --class_labels "$out/$split/class_labels.json" \
-    --direct_num_workers=2 --direct_running_mode=multi_processing
-done
+    --direct_num_workers=2 --direct_running_mode=multi_processing 2> "$out/records/$split.log" \
+    || { tail -n 30 "$out/records/$split.log"; exit 1; }
+done  # Beam's worker chatter goes to $out/records/*.log; the job's summary is printed here
 $py -m data_prep.visualize --input "$out/records/data" --index 0 --output "$out/selected_patches.png"
 
 step "3/7 bootstrap teacher embeddings (no download) and spherical k-means concepts"
@@ -38,11 +40,30 @@ $py -m data_prep.cluster --embeddings "$out/teacher" --num_clusters 32 --top_k 3
 step "4/7 train the tiny encoder (cluster discrimination, $steps steps); kNN on held-out digits at start and end"
 $py -m ovenc_jax.main --config "configs/pretrain.py:variant=tiny,data=$out/records/data,eval_data=$out/records/eval_data" \
   --workdir "$out/train" --config.input.label_table="$out/concepts/labels.npz" \
-  --config.loss.num_classes=32 --config.total_steps="$steps" --config.log_every=25 ${DEMO_TRAIN_FLAGS:-} \
+  --config.loss.num_classes=32 --config.total_steps="$steps" --config.log_every=50 ${DEMO_TRAIN_FLAGS:-} \
   | tee "$out/train.log"
 
-step "5/7 export to PyTorch and check it loads"
+step "5/7 export to PyTorch; run one held-out clip in PyTorch and JAX"
 $py -m ovenc_jax.export_torch --workdir "$out/train" --output "$out/torch"
+$py - "$out" <<'EOF'
+import logging, sys
+import numpy as np, torch
+from data_prep import records
+from ovenc_jax import checkpoint, embed, model as model_lib
+from ovenc_jax.torch_model import OVEncoder
+logging.getLogger("absl").setLevel(logging.ERROR)  # orbax: "directory is read only"
+out = sys.argv[1]
+rec = next(records.read_all(f"{out}/records/eval_data"))
+patches, positions = rec["patches"].reshape(1, -1, 14 * 14 * 3), rec["positions"][None]
+seg = np.ones(positions.shape[:2], np.int32)
+_, params = checkpoint.load_params(f"{out}/train")
+enc = model_lib.encoder_from_config(embed.load_model_config(f"{out}/train"))
+ref = np.asarray(enc.apply({"params": params["encoder"]}, patches, positions, seg)["pooled"])
+with torch.no_grad():
+  got = OVEncoder.from_pretrained(f"{out}/torch")(torch.from_numpy(patches), torch.from_numpy(positions),
+                                                  segment_ids=torch.from_numpy(seg))["pooled"].numpy()
+print(f"PyTorch vs JAX pooled embedding of {rec['source'].split('/')[-1]}: max abs diff {abs(got - ref).max():.2e}")
+EOF
 
 step "6/7 plots"
 $py -m ovenc_jax.plot_metrics --workdir "$out/train" --output "$out/loss_curve.png"
@@ -57,7 +78,8 @@ init, final = s["initial_eval"], s["final_eval"]
 print(f"kNN top-1 on held-out digit clips: initial model {init['knn_top1']:.3f} -> trained {final['knn_top1']:.3f}")
 if "linear_probe" in final:
   print(f"linear probe: initial {init['linear_probe']:.3f} -> trained {final['linear_probe']:.3f}")
-print(f"final loss {s['final_loss']:.4f} after {s['final_step']} steps")
+print(f"training loss, mean over a log window: first {s['first_window_mean_loss']:.4f} -> "
+      f"last {s['last_window_mean_loss']:.4f} ({s['final_step']} steps)")
 EOF
 cat <<EOF
 outputs:

@@ -46,6 +46,7 @@ def main(argv):
     raise app.UsageError("--workdir is required")
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
   logging.getLogger("absl").setLevel(logging.WARNING)  # orbax logs every save at INFO
+  logging.getLogger("jax").setLevel(logging.WARNING)  # e.g. every backend it could not load
   initialize_distributed()
   import jax
   from ovenc_jax import train  # after distributed init: nothing may touch devices before it

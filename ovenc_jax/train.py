@@ -204,7 +204,7 @@ class Trainer:
     try:
       if start == 0:
         summary["initial_eval"] = self._log_eval(writer, state, start)
-      t_last, tokens, samples = time.perf_counter(), 0, 0
+      t_last, tokens, samples, window = time.perf_counter(), 0, 0, []
       step, loss = start, None
       while step < c.total_steps:
         state, metrics = self.train_step(state, next(data_iter))
@@ -218,15 +218,20 @@ class Trainer:
         tokens += int(metrics["tokens"])
         samples += int(metrics["samples"])
         writer.step_loss(step, loss)
+        window.append(loss)
         if step % c.log_every == 0 or step == c.total_steps:
           dt = time.perf_counter() - t_last
           scalars = {k: float(v) for k, v in metrics.items() if k not in ("tokens", "samples")}
-          scalars.update(tokens_per_s=tokens / dt, samples_per_s=samples / dt)
+          # The mean over the window: one step's loss is noisy (labels and negatives are sampled).
+          scalars.update(tokens_per_s=tokens / dt, samples_per_s=samples / dt,
+                         loss_window_mean=float(np.mean(window)))
           writer.scalars(step, scalars)
-          log.info("step %d/%d loss %.4f lr %.2e grad_norm %.3f %.0f tokens/s %.1f samples/s", step,
-                   c.total_steps, loss, scalars["lr"], scalars["grad_norm"], scalars["tokens_per_s"],
-                   scalars["samples_per_s"])
-          t_last, tokens, samples = time.perf_counter(), 0, 0
+          log.info("step %d/%d loss %.4f (mean of last %d: %.4f) lr %.2e grad_norm %.3f %.0f tokens/s "
+                   "%.1f samples/s", step, c.total_steps, loss, len(window), scalars["loss_window_mean"],
+                   scalars["lr"], scalars["grad_norm"], scalars["tokens_per_s"], scalars["samples_per_s"])
+          summary.setdefault("first_window_mean_loss", scalars["loss_window_mean"])
+          summary["last_window_mean_loss"] = scalars["loss_window_mean"]
+          t_last, tokens, samples, window = time.perf_counter(), 0, 0, []
         self._save(mngr, step, state, data_iter, force=stop["sigterm"] or step == c.total_steps)
         if c.eval_every and step % c.eval_every == 0 and step != c.total_steps:
           self._log_eval(writer, state, step)
