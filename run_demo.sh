@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # End-to-end demo on the embedded moving-digits data (CPU, no network):
-# install -> demo data -> codec patchify (Beam) -> bootstrap teacher -> k-means concepts ->
+# install -> demo data -> codec patchify (Beam) -> glyph teacher (no download) -> k-means concepts ->
 # train tiny -> kNN on digit labels vs the initial model -> PyTorch export -> PNGs.
 #   ./run_demo.sh [OUT_DIR]      (default demo_out/; extra trainer flags via DEMO_TRAIN_FLAGS)
 set -euo pipefail
