@@ -40,6 +40,7 @@ def test_demo_clips_train_lowers_loss_and_lifts_knn(demo_chain, tmp_path):
   cfg = pretrain.get_config(f"variant=tiny,data={shards['data']},eval_data={shards['eval']}")
   cfg.input.label_table = str(root / "concepts" / "labels.npz")
   cfg.loss.num_classes = NUM_CONCEPTS
+  cfg.optim.lr = 5e-4  # as run_demo.sh: tiny's 2e-3 first collapses the embeddings on these clips
   cfg.update(total_steps=300, log_every=50, eval_every=0, ckpt_every=300)
   cfg.eval.linear_probe = False
   summary = train.Trainer(cfg, str(tmp_path)).run()
@@ -49,7 +50,7 @@ def test_demo_clips_train_lowers_loss_and_lifts_knn(demo_chain, tmp_path):
   assert last < first - 1.0, (first, last)
   init_knn, final_knn = summary["initial_eval"]["knn_top1"], summary["final_eval"]["knn_top1"]
   print(f"demo clips: loss {first:.3f} -> {last:.3f}, kNN {init_knn:.3f} -> {final_knn:.3f}")
-  assert final_knn > init_knn + 0.05, (init_knn, final_knn)  # measured: 0.22 -> 0.34
+  assert final_knn > init_knn + 0.1, (init_knn, final_knn)  # measured: 0.22 -> 0.45
 
   # The trained encoder, exported, runs in PyTorch on a real demo record like it does in JAX.
   torch = pytest.importorskip("torch")
