@@ -223,3 +223,17 @@ def test_bootstrap_teacher(tmp_path):
   assert (np.diff(np.diag(cov)) <= 1e-6).all()
   with pytest.raises(ValueError, match="--dim must be in"):
     bootstrap_teacher.run(str(shard_dir), str(tmp_path / "x"), dim=500)
+
+
+def test_atomic_write_keeps_the_old_file_when_a_write_fails(tmp_path):
+  from data_prep import atomic_io
+  path = str(tmp_path / "centers.npy")
+  atomic_io.save_npy(path, np.arange(3))
+
+  def crash(f):
+    f.write(b"half a file")
+    raise RuntimeError("disk full")
+  with pytest.raises(RuntimeError, match="disk full"):
+    atomic_io.atomic_write(path, crash)
+  np.testing.assert_array_equal(np.load(path), np.arange(3))
+  assert os.listdir(tmp_path) == ["centers.npy"]
