@@ -27,15 +27,23 @@ def save_config(workdir: str, config) -> str:
   return path
 
 
-def load_model_config(workdir: str) -> ml_collections.ConfigDict:
+def read_model_section(workdir: str) -> tuple[str, dict | None]:
+  """(path of WORKDIR/config.json, its 'model' section), or (path, None) when the file is absent."""
   path = os.path.join(workdir, CONFIG_FILE)
-  if not os.path.exists(path):
-    raise FileNotFoundError(f"{path} not found: is {workdir} a training workdir?")
+  if not os.path.isfile(path):
+    return path, None
   with open(path) as f:
     cfg = json.load(f)
   if "model" not in cfg:
     raise KeyError(f"{path} has no 'model' section")
-  return ml_collections.ConfigDict(cfg["model"])
+  return path, cfg["model"]
+
+
+def load_model_config(workdir: str) -> ml_collections.ConfigDict:
+  path, model = read_model_section(workdir)
+  if model is None:
+    raise FileNotFoundError(f"{path} not found: is {workdir} a training workdir?")
+  return ml_collections.ConfigDict(model)
 
 
 def embed_records(workdir: str, records_dir: str, *, step: int | None = None, tokens_per_row: int = 1024,

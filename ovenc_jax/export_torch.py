@@ -83,27 +83,16 @@ def export_params(params: Mapping[str, Any], output: str, *, rope_layout: str = 
   return {name: os.path.join(os.path.abspath(output), name) for name in names}
 
 
-def _workdir_model_config(workdir: str) -> tuple[str, dict[str, Any] | None]:
-  """The 'model' section of WORKDIR/config.json (written by the trainer / import_torch), if any."""
-  path = os.path.join(workdir, layout_lib.CONFIG_FILE)
-  if not os.path.isfile(path):
-    return path, None
-  with open(path) as f:
-    cfg = json.load(f)
-  if "model" not in cfg:
-    raise KeyError(f"{path} has no 'model' section")
-  return path, cfg["model"]
-
-
 def export_workdir(workdir: str, output: str, *, step: int | None = None, with_centers: bool = False,
                    rope_layout: str | None = None, image_size: int = 224) -> dict[str, str]:
   """Loads WORKDIR's checkpoint (latest or STEP) and exports it; the model config comes from
   WORKDIR/config.json when present, else the sizes are read off the parameter shapes."""
   from ovenc_jax import checkpoint as ckpt_lib  # jax/orbax only for the checkpoint path
+  from ovenc_jax import embed
 
   step, params = ckpt_lib.load_params(workdir, step)
   arch = layout_lib.arch_from_flax(params["encoder"])
-  cfg_path, model_cfg = _workdir_model_config(workdir)
+  cfg_path, model_cfg = embed.read_model_section(workdir)
   rope_theta = 10000.0
   if model_cfg is not None:
     for key, field in _SIZE_KEYS.items():

@@ -8,7 +8,6 @@ OUT gets checkpoints/<step> (params only) and config.json ("model" section); tra
 import argparse
 import json
 import os
-import tempfile
 from typing import Any
 
 import ml_collections
@@ -17,6 +16,7 @@ import torch
 from safetensors import safe_open
 
 from configs import common
+from data_prep import atomic_io
 from ovenc_jax import checkpoint as ckpt_lib
 from ovenc_jax import model as model_lib
 from ovenc_jax import torch_layout as layout_lib
@@ -73,13 +73,6 @@ def read_export(input_dir: str) -> tuple[ml_collections.ConfigDict, dict[str, An
   return model_config_for(arch, rope_layout, rope_theta), params
 
 
-def _write_json_atomically(path: str, obj: Any) -> None:
-  with tempfile.NamedTemporaryFile("w", dir=os.path.dirname(path), suffix=".tmp", delete=False) as f:
-    json.dump(obj, f, indent=1)
-    f.write("\n")
-  os.replace(f.name, path)
-
-
 def import_dir(input_dir: str, workdir: str, step: int = 0) -> str:
   """Writes WORKDIR/checkpoints/STEP (params only) and WORKDIR/config.json; returns the checkpoint path."""
   model_cfg, params = read_export(input_dir)
@@ -89,8 +82,8 @@ def import_dir(input_dir: str, workdir: str, step: int = 0) -> str:
                           f"{existing}); import into an empty --workdir")
   path = ckpt_lib.write_params_checkpoint(workdir, params, step)
   # The model section lets export_torch / embed rebuild the encoder from this workdir alone.
-  _write_json_atomically(os.path.join(os.path.abspath(workdir), layout_lib.CONFIG_FILE),
-                         {"model": model_cfg.to_dict(), "imported_from": os.path.abspath(input_dir)})
+  atomic_io.save_json(os.path.join(os.path.abspath(workdir), layout_lib.CONFIG_FILE),
+                      {"model": model_cfg.to_dict(), "imported_from": os.path.abspath(input_dir)})
   return path
 
 
