@@ -35,9 +35,15 @@ def save_json(path: str, obj) -> str:
   return atomic_write(path, lambda f: json.dump(obj, f, indent=1), mode="w")
 
 
-def write_embedding_folder(output_dir: str, embeddings, sample_ids, **teacher_arrays) -> dict[str, str]:
+def write_embedding_folder(output_dir: str, embeddings, sample_ids, source: str | None = None,
+                           **teacher_arrays) -> dict[str, str]:
   """The folder `data_prep.cluster --embeddings` reads: embeddings.npy [N, D], sample_ids.npy [N] and,
-  when given, teacher.npz (what a teacher needs to embed further records the same way)."""
+  when given, teacher.npz (what a teacher needs to embed further records the same way). Duplicate
+  sample ids (records repeated across shards) raise, naming `source`, before anything is written."""
+  s = np.sort(np.asarray(sample_ids))
+  dup = s[1:][s[1:] == s[:-1]]
+  if dup.size:
+    raise ValueError(f"{source or output_dir}: duplicate sample_id(s) across records, e.g. {dup[:5].tolist()}")
   paths = dict(embeddings=save_npy(os.path.join(output_dir, "embeddings.npy"), embeddings),
                sample_ids=save_npy(os.path.join(output_dir, "sample_ids.npy"), sample_ids))
   if teacher_arrays:

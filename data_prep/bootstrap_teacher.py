@@ -104,11 +104,8 @@ def run(records_dir, output_dir, dim: int = 64) -> dict:
   """Embeds every record of an ArrayRecord shard folder; writes embeddings.npy, sample_ids.npy and
   teacher.npz (the fitted standardisation + PCA, to embed further records the same way)."""
   emb, ids, (mean, scale, comps) = embed_records(records.read_all(records_dir), dim)
-  s = np.sort(ids)
-  dup = s[1:][s[1:] == s[:-1]]
-  if dup.size:
-    raise ValueError(f"{records_dir}: duplicate sample_id(s) across records, e.g. {dup[:5].tolist()}")
-  return atomic_io.write_embedding_folder(output_dir, emb, ids, mean=mean, scale=scale, components=comps)
+  return atomic_io.write_embedding_folder(output_dir, emb, ids, source=records_dir, mean=mean, scale=scale,
+                                         components=comps)
 
 
 def main(argv=None):

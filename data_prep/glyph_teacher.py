@@ -178,12 +178,8 @@ def run(records_dir, output_dir, dim: int = 32, fit: str = "records",
   if not isinstance(size, int) or size < 2:
     raise ValueError(f"--glyph_size must be an int >= 2, got {size!r}")
   emb, ids, (mean, comps) = embed_records(records.read_all(records_dir), dim, fit, size)
-  s = np.sort(ids)
-  dup = s[1:][s[1:] == s[:-1]]
-  if dup.size:
-    raise ValueError(f"{records_dir}: duplicate sample_id(s) across records, e.g. {dup[:5].tolist()}")
-  return atomic_io.write_embedding_folder(output_dir, emb, ids, glyph_size=np.int64(size), mean=mean,
-                                         components=comps)
+  return atomic_io.write_embedding_folder(output_dir, emb, ids, source=records_dir, glyph_size=np.int64(size),
+                                         mean=mean, components=comps)
 
 
 def main(argv=None):

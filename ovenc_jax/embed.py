@@ -74,7 +74,8 @@ def main(argv=None):
   ap.add_argument("--tokens_per_row", type=int, default=1024)
   a = ap.parse_args(argv)
   emb, ids = embed_records(a.workdir, a.records, step=a.step, tokens_per_row=a.tokens_per_row)
-  print("wrote " + ", ".join(atomic_io.write_embedding_folder(a.output, emb, ids).values()))
+  paths = atomic_io.write_embedding_folder(a.output, emb, ids, source=a.records)
+  print("wrote " + ", ".join(paths.values()))
 
 
 if __name__ == "__main__":

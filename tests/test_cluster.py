@@ -237,3 +237,11 @@ def test_atomic_write_keeps_the_old_file_when_a_write_fails(tmp_path):
     atomic_io.atomic_write(path, crash)
   np.testing.assert_array_equal(np.load(path), np.arange(3))
   assert os.listdir(tmp_path) == ["centers.npy"]
+
+
+def test_embedding_folder_refuses_duplicate_sample_ids(tmp_path):
+  from data_prep import atomic_io
+  with pytest.raises(ValueError, match=r"shards/: duplicate sample_id\(s\) across records, e.g. \[7\]"):
+    atomic_io.write_embedding_folder(str(tmp_path / "emb"), np.ones((3, 2), np.float32), np.array([7, 1, 7]),
+                                     source="shards/")
+  assert not os.path.exists(tmp_path / "emb")
