@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 import digit_shards
+from tolerances import assert_reorder_close
 from data_prep import bootstrap_teacher, cluster, label_table, records
 
 
@@ -65,8 +66,17 @@ def test_deterministic_and_independent_of_mesh_shape(planted):
   a = cluster.run_clustering(x, ids, 30, 3, iters=4, seed=5, init="random", model_shards=1)
   b = cluster.run_clustering(x, ids, 30, 3, iters=4, seed=5, init="random", model_shards=8)
   c = cluster.run_clustering(x, ids, 30, 3, iters=4, seed=6, init="random", model_shards=1)
-  np.testing.assert_array_equal(a["labels"], b["labels"])
-  np.testing.assert_allclose(a["centers"], b["centers"], atol=1e-6)
+  # 1 vs 8 model shards reorders the center sums: equal to fp32 rounding (tests/tolerances.py). A label
+  # may only differ where its two candidate centers score the same to that rounding.
+  assert_reorder_close(b["centers"], a["centers"])
+  diff = a["labels"] != b["labels"]
+  if diff.any():
+    xn = x / np.linalg.norm(x, axis=1, keepdims=True)
+    rows = np.nonzero(diff)[0]
+    sa = np.take_along_axis(xn[rows] @ a["centers"].T, a["labels"][rows], 1)[diff[rows]]
+    sb = np.take_along_axis(xn[rows] @ a["centers"].T, b["labels"][rows], 1)[diff[rows]]
+    assert_reorder_close(sb, sa)
+  assert diff.mean() < 1e-3
   assert (a["labels"] != c["labels"]).any()
   a2 = cluster.run_clustering(x, ids, 30, 3, iters=4, seed=5, init="random", model_shards=1)
   np.testing.assert_array_equal(a["centers"], a2["centers"])

@@ -4,6 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from sklearn.datasets import load_sample_image
+from tolerances import assert_reorder_close
 
 from configs import common, pretrain
 from ovenc_jax import attention as attn_lib
@@ -221,9 +222,11 @@ def test_sharded_forward_and_grad_match_single_device():
                    out_shardings=((None, None), shardings))
     (l2, pooled2), g2 = step(params, xs_, ps_, ss_)
   assert g2["params"]["layers_0"]["mlp"]["fc1"]["kernel"].sharding.spec == jax.sharding.PartitionSpec("fsdp", "tensor")
-  np.testing.assert_allclose(pooled2, pooled1, atol=1e-5)
-  np.testing.assert_allclose(l2, l1, rtol=1e-5)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5), g2, g1)
+  # Sharded vs one device: another reduction order, so fp32 rounding apart (tests/tolerances.py).
+  assert_reorder_close(pooled2, pooled1)
+  assert_reorder_close(l2, l1)
+  g_scale = max(float(np.abs(np.asarray(g)).max()) for g in jax.tree.leaves(g1))
+  jax.tree.map(lambda a, b: assert_reorder_close(a, b, scale=g_scale), g2, g1)
 
 
 @pytest.mark.parametrize("mesh_kw, device_count, message", [

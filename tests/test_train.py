@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 import digit_shards
+from tolerances import assert_reorder_close
 from configs import pretrain
 from ovenc_jax import train
 
@@ -114,8 +115,8 @@ def test_checkpoint_restores_on_fewer_devices(data, tmp_path):
   s4 = four.run()
   assert s8["start_step"] == s4["start_step"] == 4
   la, lb = losses(str(tmp_path / "a")), losses(str(tmp_path / "b"))
-  for s in (5, 6):
-    np.testing.assert_allclose(lb[s], la[s], atol=1e-6, rtol=0)
+  for s in (5, 6):  # 4 vs 8 devices reorders every reduction: equal to fp32 rounding, not bitwise
+    assert_reorder_close(lb[s], la[s], err_msg=f"step {s}")
   centers = four.state["params"]["centers"]
   assert len(centers.sharding.device_set) == 4
 
@@ -141,8 +142,8 @@ def test_two_processes_match_one_process(data, tmp_path):
     assert p.returncode == 0, out[-3000:]
   assert "process 1/2" in outs[1] or "process 1/2" in outs[0]
   a, b = losses(str(one)), losses(str(tmp_path / "two"))
-  for s in range(1, 5):
-    np.testing.assert_allclose(b[s], a[s], rtol=1e-5)
+  for s in range(1, 5):  # 2 processes x 4 devices vs 1 x 8: another reduction order
+    assert_reorder_close(b[s], a[s], err_msg=f"step {s}")
 
 
 def test_nan_stops_with_message(data, tmp_path):
@@ -184,8 +185,8 @@ def test_gradient_accumulation_matches_full_batch(data, tmp_path):
   train.Trainer(acc, str(tmp_path / "acc")).run()
   a, b = losses(str(tmp_path / "ref")), losses(str(tmp_path / "acc"))
   # labels_per_step=1 of 1 label: no label sampling, so the averaged microbatch loss equals the full one.
-  np.testing.assert_allclose(b[1], a[1], rtol=1e-5)
-  np.testing.assert_allclose(b[2], a[2], rtol=1e-4)
+  assert_reorder_close(b[1], a[1], err_msg="step 1")
+  assert_reorder_close(b[2], a[2], err_msg="step 2")
 
 
 def test_embed_from_workdir_feeds_clustering(data, tmp_path):
