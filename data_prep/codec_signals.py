@@ -71,8 +71,9 @@ class PatchifyConfig:
 
   @property
   def keep_first_frame(self) -> bool:
-    """--iframe keep applies when K holds at least one whole frame."""
-    return self.iframe == "keep" and self.num_keep() >= self.grid_side**2
+    """--iframe keep applies when the frame kept whole is at most half of K (K >= 2*H*W), so
+    top-K keeps at least as many patches for motion; below that every frame is ranked."""
+    return self.iframe == "keep" and self.num_keep() >= 2 * self.grid_side**2
 
   def num_keep(self, num_frames=None) -> int:
     """K = round(budget * T*H*W), half rounded up."""

@@ -275,8 +275,8 @@ def test_keep_first_frame(square_clip):
   assert got == sorted(np.argsort(-rest, kind="stable")[:64].tolist())
   # The record ranks the frame kept whole above everything for later token budgets.
   assert np.isinf(rec["scores"][pos[:, 0] == 0]).all() and np.isfinite(rec["scores"][64:]).all()
-  # K below one frame: the rule does not apply, plain top-K.
-  small = cs.PatchifyConfig(budget=0.03, num_frames=16, image_size=S, patch_size=P).validate()
+  # K below two frames: the rule does not apply, plain top-K.
+  small = cs.PatchifyConfig(budget=0.1, num_frames=16, image_size=S, patch_size=P).validate()
   assert small.iframe == "keep" and not small.keep_first_frame
 
 
