@@ -1,9 +1,11 @@
 """Codec signals via PyAV (stock FFmpeg): decode, motion/residual maps, fusion, top-K selection."""
+import collections
 import dataclasses
 import math
 import multiprocessing
 import os
 import threading
+import time
 from fractions import Fraction
 
 import av
@@ -657,9 +659,20 @@ def patchify_video(path: str, cfg: PatchifyConfig, seed=0) -> dict:
     declared = _declared_frames(container, path)
     if declared < 1:
       raise InputError("video stream has no frames")
-    fields, decoded = _patchify_video(container, cfg, declared, seed)
+    try:
+      fields, decoded = _patchify_video(container, cfg, declared, seed)
+    except _SeekFailed:
+      fields = None
   finally:
     container.close()
+  if fields is None and cfg.seek != "never":
+    # A seek landed where frame indices cannot be trusted: decode from the start instead.
+    cfg = dataclasses.replace(cfg, seek="never")
+    container = _open_video(path)
+    try:
+      fields, decoded = _patchify_video(container, cfg, declared, seed)
+    finally:
+      container.close()
   if fields is None:
     if decoded < 1:
       raise InputError("video stream decoded to 0 frames")
@@ -713,6 +726,11 @@ class IntervalScorer:
         self.past = frame
     self.prev = frame
 
+  def restart(self) -> None:
+    """After a seek: frames decoded next do not follow the ones before."""
+    self._resolve(None)
+    self.past = self.prev = None
+
   def _resolve(self, future):
     for n, frame, mvs in self.pending:
       self._score(n, frame, self.past, mvs, future)
@@ -756,6 +774,68 @@ def _stream_info(stream):
   return fps if math.isfinite(fps) and fps > 0 else 0.0, stream.codec_context.name or ""
 
 
+class _SeekFailed(Exception):
+  """Frame indices after a seek are not exact (variable frame rate, missing timestamps)."""
+
+
+def _seekable(container, stream, fps, num_decoded, cfg) -> bool:
+  """Seeking by time finds frame n only in a constant-frame-rate stream: the declared frame count
+  must match duration x fps."""
+  if cfg.seek == "never" or fps <= 0 or stream.time_base is None:
+    return False
+  if stream.duration is not None:
+    duration = float(stream.duration * stream.time_base)
+  elif container.duration:
+    duration = container.duration / 1e6
+  else:
+    return False
+  return abs(duration * fps - num_decoded) <= 2
+
+
+def _decoded_frames(container, stream, idx, fps, cfg, seek):
+  """Yields (frame index, frame, first after a seek) up to the last sampled frame.
+
+  Without seeking, every frame from the start. With seeking, a gap of more than seek_min_gap
+  seconds to the next sample is skipped: the decoder jumps to the keyframe before (sample - 1 s)
+  and the frame index is read from the timestamp (exact or _SeekFailed).
+  """
+  it = container.decode(stream)
+  n, t0 = -1, None
+  gap = max(1, int(round(cfg.seek_min_gap * fps)))
+  for target in sorted(set(idx.tolist())):
+    if seek and n >= 0 and target - n > gap:
+      start = max(n + 1, target - int(round(fps)))
+      ts = int(round((t0 + start / fps) / stream.time_base))
+      try:
+        container.seek(ts, stream=stream, backward=True)
+      except av.error.FFmpegError as e:
+        raise _SeekFailed(str(e)) from e
+      it, restarted = container.decode(stream), True
+    else:
+      restarted = False
+    while n < target:
+      frame = next(it, None)
+      if frame is None:
+        if restarted or n >= 0 and seek:
+          raise _SeekFailed("stream ended after a seek")
+        return
+      if t0 is None:
+        t0 = 0.0 if frame.pts is None else float(frame.pts * stream.time_base)
+      if seek:
+        if frame.pts is None:
+          raise _SeekFailed("frame without a timestamp")
+        x = (float(frame.pts * stream.time_base) - t0) * fps
+        m = int(round(x))
+        if abs(x - m) > 0.05 or (not restarted and m != n + 1):
+          raise _SeekFailed(f"timestamp {x:.3f} frames is not the next frame index")
+        if m <= n:
+          continue  # the keyframe lies before frames already decoded
+      else:
+        m = n + 1
+      yield m, frame, restarted
+      restarted, n = False, m
+
+
 def _patchify_video(container, cfg, num_decoded, seed=0):
   """Returns (fields, frames decoded); fields is None if the stream ended before the plan."""
   t_len, p, s = cfg.num_frames, cfg.patch_size, cfg.image_size
@@ -764,6 +844,7 @@ def _patchify_video(container, cfg, num_decoded, seed=0):
   last = int(idx[-1])
   stream = container.streams.video[0]
   fps, codec = _stream_info(stream)
+  seek = _seekable(container, stream, fps, num_decoded, cfg)
   # Frame threading truncates exported MVs and makes them non-deterministic (shared/README.md).
   stream.thread_type = "NONE"
   stream.codec_context.options = {"flags2": "+export_mvs"}
@@ -772,25 +853,27 @@ def _patchify_video(container, cfg, num_decoded, seed=0):
   held = {}  # decoded index -> sampled frame
   n = -1
   try:
-    for n, frame in enumerate(container.decode(stream)):
+    for n, frame, restarted in _decoded_frames(container, stream, idx, fps, cfg, seek):
       if scorer is None:
         _check_size(frame.width, frame.height, cfg)
         rot_k = _rotation_k(frame.rotation)
-        if transcode:
-          encoder = Transcoder(s, cfg.resize_interpolation)
-          scorer = IntervalScorer(cfg, idx, s, s, rot_k)
-        else:
-          scorer = IntervalScorer(cfg, idx, frame.height, frame.width, rot_k)
+        scorer = IntervalScorer(cfg, idx, s if transcode else frame.height,
+                                s if transcode else frame.width, rot_k)
+      if restarted:
+        if encoder is not None:
+          for m, coded, mvs in encoder.flush():
+            scorer.add(m, coded, mvs)
+          encoder = None
+        scorer.restart()
       if n in sampled:
         held[n] = frame
-      if encoder is not None:
-        for m, coded, mvs in encoder.push(frame):
+      if transcode:
+        encoder = encoder or Transcoder(s, cfg.resize_interpolation)
+        for m, coded, mvs in encoder.push(frame, n):
           scorer.add(m, coded, mvs)
       else:
         sd = frame.side_data.get("MOTION_VECTORS")
         scorer.add(n, frame, sd.to_ndarray() if sd is not None else None)
-      if n >= last:
-        break
     if encoder is not None:
       for m, coded, mvs in encoder.flush():
         scorer.add(m, coded, mvs)
@@ -841,20 +924,21 @@ class Transcoder:
     self.dec.thread_type = "NONE"
     self.dec.options = {"flags2": "+export_mvs"}
     self.pts = 0
-    self.out = 0
+    self.indices = collections.deque()  # source frame index of each frame in flight
 
   def _decode(self, packets):
     for pkt in packets:
       for frame in self.dec.decode(pkt):
         sd = frame.side_data.get("MOTION_VECTORS")
-        yield self.out, frame, sd.to_ndarray() if sd is not None else None
-        self.out += 1
+        yield self.indices.popleft(), frame, sd.to_ndarray() if sd is not None else None
 
-  def push(self, frame):
+  def push(self, frame, index: int):
+    """Encodes one frame; returns the (index, frame, vectors) that came out so far."""
     small = _reformatter().reformat(frame, width=self.size, height=self.size, format="yuv420p",
                                     interpolation=self.interpolation)
     small.pts, small.pict_type = self.pts, 0
     self.pts += 1
+    self.indices.append(index)
     return list(self._decode(self.enc.encode(small)))
 
   def flush(self):
@@ -952,7 +1036,29 @@ def _worker_loop(conn, cfg_dict):
     if msg is None:
       return
     path, label, source = msg
+    conn.send(("duration", media_duration(path)))  # the parent scales its timeout by it
     conn.send(process_path(path, label, cfg, source))
+
+
+def media_duration(path: str) -> float:
+  """Seconds of the first video stream from the header (0 for images and unreadable files)."""
+  if is_image_path(path):
+    return 0.0
+  try:
+    with av.open(path, metadata_errors="ignore") as c:
+      if not c.streams.video:
+        return 0.0
+      st = c.streams.video[0]
+      if st.duration is not None and st.time_base is not None:
+        return max(0.0, float(st.duration * st.time_base))
+      return max(0.0, (c.duration or 0) / 1e6)
+  except (av.error.FFmpegError, OSError, ValueError):
+    return 0.0
+
+
+def scaled_timeout(timeout: float, duration: float) -> float:
+  """--decode_timeout covers up to a minute of video; longer videos get proportionally more."""
+  return timeout * max(1.0, duration / 60.0)
 
 
 def process_path(path: str, label: int, cfg, source: str = None) -> tuple:
@@ -998,17 +1104,21 @@ class DecodeWorker:
     if self.proc is None or not self.proc.is_alive():
       self._start()
     self.conn.send((path, label, source))
-    if self.conn.poll(self.timeout):
+    start = time.monotonic()
+    limit = self.timeout
+    while self.conn.poll(max(0.0, start + limit - time.monotonic())):
       try:
-        return self.conn.recv()
+        msg = self.conn.recv()
       except (EOFError, OSError):
-        pass
-      self.proc.join(5)
-      code = self.proc.exitcode
-      self.close()
-      return ("fail", f"decoder process died (exit code {code})")
+        self.proc.join(5)
+        code = self.proc.exitcode
+        self.close()
+        return ("fail", f"decoder process died (exit code {code})")
+      if msg[0] != "duration":
+        return msg
+      limit = scaled_timeout(self.timeout, msg[1])
     self.close()
-    return ("fail", f"decode timeout: no result after {self.timeout:g}s")
+    return ("fail", f"decode timeout: no result after {limit:g}s")
 
   def close(self):
     if self.proc is not None:
