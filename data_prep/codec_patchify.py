@@ -302,6 +302,9 @@ def build_parser():
                   help="auto: jump to the keyframe before a sample when the gap is long")
   ap.add_argument("--seek_min_gap", type=float, default=d.seek_min_gap,
                   help="seconds; with --seek auto, gaps longer than this are skipped")
+  ap.add_argument("--interval_frames", type=int, default=d.interval_frames,
+                  help="frames scored per sampling interval (evenly spaced, the sampled one "
+                  "included); 0 = every decoded frame, 1 = the sampled frame only (faster)")
   ap.add_argument("--no_static_fallback", dest="static_fallback", action="store_false",
                   help="always use top-K, even on static videos")
   ap.add_argument("--static_threshold", type=float, default=d.static_threshold,

@@ -57,6 +57,7 @@ class PatchifyConfig:
   transcode: str = "auto"
   seek: str = "auto"
   seek_min_gap: float = 10.0  # seconds: with --seek auto, longer gaps to a sample are skipped
+  interval_frames: int = 0  # frames scored per sampling interval, evenly spaced; 0 = every frame
   static_fallback: bool = True
   static_threshold: float = 0.02
   motion_floor: float = 1.0  # pixels: the smallest divisor of the |MV| map (no noise blow-up)
@@ -105,6 +106,8 @@ class PatchifyConfig:
       bad("seek_min_gap", "must be > 0 seconds")
     if not isinstance(self.tie_seed, (int, np.integer)) or self.tie_seed < 0:
       bad("tie_seed", "must be an int >= 0")
+    if not isinstance(self.interval_frames, (int, np.integer)) or self.interval_frames < 0:
+      bad("interval_frames", "must be an int >= 0 (0 = every frame)")
     if self.fusion not in FUSIONS:
       bad("fusion", f"must be one of {FUSIONS}")
     if self.motion_weight < 0 or self.residual_weight < 0 or (
@@ -706,18 +709,34 @@ class IntervalScorer:
     self.tokens = set()
     self.past = self.prev = None  # last I/P frame, previous displayed frame
     self.pending = []  # B-frames waiting for their future reference: (index, frame, vectors)
+    self.scored = None  # None: every frame; else the frame indices that are scored
+    if cfg.interval_frames:
+      # The sampled frame and up to interval_frames - 1 more, evenly spaced back over its interval.
+      lo = np.concatenate([[0], self.idx[:-1] + 1])
+      self.scored = set()
+      for a, b in zip(lo.tolist(), self.idx.tolist()):
+        if b >= a:
+          self.scored.update(np.rint(np.linspace(b, a, min(cfg.interval_frames, b - a + 1)))
+                             .astype(int).tolist())
+
+  def wants(self, n: int) -> bool:
+    """Whether frame n is scored (its vectors are needed)."""
+    return self.scored is None or n in self.scored
 
   def add(self, n: int, frame, mvs) -> None:
     if (frame.width, frame.height) != (self.signals.width, self.signals.height):
       raise InputError(f"frame size changes mid-stream ({self.signals.width}x"
                        f"{self.signals.height} -> {frame.width}x{frame.height})")
     kind = _PICT_CHAR.get(int(frame.pict_type), "?")
-    if kind == "B" and mvs is not None and (mvs["source"] > 0).any():
+    wanted = self.wants(n)  # unwanted frames only serve as references of later ones
+    if wanted and kind == "B" and mvs is not None and (mvs["source"] > 0).any():
       self.pending.append((n, frame, mvs))
     else:
       if kind != "B":
         self._resolve(frame)
-      if mvs is None or len(mvs) == 0:
+      if not wanted:
+        pass
+      elif mvs is None or len(mvs) == 0:
         # No vectors (I-frame, or a codec that exports none): difference to the last frame shown.
         self._score(n, frame, self.prev, None, zero_motion=kind == "I")
       else:
@@ -737,7 +756,7 @@ class IntervalScorer:
     self.pending.clear()
 
   def _score(self, n, frame, ref, mvs, future=None, zero_motion=False):
-    if ref is None:
+    if ref is None or (self.scored is not None and n not in self.scored):
       return
     score, used = self.signals.scores(luma_plane(frame), luma_plane(ref), mvs,
                                       None if future is None else luma_plane(future), zero_motion)
@@ -872,7 +891,7 @@ def _patchify_video(container, cfg, num_decoded, seed=0):
         for m, coded, mvs in encoder.push(frame, n):
           scorer.add(m, coded, mvs)
       else:
-        sd = frame.side_data.get("MOTION_VECTORS")
+        sd = frame.side_data.get("MOTION_VECTORS") if scorer.wants(n) else None
         scorer.add(n, frame, sd.to_ndarray() if sd is not None else None)
     if encoder is not None:
       for m, coded, mvs in encoder.flush():

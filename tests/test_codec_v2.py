@@ -273,3 +273,31 @@ def test_transcode_always_on_h264_and_config_errors(motion_clips):
                      ("tie_seed", -1)]:
     with pytest.raises(ValueError, match=f"config {key}="):
       cs.PatchifyConfig(**{key: value}).validate()
+
+
+def test_interval_frames_limits_the_frames_scored(motion_clips, monkeypatch):
+  path, boxes = motion_clips["both"]
+  base = dict(budget=0.125, num_frames=T, image_size=S, patch_size=P, iframe="scored")
+  scored = []
+  real = cs.IntervalScorer._score
+
+  def spy(self, n, *a, **k):
+    before = self.counts.sum()
+    real(self, n, *a, **k)
+    if self.counts.sum() > before:
+      scored.append(n)
+
+  monkeypatch.setattr(cs.IntervalScorer, "_score", spy)
+  one = cs.patchify_file(path, cs.PatchifyConfig(interval_frames=1, **base).validate(),
+                         with_scores=True)
+  assert sorted(scored) == IDX.tolist()  # only the sampled frames, as before accumulation
+  # The jittering square moves exactly at the sampled frames: the old failure mode is back.
+  travel, jitter = (_kept_on(one["positions"], boxes, w) for w in ("travel", "jitter"))
+  assert jitter > travel
+  scored.clear()
+  cs.patchify_file(path, cs.PatchifyConfig(interval_frames=3, **base).validate())
+  want = sorted({int(v) for a, b in zip([0] + (IDX[:-1] + 1).tolist(), IDX.tolist())
+                 for v in np.rint(np.linspace(b, a, 3))} - {0})  # frame 0 has no reference
+  assert sorted(scored) == want
+  with pytest.raises(ValueError, match="config interval_frames="):
+    cs.PatchifyConfig(interval_frames=-1).validate()
