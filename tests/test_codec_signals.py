@@ -125,6 +125,7 @@ def _reference_mc_residual(prev, cur, mvs, future=None):
 
 
 def _real_frames(path):
+  """[(luma, vectors or None, pict_type int)] of every frame, decoded as the patchifier does."""
   c = av.open(path)
   st = c.streams.video[0]
   st.thread_type = "NONE"
@@ -132,7 +133,8 @@ def _real_frames(path):
   out = []
   for f in c.decode(st):
     sd = f.side_data.get("MOTION_VECTORS")
-    out.append((f.to_ndarray(format="gray"), None if sd is None else sd.to_ndarray()))
+    out.append((cs.luma_plane(f).copy(), None if sd is None else sd.to_ndarray(),
+                int(f.pict_type)))
   c.close()
   return out
 
@@ -143,7 +145,7 @@ def test_motion_compensation_matches_per_block_reference_on_real_mvs(square_clip
   sig = cs.FrameSignals(cfg, S, S)
   mc_total = diff_total = 0
   for t in range(1, len(frames)):
-    (prev, _), (cur, mvs) = frames[t - 1], frames[t]
+    (prev, _, _), (cur, mvs, _) = frames[t - 1], frames[t]
     if mvs is None:
       continue
     _, residual, _, tokens = sig.maps(cur, prev, mvs)
@@ -213,7 +215,7 @@ def test_fusion_and_pooling_match_pixel_reference(square_clip, fusion, weights):
                           residual_weight=weights[1]).validate()
   sig = cs.FrameSignals(cfg, S, S, rot_k=1)
   for t in (3, 8):  # a P-frame (motion + residual) and an I-frame (frame difference alone)
-    (prev, _), (cur, mvs) = frames[t - 1], frames[t]
+    (prev, _, _), (cur, mvs, _) = frames[t - 1], frames[t]
     scores, _ = sig.scores(cur, prev, mvs)
     if mvs is None:
       res = np.abs(cur.astype(float) - prev)

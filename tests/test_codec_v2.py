@@ -6,6 +6,7 @@ import pytest
 
 from data_prep import codec_signals as cs
 from data_prep import make_demo_data as md
+from tests.test_codec_signals import _real_frames
 
 S, P, G = 112, 14, 8
 N, T = 48, 8  # 48 frames sampled at 8: intervals of 6 decoded frames
@@ -150,16 +151,7 @@ def test_interval_scores_are_means_of_per_frame_scores(motion_clips):
   cfg = cs.PatchifyConfig(budget=0.125, num_frames=T, image_size=S, patch_size=P,
                           iframe="scored").validate()
   rec = cs.patchify_file(path, cfg, with_scores=True)
-  c = av.open(path)
-  st = c.streams.video[0]
-  st.thread_type = "NONE"
-  st.codec_context.options = {"flags2": "+export_mvs"}
-  decoded = []
-  for f in c.decode(st):
-    sd = f.side_data.get("MOTION_VECTORS")
-    decoded.append((cs.luma_plane(f).copy(), None if sd is None else sd.to_ndarray(),
-                    int(f.pict_type)))
-  c.close()
+  decoded = _real_frames(path)
   sig = cs.FrameSignals(cfg, S, S)
   per_frame = [None] + [sig.scores(decoded[n][0], decoded[n - 1][0], decoded[n][1],
                                    zero_motion=decoded[n][2] == 1)[0] for n in range(1, N)]
