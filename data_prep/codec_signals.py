@@ -687,6 +687,10 @@ def patchify_video(path: str, cfg: PatchifyConfig, seed=0) -> dict:
       container.close()
     if fields is None:
       raise InputError(f"frame count unstable between two decodes ({decoded})")
+  if (cfg.transcode == "auto" and decoded > 1
+      and not {"mv", "transcode"} & set(fields["signal"].split("+"))):
+    # A codec that usually exports vectors exported none here (e.g. an all-intra stream).
+    return patchify_video(path, dataclasses.replace(cfg, transcode="always"), seed)
   return fields
 
 
@@ -876,8 +880,12 @@ def _patchify_video(container, cfg, num_decoded, seed=0):
       if scorer is None:
         _check_size(frame.width, frame.height, cfg)
         rot_k = _rotation_k(frame.rotation)
+        size = (frame.width, frame.height)
         scorer = IntervalScorer(cfg, idx, s if transcode else frame.height,
                                 s if transcode else frame.width, rot_k)
+      elif transcode and (frame.width, frame.height) != size:
+        raise InputError(f"frame size changes mid-stream ({size[0]}x{size[1]} -> "
+                         f"{frame.width}x{frame.height})")
       if restarted:
         if encoder is not None:
           for m, coded, mvs in encoder.flush():

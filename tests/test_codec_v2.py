@@ -293,3 +293,16 @@ def test_interval_frames_limits_the_frames_scored(motion_clips, monkeypatch):
   assert sorted(scored) == want
   with pytest.raises(ValueError, match="config interval_frames="):
     cs.PatchifyConfig(interval_frames=-1).validate()
+
+
+def test_auto_transcodes_an_h264_stream_without_vectors(tmp_path, motion_clips):
+  with av.open(motion_clips["travel"][0]) as c:
+    frames = np.stack([f.to_ndarray(format="rgb24") for f in c.decode(video=0)])
+  path = str(tmp_path / "intra.mp4")
+  _encode(path, frames, options={"g": "1"})  # all-intra H.264: no frame exports vectors
+  base = dict(budget=0.125, num_frames=T, image_size=S, patch_size=P, iframe="scored")
+  assert cs.patchify_file(path, cs.PatchifyConfig(transcode="never", **base).validate())[
+      "signal"].startswith("frame_diff")
+  rec = cs.patchify_file(path, cs.PatchifyConfig(**base).validate())
+  assert rec["signal"] == "transcode+mv+residual" and rec["codec"] == "h264"
+  assert _kept_on(rec["positions"], motion_clips["travel"][1], "travel") >= 0.8 * 64
