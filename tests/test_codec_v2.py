@@ -306,3 +306,18 @@ def test_auto_transcodes_an_h264_stream_without_vectors(tmp_path, motion_clips):
   rec = cs.patchify_file(path, cs.PatchifyConfig(**base).validate())
   assert rec["signal"] == "transcode+mv+residual" and rec["codec"] == "h264"
   assert _kept_on(rec["positions"], motion_clips["travel"][1], "travel") >= 0.8 * 64
+
+
+def test_cli_flags_reach_the_config():
+  from data_prep import codec_patchify
+  args, rest = codec_patchify.build_parser().parse_known_args(
+      ["--input", "x", "--output_dir", "y", "--iframe", "scored", "--transcode", "never",
+       "--seek", "never", "--seek_min_gap", "3", "--tie_seed", "5", "--interval_frames", "2",
+       "--runner=DirectRunner"])
+  cfg = codec_patchify.config_from_args(args)
+  assert (cfg.iframe, cfg.transcode, cfg.seek, cfg.seek_min_gap, cfg.tie_seed,
+          cfg.interval_frames) == ("scored", "never", "never", 3.0, 5, 2)
+  assert rest == ["--runner=DirectRunner"]
+  d = codec_patchify.config_from_args(codec_patchify.build_parser().parse_known_args(
+      ["--input", "x", "--output_dir", "y"])[0])
+  assert (d.iframe, d.transcode, d.seek, d.interval_frames) == ("keep", "auto", "auto", 0)
