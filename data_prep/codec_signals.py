@@ -664,11 +664,12 @@ def patchify_video(path: str, cfg: PatchifyConfig, seed=0) -> dict:
       raise InputError("video stream has no frames")
     try:
       fields, decoded = _patchify_video(container, cfg, declared, seed)
+      seek_failed = False
     except _SeekFailed:
-      fields = None
+      seek_failed = True
   finally:
     container.close()
-  if fields is None and cfg.seek != "never":
+  if seek_failed:
     # A seek landed where frame indices cannot be trusted: decode from the start instead.
     cfg = dataclasses.replace(cfg, seek="never")
     container = _open_video(path)
