@@ -795,7 +795,9 @@ def select_patches(scores, has_mvs, cfg: PatchifyConfig, seed=0):
 
 def _stream_info(stream):
   fps = float(stream.average_rate or stream.guessed_rate or 0)
-  return fps if math.isfinite(fps) and fps > 0 else 0.0, stream.codec_context.name or ""
+  # The codec, not the decoder (AV1 decodes through "libdav1d")
+  codec = stream.codec_context.codec.canonical_name or stream.codec_context.name or ""
+  return fps if math.isfinite(fps) and fps > 0 else 0.0, codec
 
 
 class _SeekFailed(Exception):

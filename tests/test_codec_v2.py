@@ -232,7 +232,8 @@ def test_flat_pan_ties_do_not_fill_the_first_frame(tmp_path):
 
 # --- transcoding ----------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("codec,ext", [("libx265", "mkv"), ("libvpx-vp9", "webm")])
+@pytest.mark.parametrize("codec,ext", [("libx265", "mkv"), ("libvpx-vp9", "webm"),
+                                       ("libsvtav1", "mkv")])
 def test_codecs_without_vectors_are_transcoded(tmp_path, codec, ext, motion_clips):
   _, boxes = motion_clips["travel"]
   with av.open(motion_clips["travel"][0]) as c:
@@ -244,7 +245,7 @@ def test_codecs_without_vectors_are_transcoded(tmp_path, codec, ext, motion_clip
   assert never["signal"].startswith("frame_diff")
   rec = cs.patchify_file(path, cs.PatchifyConfig(**base).validate())  # --transcode auto
   assert rec["signal"] == "transcode+mv+residual"
-  assert rec["codec"] == {"libx265": "hevc", "libvpx-vp9": "vp9"}[codec]
+  assert rec["codec"] == {"libx265": "hevc", "libvpx-vp9": "vp9", "libsvtav1": "av1"}[codec]
   assert _kept_on(rec["positions"], boxes, "travel") >= 0.8 * 64
   # Patches are the source's pixels, not the re-encoded ones.
   with av.open(path) as c:
