@@ -39,6 +39,25 @@ def patchify(path: str, cfg) -> int:
   return len(result[1])
 
 
+def transcode_cost(paths, cfg, rounds: int) -> dict:
+  """(d): the full patchify with --transcode always (decode, re-encode to P-only H.264 at the
+  working size, decode that with vectors, signals, selection) against (c) on the same clips; the
+  ratio is what a stream without usable vectors (HEVC, VP9, AV1) costs over one with them."""
+  import dataclasses
+  plain = dataclasses.replace(cfg, transcode="never")
+  coded = dataclasses.replace(cfg, transcode="always")
+  cpu = {"c": [], "d": []}
+  for _ in range(rounds):
+    for key, c in (("c", plain), ("d", coded)):
+      c0 = time.process_time()
+      for p in paths:
+        patchify(p, c)
+      cpu[key].append(time.process_time() - c0)
+  n = len(paths)
+  return {"d_patchify_transcode_videos_per_s": n / min(cpu["d"]),
+          "transcode_over_patchify": min(cpu["c"]) / min(cpu["d"])}
+
+
 def make_clips(out_dir, count, size, frames, background, noise, seed):
   import numpy as np
   rng = np.random.default_rng(seed)
@@ -65,12 +84,17 @@ def main(argv=None):
   ap.add_argument("--image_size", type=int, default=224)
   ap.add_argument("--patch_size", type=int, default=14)
   ap.add_argument("--budget", type=float, default=0.125)
+  ap.add_argument("--interval_frames", type=int, default=0,
+                  help="patchify: frames scored per sampling interval (0 = every frame)")
   ap.add_argument("--rounds", type=int, default=5, help="best of this many rounds is reported")
   ap.add_argument("--json", default=None, help="write the figures to this path")
+  ap.add_argument("--transcode_rounds", type=int, default=2,
+                  help="rounds of (d), patchify with --transcode always; 0 skips it")
   args = ap.parse_args(argv)
   cfg = codec_signals.PatchifyConfig(budget=args.budget, num_frames=args.num_frames,
                                      image_size=args.image_size,
-                                     patch_size=args.patch_size).validate()
+                                     patch_size=args.patch_size,
+                                     interval_frames=args.interval_frames).validate()
   with tempfile.TemporaryDirectory() as tmp:
     if args.input:
       paths = sorted(glob.glob(args.input))
@@ -106,6 +130,7 @@ def main(argv=None):
   n = len(paths)
   fig = {"videos": n, "frames": frames, "rounds": args.rounds, "clips": source,
          "num_frames": cfg.num_frames, "image_size": cfg.image_size, "budget": cfg.budget,
+         "interval_frames": cfg.interval_frames,
          "timing": "best of rounds, process CPU time (wall-clock in *_wall)"}
   for m in modes:
     fig[f"{m}_videos_per_s"] = n / best[m]
@@ -132,6 +157,13 @@ def main(argv=None):
   print(f"patchify_over_decode (c/a) = {fig['patchify_over_decode']:.2f} CPU time "
         f"(median {fig['patchify_over_decode_median']:.2f}, wall-clock "
         f"{fig['patchify_over_decode_wall']:.2f}); target >= 0.7")
+  if args.transcode_rounds:
+    with tempfile.TemporaryDirectory() as tmp:
+      clips = paths if args.input else make_clips(tmp, args.clips, args.size, args.frames,
+                                                  args.background, args.noise, 0)
+      fig.update(transcode_cost(clips, cfg, args.transcode_rounds))
+    print(f"{'(d) patchify, transcode':<24}{fig['d_patchify_transcode_videos_per_s']:>9.1f}"
+          f"{'':>18}{fig['transcode_over_patchify']:>8.2f} of (c): --transcode always, CPU time")
   if args.json:
     tmp = args.json + ".tmp"
     with open(tmp, "w") as f:

@@ -290,8 +290,21 @@ def build_parser():
   ap.add_argument("--residual_weight", type=float, default=d.residual_weight)
   ap.add_argument("--camera_compensation", action="store_true",
                   help="subtract the median motion vector (camera motion) before |MV|")
-  ap.add_argument("--keep_first_frame", action="store_true",
-                  help="keep the first sampled frame whole; top-K fills the rest of K")
+  ap.add_argument("--iframe", choices=codec_signals.IFRAME_MODES, default=d.iframe,
+                  help="keep: sampled frame t=0 whole, top-K over the rest; scored: top-K over "
+                  "all (frames without vectors scored as zero motion either way)")
+  ap.add_argument("--tie_seed", type=int, default=d.tie_seed,
+                  help="seeds, with each sample_id, the random order that breaks top-K ties")
+  ap.add_argument("--transcode", choices=codec_signals.TRANSCODE_MODES, default=d.transcode,
+                  help="re-encode the sampled span to P-only H.264 for vectors: auto = when the "
+                  "codec exports none (HEVC, VP9, AV1, ...)")
+  ap.add_argument("--seek", choices=codec_signals.SEEK_MODES, default=d.seek,
+                  help="auto: jump to the keyframe before a sample when the gap is long")
+  ap.add_argument("--seek_min_gap", type=float, default=d.seek_min_gap,
+                  help="seconds; with --seek auto, gaps longer than this are skipped")
+  ap.add_argument("--interval_frames", type=int, default=d.interval_frames,
+                  help="frames scored per sampling interval (evenly spaced, the sampled one "
+                  "included); 0 = every decoded frame, 1 = the sampled frame only (faster)")
   ap.add_argument("--no_static_fallback", dest="static_fallback", action="store_false",
                   help="always use top-K, even on static videos")
   ap.add_argument("--static_threshold", type=float, default=d.static_threshold,

@@ -1,9 +1,12 @@
 """Codec signals via PyAV (stock FFmpeg): decode, motion/residual maps, fusion, top-K selection."""
+import collections
 import dataclasses
 import math
 import multiprocessing
 import os
 import threading
+import time
+from fractions import Fraction
 
 import av
 import numpy as np
@@ -15,6 +18,19 @@ FUSIONS = ("mean", "max", "sum", "geomean")
 RESIZE_FILTERS = ("AREA", "BILINEAR", "BICUBIC", "FAST_BILINEAR", "POINT", "X", "BICUBLIN",
                   "GAUSS", "SINC", "LANCZOS", "SPLINE")  # swscale's scaling filters
 _PICT_CHAR = {1: "I", 2: "P", 3: "B"}
+# --iframe: "keep" keeps sampled frame t=0 whole and ranks the rest (the published rule);
+# "scored" ranks every frame. Either way a frame without vectors is scored as a frame with zero
+# motion, on the same scale as the motion-compensated frames.
+IFRAME_MODES = ("keep", "scored")
+# --transcode: re-encode the sampled span to P-only H.264 when the stream exports no vectors
+# ("auto"), always, or never (frame differences for codecs without vectors).
+TRANSCODE_MODES = ("auto", "always", "never")
+# --seek: "auto" jumps to the keyframe before a sample when the gap to it is long; "never" decodes
+# every frame from the start.
+SEEK_MODES = ("auto", "never")
+# Decoders from which FFmpeg exports motion vectors (flags2=+export_mvs); others get transcoded.
+MV_CODECS = frozenset({"h264", "mpeg1video", "mpeg2video", "mpeg4", "h263", "h263p", "flv1",
+                       "msmpeg4v2", "msmpeg4v3", "wmv1", "wmv2"})
 # 8-bit pixel formats whose plane 0 is the luma plane at full resolution.
 _LUMA_PLANE_FORMATS = frozenset({
     "yuv420p", "yuvj420p", "yuv422p", "yuvj422p", "yuv444p", "yuvj444p", "yuv440p", "yuvj440p",
@@ -36,7 +52,12 @@ class PatchifyConfig:
   motion_weight: float = 1.0
   residual_weight: float = 1.0
   camera_compensation: bool = False
-  keep_first_frame: bool = False
+  iframe: str = "keep"
+  tie_seed: int = 0  # ties in the top-K are broken by a random order seeded by (this, sample_id)
+  transcode: str = "auto"
+  seek: str = "auto"
+  seek_min_gap: float = 10.0  # seconds: with --seek auto, longer gaps to a sample are skipped
+  interval_frames: int = 0  # frames scored per sampling interval, evenly spaced; 0 = every frame
   static_fallback: bool = True
   static_threshold: float = 0.02
   motion_floor: float = 1.0  # pixels: the smallest divisor of the |MV| map (no noise blow-up)
@@ -50,6 +71,12 @@ class PatchifyConfig:
   @property
   def grid_side(self) -> int:
     return self.image_size // self.patch_size
+
+  @property
+  def keep_first_frame(self) -> bool:
+    """--iframe keep applies when the frame kept whole is at most half of K (K >= 2*H*W), so
+    top-K keeps at least as many patches for motion; below that every frame is ranked."""
+    return self.iframe == "keep" and self.num_keep() >= 2 * self.grid_side**2
 
   def num_keep(self, num_frames=None) -> int:
     """K = round(budget * T*H*W), half rounded up."""
@@ -69,9 +96,18 @@ class PatchifyConfig:
       bad("image_size", f"must be a positive multiple of patch_size={self.patch_size}")
     if self.num_keep() < 1:
       bad("budget", f"keeps 0 of {self.num_frames * self.grid_side**2} patches")
-    if self.keep_first_frame and self.num_keep() < self.grid_side**2:
-      bad("keep_first_frame", f"budget {self.budget} keeps {self.num_keep()} patches, fewer than "
-          f"one frame ({self.grid_side**2})")
+    if self.iframe not in IFRAME_MODES:
+      bad("iframe", f"must be one of {IFRAME_MODES}")
+    if self.transcode not in TRANSCODE_MODES:
+      bad("transcode", f"must be one of {TRANSCODE_MODES}")
+    if self.seek not in SEEK_MODES:
+      bad("seek", f"must be one of {SEEK_MODES}")
+    if not self.seek_min_gap > 0:
+      bad("seek_min_gap", "must be > 0 seconds")
+    if not isinstance(self.tie_seed, (int, np.integer)) or self.tie_seed < 0:
+      bad("tie_seed", "must be an int >= 0")
+    if not isinstance(self.interval_frames, (int, np.integer)) or self.interval_frames < 0:
+      bad("interval_frames", "must be an int >= 0 (0 = every frame)")
     if self.fusion not in FUSIONS:
       bad("fusion", f"must be one of {FUSIONS}")
     if self.motion_weight < 0 or self.residual_weight < 0 or (
@@ -108,10 +144,18 @@ def sample_indices(num_decoded: int, num_frames: int) -> np.ndarray:
   return np.minimum((2 * i + 1) * num_decoded // (2 * num_frames), num_decoded - 1)
 
 
-def select_top_k(scores: np.ndarray, k: int, keep_first_frame: bool = False) -> np.ndarray:
+def tie_order(seed, n: int) -> np.ndarray:
+  """Rank of each of n flat positions among equal scores: a permutation seeded by `seed`."""
+  return np.random.default_rng(seed).permutation(n)
+
+
+def select_top_k(scores: np.ndarray, k: int, keep_first_frame: bool = False,
+                 seed=0) -> np.ndarray:
   """Global top-K over [T, H, W] scores -> sorted (t, h, w) int32 positions.
 
-  Ties go to the lower flat (t, h, w) index, so equal scores resolve identically everywhere.
+  Ties at the K-th score are broken by `tie_order(seed, T*H*W)` (lower rank first), so a flat
+  score map spreads over the clip instead of filling the budget in raster order, and the same
+  seed always gives the same selection.
   """
   t, h, w = scores.shape
   n = t * h * w
@@ -127,11 +171,12 @@ def select_top_k(scores: np.ndarray, k: int, keep_first_frame: bool = False) -> 
   need = k - int(forced.sum())
   cand = flat[rest]
   if 0 < need < cand.size:
-    # Everything above the need-th largest score is in; ties at that score go to the lowest
-    # flat (t, h, w) indices -- the deterministic tie break, without a full sort.
+    # Everything above the need-th largest score is in; ties at that score go by the seeded
+    # order, without a full sort.
     kth = np.partition(cand, cand.size - need)[cand.size - need]
     above = rest[cand > kth]
-    tied = rest[cand == kth][: need - above.size]
+    tied = rest[cand == kth]
+    tied = tied[np.argsort(tie_order(seed, n)[tied], kind="stable")[: need - above.size]]
     order = np.concatenate([above, tied])
   else:
     order = rest[:max(need, 0)]
@@ -340,7 +385,18 @@ def luma_plane(frame) -> np.ndarray:
   return frame.to_ndarray(format="gray")
 
 
-def motion_fields(mvs, height, width):
+def mv_cell_size(mvs) -> int:
+  """Largest power of two dividing every block size and corner (the lowest set bit of their OR):
+  a cell grid on which each block is a whole number of cells. H.264 gives 4, 8 or 16."""
+  w = mvs["w"].astype(np.intp)
+  h = mvs["h"].astype(np.intp)
+  bits = int(np.bitwise_or.reduce(w) | np.bitwise_or.reduce(h)
+             | np.bitwise_or.reduce(mvs["dst_x"] - (w >> 1))
+             | np.bitwise_or.reduce(mvs["dst_y"] - (h >> 1)))
+  return bits & -bits
+
+
+def motion_fields(mvs, height, width, cell=None):
   """Paints exported MVs onto a cell grid: (cell size, dx, dy, covered cell ids).
 
   dx, dy are in pixels per cell, [cells_h * cells_w]; `covered` lists the cells a vector paints.
@@ -348,15 +404,16 @@ def motion_fields(mvs, height, width):
   Prefers past-reference vectors where a bi-predicted block has two. Cells no vector covers
   (intra blocks) get zero motion, i.e. a co-located prediction.
   """
+  cell = mv_cell_size(mvs) if cell is None else cell
+  cells_h, cells_w = -(-height // cell), -(-width // cell)
+  dx = np.zeros(cells_h * cells_w, np.float64)
+  dy = np.zeros(cells_h * cells_w, np.float64)
+  if len(mvs) == 0:
+    return cell, dx, dy, np.zeros(0, np.intp)
   w = mvs["w"].astype(np.intp)
   h = mvs["h"].astype(np.intp)
   x0 = mvs["dst_x"] - (w >> 1)
   y0 = mvs["dst_y"] - (h >> 1)
-  # Largest power of two dividing every size and corner (the lowest set bit of their OR): a
-  # cell grid on which each block is a whole number of cells. H.264 gives 4, 8 or 16.
-  bits = int(np.bitwise_or.reduce(w) | np.bitwise_or.reduce(h) | np.bitwise_or.reduce(x0)
-             | np.bitwise_or.reduce(y0))
-  cell = bits & -bits
   scale = np.maximum(mvs["motion_scale"].astype(np.float64), 1.0)
   mx = mvs["motion_x"] / scale
   my = mvs["motion_y"] / scale
@@ -367,7 +424,6 @@ def motion_fields(mvs, height, width):
   offset = np.arange(block.size) - np.repeat(np.cumsum(n_cells) - n_cells, n_cells)
   cy = y0[block] // cell + offset // ncx[block]
   cx = x0[block] // cell + offset % ncx[block]
-  cells_h, cells_w = -(-height // cell), -(-width // cell)
   inside = (cy >= 0) & (cy < cells_h) & (cx >= 0) & (cx < cells_w)
   block, flat = block[inside], (cy * cells_w + cx)[inside]
   if (mvs["source"] > 0).any():
@@ -376,8 +432,6 @@ def motion_fields(mvs, height, width):
     flat, block = flat[pref], block[pref]
     first = np.concatenate([[True], flat[1:] != flat[:-1]])
     flat, block = flat[first], block[first]
-  dx = np.zeros(cells_h * cells_w, np.float64)
-  dy = np.zeros(cells_h * cells_w, np.float64)
   dx[flat] = mx[block]
   dy[flat] = my[block]
   return cell, dx, dy, flat
@@ -421,17 +475,37 @@ class FrameSignals:
       sums = values.reshape(g, hm // g, wm).sum(1, dtype=np.float64).reshape(g, g, wm // g).sum(2)
     return np.rot90(sums / ((hm // g) * (wm // g)), self.rot_k)
 
-  def maps(self, cur_luma, prev_luma, mvs):
+  def maps(self, cur_luma, prev_luma, mvs, future_luma=None):
     """(motion per cell normalised to [0, 1] float32 or None, raw residual uint8 [Hm, Wm] in
-    coded orientation, the lattice or None, signal tokens)."""
+    coded orientation, the lattice or None, signal tokens).
+
+    Each vector is applied to the frame it references: past-reference vectors (source < 0) to
+    `prev_luma` (the last I/P frame), future-reference ones to `future_luma` (the next I/P frame;
+    None drops them). A cell with both is predicted by their rounded average, as H.264's default
+    bi-prediction does; a cell with neither (intra) from the co-located past pixel.
+    """
     cfg, s = self.cfg, self.stride
     cur = cur_luma[::s, ::s]
     if mvs is None or len(mvs) == 0:
       prev = (cur_luma if prev_luma is None else prev_luma)[::s, ::s]
       residual = np.maximum(cur, prev) - np.minimum(cur, prev)
       return None, residual, None, ("frame_diff",)
-    cell, dx, dy, covered = motion_fields(mvs, self.height, self.width)
-    lat = self._lattice(cell)
+    future = mvs["source"] > 0
+    if not future.any():
+      cell, dx, dy, covered = motion_fields(mvs, self.height, self.width)
+      lat = self._lattice(cell)
+      mode = None
+    else:
+      cell = mv_cell_size(mvs)
+      lat = self._lattice(cell)
+      # motion_fields puts past vectors first, so (dx, dy) is the past vector where there is one.
+      _, dx, dy, covered = motion_fields(mvs, self.height, self.width, cell)
+      _, dxp, dyp, past_cells = motion_fields(mvs[~future], self.height, self.width, cell)
+      _, dxf, dyf, fut_cells = motion_fields(mvs[future], self.height, self.width, cell)
+      mode = np.zeros(dx.size, np.uint8)  # 0: past or intra, 1: future only, 2: both
+      if future_luma is not None:
+        mode[fut_cells] = 1
+        mode[past_cells] = np.where(mode[past_cells] == 1, 2, 0)
     if cfg.camera_compensation:
       # Camera motion ~ the area-weighted median vector of the cells vectors cover (intra
       # blocks carry no motion information); subtracting it leaves object motion.
@@ -442,18 +516,33 @@ class FrameSignals:
       mag = np.hypot(dx, dy)
     # Warp at integer precision: the exported vectors are quarter-pel, rounding keeps it a gather.
     lim = cfg.max_mv_pixels
-    off = (np.clip(np.rint(dy), -lim, lim) * lat.padded_w + np.clip(np.rint(dx), -lim, lim))
-    off = off.astype(np.intp)
-    pred = lat.warp(prev_luma if prev_luma is not None else cur_luma, off)
+
+    def offsets(vx, vy):
+      return (np.clip(np.rint(vy), -lim, lim) * lat.padded_w + np.clip(np.rint(vx), -lim, lim)
+              ).astype(np.intp)
+
+    past_ref = prev_luma if prev_luma is not None else cur_luma
+    if mode is None or not mode.any():
+      pred = lat.warp(past_ref, offsets(dx, dy) if mode is None else offsets(dxp, dyp))
+    else:
+      pred_p = lat.warp(past_ref, offsets(dxp, dyp)).astype(np.uint16)  # a copy: warp reuses
+      pred_f = lat.warp(future_luma, offsets(dxf, dyf))
+      by_pixel = mode[lat.cell_index]
+      pred = np.where(by_pixel == 0, pred_p, np.where(
+          by_pixel == 1, pred_f, (pred_p + pred_f + 1) >> 1)).astype(np.uint8)
     residual = lat.absdiff(cur, pred)
     m_scale = norm_scale(mag, cfg.motion_floor, lat.cell_count)
     motion_cells = np.minimum(mag * (1.0 / m_scale), 1.0).astype(np.float32)
     return motion_cells, residual, lat, ("mv", "residual")
 
-  def scores(self, cur_luma, prev_luma, mvs):
-    """Per-patch fused score [G, G] (display orientation) and the signal tokens used."""
+  def scores(self, cur_luma, prev_luma, mvs, future_luma=None, zero_motion=False):
+    """Per-patch fused score [G, G] (display orientation) and the signal tokens used.
+
+    A frame without vectors is scored by its frame difference alone, or with `zero_motion` as a
+    frame whose motion map is 0 (I-frames: the same scale as motion-compensated frames).
+    """
     cfg = self.cfg
-    motion_cells, residual, lat, tokens = self.maps(cur_luma, prev_luma, mvs)
+    motion_cells, residual, lat, tokens = self.maps(cur_luma, prev_luma, mvs, future_luma)
     # The residual scale is an integer (uint8 percentile, integer floor), so clipping at it in
     # uint8 and dividing afterwards equals min(residual / scale, 1) exactly.
     r_scale = int(norm_scale(residual, cfg.residual_floor))
@@ -461,9 +550,13 @@ class FrameSignals:
       # Linear fusion commutes with patch pooling: pool each map, then combine G*G numbers.
       r_pool = self._pool(np.minimum(residual, min(r_scale, 255))) / r_scale
       m_pool = None if motion_cells is None else lat.pool_cells(motion_cells)
+      if m_pool is None and zero_motion:
+        m_pool = np.zeros_like(r_pool)
       return _combine(m_pool, r_pool, cfg), tokens
     r = normalise(residual, r_scale, 1)
     m = None if motion_cells is None else motion_cells[lat.cell_index]
+    if m is None and zero_motion:
+      m = np.zeros_like(r)
     return self._pool(fuse(m, r, cfg)), tokens
 
 
@@ -559,107 +652,346 @@ def to_rgb(frame, size: int, interpolation: str) -> np.ndarray:
                                  interpolation=interpolation).to_ndarray()
 
 
-def patchify_video(path: str, cfg: PatchifyConfig) -> dict:
-  """Decodes one video and returns its record fields (without class_label/labels)."""
+def patchify_video(path: str, cfg: PatchifyConfig, seed=0) -> dict:
+  """Decodes one video and returns its record fields (without class_label/labels).
+
+  `seed` seeds the tie-breaking order of the top-K (patchify_file passes (tie_seed, sample_id)).
+  """
   container = _open_video(path)
   try:
     declared = _declared_frames(container, path)
     if declared < 1:
       raise InputError("video stream has no frames")
-    fields, decoded = _patchify_video(container, cfg, declared)
+    try:
+      fields, decoded = _patchify_video(container, cfg, declared, seed)
+      seek_failed = False
+    except _SeekFailed:
+      seek_failed = True
   finally:
     container.close()
+  if seek_failed:
+    # A seek landed where frame indices cannot be trusted: decode from the start instead.
+    cfg = dataclasses.replace(cfg, seek="never")
+    container = _open_video(path)
+    try:
+      fields, decoded = _patchify_video(container, cfg, declared, seed)
+    finally:
+      container.close()
   if fields is None:
     if decoded < 1:
       raise InputError("video stream decoded to 0 frames")
     # The header over-counted (edit lists, damaged index): plan again on the true count.
     container = _open_video(path)
     try:
-      fields, decoded = _patchify_video(container, cfg, decoded)
+      fields, decoded = _patchify_video(container, cfg, decoded, seed)
     finally:
       container.close()
     if fields is None:
       raise InputError(f"frame count unstable between two decodes ({decoded})")
+  if (cfg.transcode == "auto" and decoded > 1
+      and not {"mv", "transcode"} & set(fields["signal"].split("+"))):
+    # A codec that usually exports vectors exported none here (e.g. an all-intra stream).
+    return patchify_video(path, dataclasses.replace(cfg, transcode="always"), seed)
   return fields
 
 
-def _patchify_video(container, cfg, num_decoded):
+class IntervalScorer:
+  """Scores every decoded frame against the frame(s) it references and averages the scores over
+  each sampling interval: slot t collects frames (idx[t-1], idx[t]] (slot 0: [0, idx[0]]).
+
+  Frames arrive in display order. A P-frame's vectors reference the last I/P frame; a B-frame
+  waits for the next I/P frame, its future reference. The first frame has no reference and no
+  score. Slots that repeat a frame (clips shorter than T) copy the score of its first slot.
+  """
+
+  def __init__(self, cfg: PatchifyConfig, idx: np.ndarray, height: int, width: int, rot_k: int):
+    g = cfg.grid_side
+    self.idx = np.asarray(idx)
+    self.signals = FrameSignals(cfg, height, width, rot_k)
+    self.sums = np.zeros((len(idx), g, g), np.float64)
+    self.counts = np.zeros(len(idx), np.int64)
+    self.has_mvs = np.zeros(len(idx), bool)
+    self.tokens = set()
+    self.past = self.prev = None  # last I/P frame, previous displayed frame
+    self.pending = []  # B-frames waiting for their future reference: (index, frame, vectors)
+    self.scored = None  # None: every frame; else the frame indices that are scored
+    # Frames are scored in batches after decoding them: interleaving numpy work with each
+    # decode evicts the decoder's caches (measured: decode ~2-4x slower). About 32 MB of frames.
+    self.queue = []
+    self.batch = int(max(1, min(32, (32 << 20) // max(1, width * height * 3 // 2))))
+    if cfg.interval_frames:
+      # The sampled frame and up to interval_frames - 1 more, evenly spaced back over its interval.
+      lo = np.concatenate([[0], self.idx[:-1] + 1])
+      self.scored = set()
+      for a, b in zip(lo.tolist(), self.idx.tolist()):
+        if b >= a:
+          self.scored.update(np.rint(np.linspace(b, a, min(cfg.interval_frames, b - a + 1)))
+                             .astype(int).tolist())
+
+  def wants(self, n: int) -> bool:
+    """Whether frame n is scored (its vectors are needed)."""
+    return self.scored is None or n in self.scored
+
+  def add(self, n: int, frame, mvs) -> None:
+    """Frame n (display order) with its vectors (None: none exported)."""
+    if (frame.width, frame.height) != (self.signals.width, self.signals.height):
+      raise InputError(f"frame size changes mid-stream ({self.signals.width}x"
+                       f"{self.signals.height} -> {frame.width}x{frame.height})")
+    self.queue.append((n, frame, mvs))
+    if len(self.queue) >= self.batch:
+      self._drain()
+
+  def _drain(self):
+    for item in self.queue:
+      self._add(*item)
+    self.queue.clear()
+
+  def _add(self, n, frame, mvs):
+    kind = _PICT_CHAR.get(int(frame.pict_type), "?")
+    wanted = self.wants(n)  # unwanted frames only serve as references of later ones
+    if wanted and kind == "B" and mvs is not None and (mvs["source"] > 0).any():
+      self.pending.append((n, frame, mvs))
+    else:
+      if kind != "B":
+        self._resolve(frame)
+      if not wanted:
+        pass
+      elif mvs is None or len(mvs) == 0:
+        # No vectors (I-frame, or a codec that exports none): difference to the last frame shown.
+        self._score(n, frame, self.prev, None, zero_motion=kind == "I")
+      else:
+        self._score(n, frame, self.past if self.past is not None else self.prev, mvs)
+      if kind != "B":
+        self.past = frame
+    self.prev = frame
+
+  def restart(self) -> None:
+    """After a seek: frames decoded next do not follow the ones before."""
+    self._drain()
+    self._resolve(None)
+    self.past = self.prev = None
+
+  def _resolve(self, future):
+    for n, frame, mvs in self.pending:
+      self._score(n, frame, self.past, mvs, future)
+    self.pending.clear()
+
+  def _score(self, n, frame, ref, mvs, future=None, zero_motion=False):
+    if ref is None or (self.scored is not None and n not in self.scored):
+      return
+    score, used = self.signals.scores(luma_plane(frame), luma_plane(ref), mvs,
+                                      None if future is None else luma_plane(future), zero_motion)
+    slot = int(np.searchsorted(self.idx, n))
+    self.sums[slot] += score
+    self.counts[slot] += 1
+    self.has_mvs[slot] |= "mv" in used
+    self.tokens.update(used)
+
+  def finish(self):
+    """-> (scores [T, G, G], slots whose interval had vectors, signal tokens)."""
+    self._drain()
+    self._resolve(None)  # B-frames after the last I/P frame: past references only
+    scores = self.sums / np.maximum(self.counts, 1)[:, None, None]
+    has_mvs = self.has_mvs.copy()
+    for t in range(1, len(self.idx)):
+      if self.idx[t] == self.idx[t - 1]:
+        scores[t], has_mvs[t] = scores[t - 1], has_mvs[t - 1]
+    return scores, has_mvs, self.tokens
+
+
+def select_patches(scores, has_mvs, cfg: PatchifyConfig, seed=0):
+  """[T, G, G] slot scores -> (positions [K, 3], added signal tokens): top-K with seeded ties, or
+  whole frames when the clip is static (the 95th percentile of the scores of the slots with
+  vectors -- all slots if none has -- below static_threshold)."""
+  k = cfg.num_keep(scores.shape[0])
+  basis = scores[has_mvs] if has_mvs.any() else scores
+  if cfg.static_fallback and percentile95(basis) < cfg.static_threshold:
+    return static_selection(scores.shape, k, cfg.keep_first_frame), {"static_fallback"}
+  return select_top_k(scores, k, cfg.keep_first_frame, seed), set()
+
+
+def _stream_info(stream):
+  fps = float(stream.average_rate or stream.guessed_rate or 0)
+  # The codec, not the decoder (AV1 decodes through "libdav1d")
+  codec = stream.codec_context.codec.canonical_name or stream.codec_context.name or ""
+  return fps if math.isfinite(fps) and fps > 0 else 0.0, codec
+
+
+class _SeekFailed(Exception):
+  """Frame indices after a seek are not exact (variable frame rate, missing timestamps)."""
+
+
+def _seekable(container, stream, fps, num_decoded, cfg) -> bool:
+  """Seeking by time finds frame n only in a constant-frame-rate stream: the declared frame count
+  must match duration x fps."""
+  if cfg.seek == "never" or fps <= 0 or stream.time_base is None:
+    return False
+  if stream.duration is not None:
+    duration = float(stream.duration * stream.time_base)
+  elif container.duration:
+    duration = container.duration / 1e6
+  else:
+    return False
+  return abs(duration * fps - num_decoded) <= 2
+
+
+def _decoded_frames(container, stream, idx, fps, cfg, seek):
+  """Yields (frame index, frame, first after a seek) up to the last sampled frame.
+
+  Without seeking, every frame from the start. With seeking, a gap of more than seek_min_gap
+  seconds to the next sample is skipped: the decoder jumps to the keyframe before (sample - 1 s)
+  and the frame index is read from the timestamp (exact or _SeekFailed).
+  """
+  it = container.decode(stream)
+  n, t0 = -1, None
+  gap = max(1, int(round(cfg.seek_min_gap * fps)))
+  for target in sorted(set(idx.tolist())):
+    if seek and n >= 0 and target - n > gap:
+      start = max(n + 1, target - int(round(fps)))
+      ts = int(round((t0 + start / fps) / stream.time_base))
+      try:
+        container.seek(ts, stream=stream, backward=True)
+      except av.error.FFmpegError as e:
+        raise _SeekFailed(str(e)) from e
+      it, restarted = container.decode(stream), True
+    else:
+      restarted = False
+    while n < target:
+      frame = next(it, None)
+      if frame is None:
+        if restarted or n >= 0 and seek:
+          raise _SeekFailed("stream ended after a seek")
+        return
+      if t0 is None:
+        t0 = 0.0 if frame.pts is None else float(frame.pts * stream.time_base)
+      if seek:
+        if frame.pts is None:
+          raise _SeekFailed("frame without a timestamp")
+        x = (float(frame.pts * stream.time_base) - t0) * fps
+        m = int(round(x))
+        if abs(x - m) > 0.05 or (not restarted and m != n + 1):
+          raise _SeekFailed(f"timestamp {x:.3f} frames is not the next frame index")
+        if m <= n:
+          continue  # the keyframe lies before frames already decoded
+      else:
+        m = n + 1
+      yield m, frame, restarted
+      restarted, n = False, m
+
+
+def _patchify_video(container, cfg, num_decoded, seed=0):
   """Returns (fields, frames decoded); fields is None if the stream ended before the plan."""
-  t_len, g, p, s = cfg.num_frames, cfg.grid_side, cfg.patch_size, cfg.image_size
+  t_len, p, s = cfg.num_frames, cfg.patch_size, cfg.image_size
   idx = sample_indices(num_decoded, t_len)
-  wanted = {}
-  for slot, i in enumerate(idx.tolist()):
-    wanted.setdefault(i, []).append(slot)
+  sampled = set(idx.tolist())
   last = int(idx[-1])
-  scores = np.zeros((t_len, g, g), np.float64)
-  frame_types = ["?"] * t_len
-  kept_frames = [None] * t_len
-  has_mvs = np.zeros(t_len, bool)
-  tokens = set()
   stream = container.streams.video[0]
+  fps, codec = _stream_info(stream)
+  seek = _seekable(container, stream, fps, num_decoded, cfg)
   # Frame threading truncates exported MVs and makes them non-deterministic (shared/README.md).
   stream.thread_type = "NONE"
   stream.codec_context.options = {"flags2": "+export_mvs"}
-  signals, rot_k = None, 0
-  prev_frame = None
-  held = []  # (decoded index, frame, previous frame, vectors) of each sampled frame
+  transcode = cfg.transcode == "always" or (cfg.transcode == "auto" and codec not in MV_CODECS)
+  scorer, rot_k, encoder = None, 0, None
+  held = {}  # decoded index -> sampled frame
   n = -1
   try:
-    for n, frame in enumerate(container.decode(stream)):
-      if n in wanted:
-        if signals is None:
-          _check_size(frame.width, frame.height, cfg)
-          rot_k = _rotation_k(frame.rotation)
-          signals = FrameSignals(cfg, frame.height, frame.width, rot_k)
-        elif (frame.width, frame.height) != (signals.width, signals.height):
-          raise InputError(f"frame size changes mid-stream ({signals.width}x{signals.height} -> "
-                           f"{frame.width}x{frame.height})")
-        sd = frame.side_data.get("MOTION_VECTORS")
-        held.append((n, frame, prev_frame, sd.to_ndarray() if sd is not None else None))
-      if n >= last:
-        break
-      prev_frame = frame
+    for n, frame, restarted in _decoded_frames(container, stream, idx, fps, cfg, seek):
+      if scorer is None:
+        _check_size(frame.width, frame.height, cfg)
+        rot_k = _rotation_k(frame.rotation)
+        size = (frame.width, frame.height)
+        scorer = IntervalScorer(cfg, idx, s if transcode else frame.height,
+                                s if transcode else frame.width, rot_k)
+      elif transcode and (frame.width, frame.height) != size:
+        raise InputError(f"frame size changes mid-stream ({size[0]}x{size[1]} -> "
+                         f"{frame.width}x{frame.height})")
+      if restarted:
+        if encoder is not None:
+          for m, coded, mvs in encoder.flush():
+            scorer.add(m, coded, mvs)
+          encoder = None
+        scorer.restart()
+      if n in sampled:
+        held[n] = frame
+      if transcode:
+        encoder = encoder or Transcoder(s, cfg.resize_interpolation)
+        for m, coded, mvs in encoder.push(frame, n):
+          scorer.add(m, coded, mvs)
+      else:
+        sd = frame.side_data.get("MOTION_VECTORS") if scorer.wants(n) else None
+        scorer.add(n, frame, sd.to_ndarray() if sd is not None else None)
+    if encoder is not None:
+      for m, coded, mvs in encoder.flush():
+        scorer.add(m, coded, mvs)
   except av.error.FFmpegError as e:
     raise InputError(f"decode error at frame {n + 1} ({type(e).__name__}: "
                      f"{e.strerror or e})") from e
   if n < last:
     return None, n + 1
-
-  # Signals after decoding, from the held (reference-counted, never reused) frames: one tight
-  # pass keeps caches warm; interleaved with decoding the same work ran about 2x slower.
-  for i, frame, prev_frame, mvs in held:
-    prev_luma = None
-    if prev_frame is not None and (prev_frame.width, prev_frame.height) == (
-        frame.width, frame.height):
-      prev_luma = luma_plane(prev_frame)
-    frame_score, used = signals.scores(luma_plane(frame), prev_luma, mvs)
-    tokens.update(used)
-    for slot in wanted[i]:
-      scores[slot] = frame_score
-      frame_types[slot] = _PICT_CHAR.get(int(frame.pict_type), "?")
-      kept_frames[slot] = frame
-      has_mvs[slot] = "mv" in used
-  del held
-
-  k = cfg.num_keep()
-  grid = (t_len, g, g)
-  # Static test on motion-compensated frames only when there are any: an I-frame's difference
-  # to its predecessor is mostly re-encoding noise, not content change.
-  basis = scores[has_mvs] if has_mvs.any() else scores
-  static = cfg.static_fallback and percentile95(basis) < cfg.static_threshold
-  if static:
-    positions = static_selection(grid, k, cfg.keep_first_frame)
-    tokens.add("static_fallback")
-  else:
-    positions = select_top_k(scores, k, cfg.keep_first_frame)
+  scores, has_mvs, tokens = scorer.finish()
+  if transcode:
+    tokens.add("transcode")
+  positions, extra = select_patches(scores, has_mvs, cfg, seed)
+  tokens |= extra
+  k = positions.shape[0]
   patches = np.empty((k, p, p, 3), np.uint8)
   for t in np.unique(positions[:, 0]):
     rows = np.flatnonzero(positions[:, 0] == t)
-    rgb = np.rot90(to_rgb(kept_frames[t], s, cfg.resize_interpolation), rot_k)
+    rgb = np.rot90(to_rgb(held[int(idx[t])], s, cfg.resize_interpolation), rot_k)
     patches[rows] = _patches_from(rgb, positions[rows, 1:], p)
-  return dict(patches=patches, positions=positions, grid=np.asarray(grid, np.int32),
-              frame_types="".join(frame_types), signal=records.canonical_signal(tokens),
-              scores=scores), n + 1
+  frames = [held[int(i)] for i in idx]
+  patch_scores = scores[positions[:, 0], positions[:, 1], positions[:, 2]]
+  if cfg.keep_first_frame and "static_fallback" not in tokens:
+    patch_scores[positions[:, 0] == 0] = np.inf  # kept whole by rule: first under any later cut
+  return dict(patches=patches, positions=positions, grid=np.asarray(scores.shape, np.int32),
+              frame_types="".join(_PICT_CHAR.get(int(f.pict_type), "?") for f in frames),
+              signal=records.canonical_signal(tokens), scores=scores,
+              frame_indices=idx.astype(np.int32),
+              timestamps=np.asarray([np.nan if f.time is None else f.time for f in frames]),
+              fps=fps, codec=codec, patch_scores=patch_scores), n + 1
+
+
+class Transcoder:
+  """Re-encodes decoded frames to P-only H.264 (no B-frames, one reference, one GOP, size x size)
+  in memory and decodes them back with their motion vectors, one frame in, one frame out, in
+  order. The published pipeline does the same with an HEVC step; here it gives vectors to codecs
+  FFmpeg exports none for (HEVC, VP9, AV1) and real ones to low-bitrate B-frame streams."""
+
+  def __init__(self, size: int, interpolation: str, crf: int = 23):
+    self.size, self.interpolation = size, interpolation
+    self.enc = av.CodecContext.create("libx264", "w")
+    self.enc.width = self.enc.height = size
+    self.enc.pix_fmt = "yuv420p"
+    self.enc.time_base = Fraction(1, 25)
+    self.enc.options = {"bf": "0", "refs": "1", "g": "100000", "keyint_min": "100000",
+                        "sc_threshold": "0", "crf": str(crf), "preset": "veryfast",
+                        "threads": "1", "rc-lookahead": "0"}
+    self.dec = av.CodecContext.create("h264", "r")
+    self.dec.thread_type = "NONE"
+    self.dec.options = {"flags2": "+export_mvs"}
+    self.pts = 0
+    self.indices = collections.deque()  # source frame index of each frame in flight
+
+  def _decode(self, packets):
+    for pkt in packets:
+      for frame in self.dec.decode(pkt):
+        sd = frame.side_data.get("MOTION_VECTORS")
+        yield self.indices.popleft(), frame, sd.to_ndarray() if sd is not None else None
+
+  def push(self, frame, index: int):
+    """Encodes one frame; returns the (index, frame, vectors) that came out so far."""
+    small = _reformatter().reformat(frame, width=self.size, height=self.size, format="yuv420p",
+                                    interpolation=self.interpolation)
+    small.pts, small.pict_type = self.pts, 0
+    self.pts += 1
+    self.indices.append(index)
+    return list(self._decode(self.enc.encode(small)))
+
+  def flush(self):
+    out = list(self._decode(self.enc.encode(None)))
+    out += list(self._decode([None]))
+    return out
 
 
 def _image_saliency(luma: np.ndarray) -> np.ndarray:
@@ -672,7 +1004,7 @@ def _image_saliency(luma: np.ndarray) -> np.ndarray:
   return np.hypot(gx, gy)
 
 
-def patchify_image(path: str, cfg: PatchifyConfig) -> dict:
+def patchify_image(path: str, cfg: PatchifyConfig, seed=0) -> dict:
   """One still image -> t=0 record: the whole grid, or top-K by saliency if image_budget > 0."""
   from PIL import Image, ImageOps, UnidentifiedImageError
   try:
@@ -680,6 +1012,7 @@ def patchify_image(path: str, cfg: PatchifyConfig) -> dict:
       im = ImageOps.exif_transpose(im)  # EXIF rotation, like the display matrix for video
       _check_size(im.width, im.height, cfg)
       rgb_img = im.convert("RGB")
+      codec = (im.format or "").lower()
   except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as e:
     raise InputError(f"cannot read image ({type(e).__name__}: {e})") from e
   g, p, s = cfg.grid_side, cfg.patch_size, cfg.image_size
@@ -693,14 +1026,16 @@ def patchify_image(path: str, cfg: PatchifyConfig) -> dict:
     sal = _image_saliency(luma)
     sal = normalise(sal, percentile95(sal), 1.0)
     scores = patch_means(sal, g)[None]
-    positions = select_top_k(scores, k)
+    positions = select_top_k(scores, k, seed=seed)
     signal = "image+saliency"
   else:
     positions = unravel_positions(np.arange(g * g), grid)
     scores = np.ones(grid)
     signal = "image"
   return dict(patches=_patches_from(rgb, positions[:, 1:], p), positions=positions,
-              grid=np.asarray(grid, np.int32), frame_types="I", signal=signal, scores=scores)
+              grid=np.asarray(grid, np.int32), frame_types="I", signal=signal, scores=scores,
+              frame_indices=np.zeros(1, np.int32), timestamps=np.zeros(1), fps=0.0, codec=codec,
+              patch_scores=scores[0][positions[:, 1], positions[:, 2]])
 
 
 def is_image_path(path: str) -> bool:
@@ -719,14 +1054,18 @@ def patchify_file(path: str, cfg: PatchifyConfig, class_label: int = -1,
       raise InputError("empty file (0 bytes)")
   elif not os.path.exists(path):
     raise InputError("file does not exist")
-  fields = patchify_image(path, cfg) if is_image_path(path) else patchify_video(path, cfg)
-  scores = fields.pop("scores")
   source = path if source is None else source
-  rec = dict(fields, source=source, sample_id=records.sample_id_for(source),
-             labels=np.zeros([0], np.int32), class_label=int(class_label))
+  sample_id = records.sample_id_for(source)
+  seed = (int(cfg.tie_seed), sample_id)
+  fields = (patchify_image(path, cfg, seed) if is_image_path(path)
+            else patchify_video(path, cfg, seed))
+  scores = fields.pop("scores")
+  fields["scores"] = fields.pop("patch_scores")
+  rec = dict(fields, source=source, sample_id=sample_id, labels=np.zeros([0], np.int32),
+             class_label=int(class_label))
   rec = records.validate_record(rec)
   if with_scores:
-    rec["scores"] = scores
+    rec["grid_scores"] = scores  # [T, H, W] slot scores (not a record field)
   return rec
 
 
@@ -744,7 +1083,29 @@ def _worker_loop(conn, cfg_dict):
     if msg is None:
       return
     path, label, source = msg
+    conn.send(("duration", media_duration(path)))  # the parent scales its timeout by it
     conn.send(process_path(path, label, cfg, source))
+
+
+def media_duration(path: str) -> float:
+  """Seconds of the first video stream from the header (0 for images and unreadable files)."""
+  if is_image_path(path):
+    return 0.0
+  try:
+    with av.open(path, metadata_errors="ignore") as c:
+      if not c.streams.video:
+        return 0.0
+      st = c.streams.video[0]
+      if st.duration is not None and st.time_base is not None:
+        return max(0.0, float(st.duration * st.time_base))
+      return max(0.0, (c.duration or 0) / 1e6)
+  except (av.error.FFmpegError, OSError, ValueError):
+    return 0.0
+
+
+def scaled_timeout(timeout: float, duration: float) -> float:
+  """--decode_timeout covers up to a minute of video; longer videos get proportionally more."""
+  return timeout * max(1.0, duration / 60.0)
 
 
 def process_path(path: str, label: int, cfg, source: str = None) -> tuple:
@@ -790,17 +1151,21 @@ class DecodeWorker:
     if self.proc is None or not self.proc.is_alive():
       self._start()
     self.conn.send((path, label, source))
-    if self.conn.poll(self.timeout):
+    start = time.monotonic()
+    limit = self.timeout
+    while self.conn.poll(max(0.0, start + limit - time.monotonic())):
       try:
-        return self.conn.recv()
+        msg = self.conn.recv()
       except (EOFError, OSError):
-        pass
-      self.proc.join(5)
-      code = self.proc.exitcode
-      self.close()
-      return ("fail", f"decoder process died (exit code {code})")
+        self.proc.join(5)
+        code = self.proc.exitcode
+        self.close()
+        return ("fail", f"decoder process died (exit code {code})")
+      if msg[0] != "duration":
+        return msg
+      limit = scaled_timeout(self.timeout, msg[1])
     self.close()
-    return ("fail", f"decode timeout: no result after {self.timeout:g}s")
+    return ("fail", f"decode timeout: no result after {limit:g}s")
 
   def close(self):
     if self.proc is not None:

@@ -1,22 +1,29 @@
 """The one definition of the codec-patch record format (msgpack) and of the shard layout."""
 import hashlib
+import math
 import re
 
 import msgpack
 import numpy as np
 
-# Bumped whenever a field is added, removed or changes meaning; decode refuses other versions.
-FORMAT_VERSION = 1
+# Bumped whenever a field is added, removed or changes meaning. decode_record reads every version
+# in READ_VERSIONS (older ones get the defaults of the fields they lack) and refuses newer ones.
+FORMAT_VERSION = 2
+READ_VERSIONS = (1, 2)
 
 SHARD_PATTERN = "data-*-of-*.array_record"
 _SHARD_RE = re.compile(r"^data-(\d{5})-of-(\d{5})\.array_record$")
 
 FRAME_TYPE_CHARS = frozenset("IPB?")
 # Tokens of `signal`, joined by '+' in this canonical order (see docs/data_prep.md).
-SIGNAL_TOKENS = ("mv", "residual", "frame_diff", "image", "saliency", "static_fallback")
+SIGNAL_TOKENS = ("transcode", "mv", "residual", "frame_diff", "image", "saliency",
+                 "static_fallback")
 
 FIELDS = ("patches", "positions", "grid", "frame_types", "source", "sample_id", "labels",
           "signal", "class_label")
+# Added by format 2; a record (or v1 payload) without them gets these defaults: frame indices -1
+# (unknown), timestamps NaN, fps 0 (unknown), codec "" (unknown), every patch score 0 (unranked).
+V2_FIELDS = ("frame_indices", "timestamps", "fps", "codec", "scores")
 _INT32 = np.iinfo(np.int32)
 _MAX_ID = 2**63 - 1
 
@@ -54,15 +61,18 @@ def _is_int(value):
 
 
 def validate_record(rec: dict) -> dict:
-  """Checks every field of a record; returns it normalised (int32 arrays, Python ints)."""
+  """Checks every field of a record; returns it normalised (int32 arrays, Python ints).
+
+  The format-2 fields (V2_FIELDS) are optional here: absent ones get their defaults.
+  """
   if not isinstance(rec, dict):
     raise ValueError(f"record must be a dict, got {type(rec).__name__}")
   missing = [f for f in FIELDS if f not in rec]
   if missing:
     raise ValueError(f"record is missing field(s) {missing}")
-  extra = sorted(set(rec) - set(FIELDS))
+  extra = sorted(set(rec) - set(FIELDS) - set(V2_FIELDS))
   if extra:
-    raise ValueError(f"record has unknown field(s) {extra}; known: {list(FIELDS)}")
+    raise ValueError(f"record has unknown field(s) {extra}; known: {list(FIELDS + V2_FIELDS)}")
 
   grid = _int_array(rec, "grid", 1)
   if grid.shape != (3,) or (grid < 1).any():
@@ -118,13 +128,46 @@ def validate_record(rec: dict) -> dict:
     raise ValueError(f"field 'class_label': expected an int >= -1 (-1 = unknown), "
                      f"got {class_label!r}")
 
-  return dict(patches=patches, positions=positions, grid=grid, frame_types=frame_types,
-              source=source, sample_id=int(sample_id), labels=labels, signal=signal,
-              class_label=int(class_label))
+  out = dict(patches=patches, positions=positions, grid=grid, frame_types=frame_types,
+             source=source, sample_id=int(sample_id), labels=labels, signal=signal,
+             class_label=int(class_label))
+  out.update(_validate_v2(rec, int(grid[0]), k))
+  return out
+
+
+def _validate_v2(rec, t_len, k):
+  """The format-2 fields of `rec` (defaults where absent), checked against T and K."""
+  fi = rec.get("frame_indices")
+  fi = np.full(t_len, -1, np.int32) if fi is None else _int_array(rec, "frame_indices", 1)
+  if fi.shape != (t_len,) or (fi < -1).any():
+    raise ValueError(f"field 'frame_indices': expected T={t_len} ints >= -1 (-1 = unknown), "
+                     f"got shape {fi.shape}")
+  ts = rec.get("timestamps")
+  ts = np.full(t_len, np.nan) if ts is None else np.asarray(ts)
+  if ts.dtype.kind not in "fiu" or ts.shape != (t_len,):
+    raise ValueError(f"field 'timestamps': expected T={t_len} floats (seconds, NaN = unknown), "
+                     f"got {ts.dtype} {ts.shape}")
+  fps = rec.get("fps", 0.0)
+  if isinstance(fps, (bool, np.bool_)) or not isinstance(fps, (int, float, np.number)) or not (
+      math.isfinite(fps) and fps >= 0):
+    raise ValueError(f"field 'fps': expected a finite float >= 0 (0 = unknown), got {fps!r}")
+  codec = rec.get("codec", "")
+  if not isinstance(codec, str):
+    raise ValueError(f"field 'codec': expected a str ('' = unknown), got {codec!r}")
+  scores = rec.get("scores")
+  scores = np.zeros(k, np.float16) if scores is None else np.asarray(scores)
+  if scores.dtype.kind != "f" or scores.shape != (k,):
+    raise ValueError(f"field 'scores': expected K={k} floats (one per kept patch), "
+                     f"got {scores.dtype} {scores.shape}")
+  scores = scores.astype(np.float16)  # +inf marks patches kept whole (e.g. --iframe keep)
+  if np.isnan(scores).any() or (scores < 0).any():
+    raise ValueError("field 'scores': must be >= 0 and not NaN")
+  return dict(frame_indices=fi, timestamps=ts.astype(np.float64), fps=float(fps), codec=codec,
+              scores=scores)
 
 
 def encode_record(rec: dict) -> bytes:
-  """Validates a record and packs it with msgpack (arrays as little-endian raw bytes)."""
+  """Validates a record and packs it (format 2) with msgpack, arrays as little-endian raw bytes."""
   r = validate_record(rec)
   return msgpack.packb({
       "v": FORMAT_VERSION,
@@ -138,11 +181,22 @@ def encode_record(rec: dict) -> bytes:
       "labels": r["labels"].astype("<i4").tobytes(),
       "signal": r["signal"],
       "class_label": r["class_label"],
+      "frame_indices": r["frame_indices"].astype("<i4").tobytes(),
+      "timestamps": r["timestamps"].astype("<f8").tobytes(),
+      "fps": r["fps"],
+      "codec": r["codec"],
+      "scores": r["scores"].astype("<f2").tobytes(),
   }, use_bin_type=True)
 
 
+# Raw-byte arrays of the payload: name -> (numpy dtype, format versions that carry it).
+_RAW_ARRAYS = {"patches": ("u1", (1, 2)), "positions": ("<i4", (1, 2)), "labels": ("<i4", (1, 2)),
+               "frame_indices": ("<i4", (2,)), "timestamps": ("<f8", (2,)),
+               "scores": ("<f2", (2,))}
+
+
 def decode_record(data: bytes) -> dict:
-  """Unpacks and validates one record; arrays come back as writable numpy arrays."""
+  """Unpacks and validates one record of any readable version; arrays come back writable."""
   if not isinstance(data, (bytes, bytearray, memoryview)):
     raise ValueError(f"decode_record: expected bytes, got {type(data).__name__}")
   try:
@@ -152,40 +206,50 @@ def decode_record(data: bytes) -> dict:
   if not isinstance(raw, dict):
     raise ValueError("decode_record: payload is not a map")
   version = raw.get("v")
-  if version != FORMAT_VERSION:
+  if version not in READ_VERSIONS:
+    newer = _is_int(version) and version > FORMAT_VERSION
     raise ValueError(f"field 'v' (format version): got {version!r}, this reader reads "
-                     f"{FORMAT_VERSION}")
-  want = {"v", "patch_size"} | set(FIELDS)
+                     f"{list(READ_VERSIONS)}" + ("; the shard was written by a newer "
+                                                 "data_prep: update this checkout" if newer else ""))
+  want = {"v", "patch_size"} | set(FIELDS) | (set(V2_FIELDS) if version >= 2 else set())
   if set(raw) != want:
-    raise ValueError(f"decode_record: fields {sorted(set(raw) ^ want)} missing or unknown")
+    raise ValueError(f"decode_record: fields {sorted(set(raw) ^ want)} missing or unknown "
+                     f"(format {version})")
   p = raw["patch_size"]
   if not _is_int(p) or p < 1:
     raise ValueError(f"field 'patch_size': expected a positive int, got {p!r}")
-  for name in ("patches", "positions", "labels"):
+  arrays = {}
+  for name, (dtype, versions) in _RAW_ARRAYS.items():
+    if version not in versions:
+      continue
     if not isinstance(raw[name], bytes):
       raise ValueError(f"field {name!r}: expected raw bytes")
-  if len(raw["positions"]) % 12:
-    raise ValueError(f"field 'positions': {len(raw['positions'])} bytes is not a multiple of 12")
-  if len(raw["labels"]) % 4:
-    raise ValueError(f"field 'labels': {len(raw['labels'])} bytes is not a multiple of 4")
-  positions = np.frombuffer(raw["positions"], "<i4").reshape(-1, 3).astype(np.int32)
+    size = np.dtype(dtype).itemsize * (3 if name == "positions" else 1)
+    if len(raw[name]) % size:
+      raise ValueError(f"field {name!r}: {len(raw[name])} bytes is not a multiple of {size}")
+    arrays[name] = np.frombuffer(raw[name], dtype)
+  positions = arrays["positions"].reshape(-1, 3).astype(np.int32)
   k = positions.shape[0]
-  if len(raw["patches"]) != k * p * p * 3:
-    raise ValueError(f"field 'patches': {len(raw['patches'])} bytes, expected K*p*p*3 = "
+  if arrays["patches"].size != k * p * p * 3:
+    raise ValueError(f"field 'patches': {arrays['patches'].size} bytes, expected K*p*p*3 = "
                      f"{k}*{p}*{p}*3")
   if not isinstance(raw["grid"], list) or not all(_is_int(x) for x in raw["grid"]):
     raise ValueError(f"field 'grid': expected a list of ints, got {raw['grid']!r}")
   rec = dict(
-      patches=np.frombuffer(raw["patches"], np.uint8).reshape(k, p, p, 3).copy(),
+      patches=arrays["patches"].reshape(k, p, p, 3).copy(),
       positions=positions,
       grid=np.asarray(raw["grid"], dtype=np.int64),
       frame_types=raw["frame_types"],
       source=raw["source"],
       sample_id=raw["sample_id"],
-      labels=np.frombuffer(raw["labels"], "<i4").astype(np.int32),
+      labels=arrays["labels"].astype(np.int32),
       signal=raw["signal"],
       class_label=raw["class_label"],
   )
+  if version >= 2:
+    rec.update(frame_indices=arrays["frame_indices"].astype(np.int32),
+               timestamps=arrays["timestamps"].astype(np.float64),
+               fps=raw["fps"], codec=raw["codec"], scores=arrays["scores"].astype(np.float16))
   return validate_record(rec)
 
 

@@ -32,7 +32,9 @@ def record_at(output_dir: str, index: int) -> dict:
 def source_frames(rec: dict, interpolation: str = "AREA"):
   """Re-decodes the record's sampled frames from its source, [T, S, S, 3], or None if unreadable.
 
-  Uses the same sampling, resize and rotation as the patchifier, so kept patches line up.
+  Uses the record's frame indices (format 2) or the patchifier's sampling (format 1), the same
+  resize and rotation, so kept patches line up. The video is streamed: only the T sampled
+  frames, resized, are held.
   """
   t_len, g, _ = rec["grid"].tolist()
   p = rec["patches"].shape[1]
@@ -47,14 +49,32 @@ def source_frames(rec: dict, interpolation: str = "AREA"):
         rgb = np.asarray(ImageOps.exif_transpose(im).convert("RGB"), np.uint8)
       return codec_signals.to_rgb(av.VideoFrame.from_ndarray(rgb, format="rgb24"), size,
                                   interpolation)[None]
+    idx = np.asarray(rec.get("frame_indices", np.full(t_len, -1)))
     with av.open(path) as c:
-      frames = list(c.decode(video=0))
-    idx = codec_signals.sample_indices(len(frames), t_len)
-    k = codec_signals._rotation_k(frames[0].rotation)
-    return np.stack([np.rot90(codec_signals.to_rgb(frames[i], size, interpolation), k)
-                     for i in idx])
-  except (av.error.FFmpegError, OSError, ValueError):
+      if (idx < 0).any():  # format 1: the patchifier sampled over the stream's frame count
+        idx = codec_signals.sample_indices(codec_signals._declared_frames(c, path), t_len)
+      return sampled_frames(c, idx, size, interpolation)
+  except (av.error.FFmpegError, OSError, ValueError, codec_signals.InputError):
     return None
+
+
+def sampled_frames(container, idx, size: int, interpolation: str):
+  """Frames idx (decoded order, repeats allowed) of the first video stream, resized to size x size
+  and turned upright, [len(idx), S, S, 3]; None if the stream has fewer frames."""
+  out = np.empty((len(idx), size, size, 3), np.uint8)
+  slots = {}
+  for slot, i in enumerate(np.asarray(idx).tolist()):
+    slots.setdefault(i, []).append(slot)
+  last = max(slots)
+  k = None
+  for n, frame in enumerate(container.decode(video=0)):
+    if k is None:
+      k = codec_signals._rotation_k(frame.rotation)
+    if n in slots:
+      out[slots[n]] = np.rot90(codec_signals.to_rgb(frame, size, interpolation), k)
+    if n >= last:
+      return out
+  return None
 
 
 def render(rec: dict, frames=None, dim: float = 0.25, scale: int = 1, columns: int = 8) -> Image:

@@ -16,6 +16,7 @@ from ml_collections import config_dict
 
 from data_prep import label_table as label_table_lib
 from data_prep import records
+from ovenc_jax import torch_layout
 
 # Per-row features a batch carries besides the token arrays; fill values mark empty slots.
 _SEGMENT_FILL = {"labels": -1, "class_label": -1, "sample_id": -1}
@@ -44,7 +45,13 @@ def default_input_config() -> ml_collections.ConfigDict:
       num_epochs=config_dict.placeholder(int),   # None = repeat forever
       worker_count=0,                             # grain multiprocessing workers per process
       patch_size=14,
+      max_tokens_per_sample=config_dict.placeholder(int),  # keep this many highest-scored tokens
+      temporal_positions="sample_index",          # t as "sample_index" or on the 64-frame "timeline64"
   ))
+
+
+TEMPORAL_POSITIONS = ("sample_index", "timeline64")
+TIMELINE_FRAMES = torch_layout.ROPE_TEMPORAL_SIZE  # the published temporal RoPE grid (64 frames)
 
 
 # ---- config -------------------------------------------------------------------------------------
@@ -97,6 +104,13 @@ def validate_input_config(cfg, process_count: int = 1) -> None:
                      f"got {cfg.num_epochs!r}")
   if not _is_int(cfg.worker_count) or cfg.worker_count < 0:
     raise ValueError(f"input.worker_count must be an int >= 0, got {cfg.worker_count!r}")
+  if cfg.max_tokens_per_sample is not None and (
+      not _is_int(cfg.max_tokens_per_sample) or cfg.max_tokens_per_sample < 1):
+    raise ValueError(f"input.max_tokens_per_sample must be None (no cap) or a positive int, "
+                     f"got {cfg.max_tokens_per_sample!r}")
+  if cfg.temporal_positions not in TEMPORAL_POSITIONS:
+    raise ValueError(f"input.temporal_positions must be one of {TEMPORAL_POSITIONS}, "
+                     f"got {cfg.temporal_positions!r}")
   if cfg.global_batch_size % process_count:
     raise ValueError(f"input.global_batch_size={cfg.global_batch_size} is not divisible by the "
                      f"process count {process_count}")
@@ -161,14 +175,38 @@ def join_labels(record: Mapping[str, Any], table: "label_table_lib.LabelTable | 
   return row[row >= 0]
 
 
+def timeline64(frame_indices: np.ndarray) -> np.ndarray:
+  """Sampled frame indices -> slots of the 64-frame timeline: the first sample at 0, the last at
+  63, the others in proportion to their frame index (repeated frames share a slot). Unknown
+  indices (-1, format-1 records) are taken as evenly spaced."""
+  fi = np.asarray(frame_indices, np.float64)
+  if (fi < 0).any():
+    fi = np.arange(fi.size, dtype=np.float64)
+  span = fi.max() - fi.min()
+  if span <= 0:
+    return np.zeros(fi.size, np.int32)
+  return np.rint((TIMELINE_FRAMES - 1) * (fi - fi.min()) / span).astype(np.int32)
+
+
+def top_scored(scores: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
+  """Sorted indices of the n highest scores; equal scores are ordered by a draw from `rng`."""
+  order = np.lexsort((rng.random(scores.size), -np.asarray(scores, np.float64)))
+  return np.sort(order[:n])
+
+
 def sample_features(record: Mapping[str, Any], rng: np.random.Generator, *, patch_size: int,
                     tokens_per_row: int, max_labels: int, hflip: bool,
-                    label_table: "label_table_lib.LabelTable | None" = None) -> dict[str, np.ndarray]:
+                    label_table: "label_table_lib.LabelTable | None" = None,
+                    max_tokens_per_sample: int | None = None,
+                    temporal_positions: str = "sample_index") -> dict[str, np.ndarray]:
   """One decoded record -> truncated, optionally flipped, flattened token set and its row features.
 
-  Tokens beyond `tokens_per_row` are dropped by keeping a uniformly random subset of that size drawn
-  from `rng`, in the record's (t, h, w) order. With `hflip`, a coin from `rng` decides whether the
-  kept patches are mirrored left-right and w -> W-1-w; tokens are then re-sorted by (t, h, w).
+  With `max_tokens_per_sample`, only that many tokens are kept: the highest `scores` of the record
+  (format 2; ties, and format-1 records whose scores are all 0, in an order drawn from `rng`).
+  Tokens still beyond `tokens_per_row` are dropped by keeping a uniformly random subset of that size
+  drawn from `rng`, in the record's (t, h, w) order. With `hflip`, a coin from `rng` decides whether
+  the kept patches are mirrored left-right and w -> W-1-w; tokens are then re-sorted by (t, h, w).
+  `temporal_positions="timeline64"` replaces t by the frame's slot on the 64-frame timeline.
   """
   patches, positions = record["patches"], record["positions"]
   p = patches.shape[1]
@@ -178,6 +216,12 @@ def sample_features(record: Mapping[str, Any], rng: np.random.Generator, *, patc
   # The coin is drawn first and always, so a sample's flip does not depend on its length.
   flip = bool(hflip) and bool(rng.random() < 0.5)
   k = patches.shape[0]
+  if max_tokens_per_sample is not None and k > max_tokens_per_sample:
+    keep = top_scored(record["scores"], max_tokens_per_sample, rng)
+    patches, positions, k = patches[keep], positions[keep], max_tokens_per_sample
+  if temporal_positions == "timeline64":
+    positions = positions.copy()
+    positions[:, 0] = timeline64(record["frame_indices"])[positions[:, 0]]
   if k > tokens_per_row:
     keep = np.sort(rng.choice(k, tokens_per_row, replace=False))
     patches, positions, k = patches[keep], positions[keep], tokens_per_row
@@ -324,7 +368,9 @@ def make_train_dataset(cfg, *, process_index=None, process_count=None,
   ds = parts[0] if len(parts) == 1 else grain.MapDataset.mix(parts, weights)
   ds = ds.random_map(
       functools.partial(_decode_features, patch_size=int(cfg.patch_size), tokens_per_row=n_tok,
-                        max_labels=int(cfg.max_labels), hflip=bool(cfg.hflip), label_table=table),
+                        max_labels=int(cfg.max_labels), hflip=bool(cfg.hflip), label_table=table,
+                        max_tokens_per_sample=cfg.max_tokens_per_sample,
+                        temporal_positions=cfg.temporal_positions),
       seed=_seed(cfg.seed, 2))
   blocks = ProcessBlocks(len(ds), rows, pi, pc)
   if not len(blocks):

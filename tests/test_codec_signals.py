@@ -55,7 +55,8 @@ def _overlaps(h, w, box, p=P):
 
 def test_square_clip_selects_the_path_and_exact_pixels(square_clip):
   path, boxes = square_clip
-  cfg = cs.PatchifyConfig(budget=1 / 16, num_frames=16, image_size=S, patch_size=P).validate()
+  cfg = cs.PatchifyConfig(budget=1 / 16, num_frames=16, image_size=S, patch_size=P,
+                          iframe="scored").validate()
   rec = cs.patchify_file(path, cfg)
   k = round(16 * G * G / 16)
   assert rec["positions"].shape == (k, 3) and rec["patches"].shape == (k, P, P, 3)
@@ -91,28 +92,40 @@ def test_resized_and_odd_sized_video_patches_match_independent_decode(tmp_path):
     np.testing.assert_array_equal(patch, dec[idx[t]][h * 14:(h + 1) * 14, w * 14:(w + 1) * 14])
 
 
-def _reference_mc_residual(prev, cur, mvs):
-  """Per-block loop: prediction = previous frame moved along each vector rounded to whole pixels,
-  edges clamped; past references win over future ones; uncovered pixels predict from the
-  co-located pixel. Also returns |MV| in (quarter-pel exact) pixels per pixel."""
+def _reference_mc_residual(prev, cur, mvs, future=None):
+  """Per-block loop: each vector, rounded to whole pixels, moves the frame it references (past:
+  `prev`; future: `future`, or dropped when None), edges clamped; a pixel with both is predicted
+  by their rounded average; a pixel no vector covers from the co-located pixel of `prev`. Also
+  returns |MV| in (quarter-pel exact) pixels per pixel, the past vector where there are two."""
   h, w = cur.shape
-  dy = np.zeros((h, w))
-  dx = np.zeros((h, w))
-  order = sorted(range(len(mvs)), key=lambda i: -int(mvs["source"][i] > 0))  # future first
-  for i in order:
-    m = mvs[i]
-    x0, y0 = int(m["dst_x"]) - m["w"] // 2, int(m["dst_y"]) - m["h"] // 2
-    ys = slice(max(y0, 0), min(y0 + m["h"], h))
-    xs = slice(max(x0, 0), min(x0 + m["w"], w))
-    dx[ys, xs] = m["motion_x"] / m["motion_scale"]
-    dy[ys, xs] = m["motion_y"] / m["motion_scale"]
+  fields = {}
+  for side in (-1, 1):
+    dy, dx, cov = np.zeros((h, w)), np.zeros((h, w)), np.zeros((h, w), bool)
+    for m in mvs[np.sign(mvs["source"]) == side]:
+      x0, y0 = int(m["dst_x"]) - m["w"] // 2, int(m["dst_y"]) - m["h"] // 2
+      ys = slice(max(y0, 0), min(y0 + m["h"], h))
+      xs = slice(max(x0, 0), min(x0 + m["w"], w))
+      dx[ys, xs] = m["motion_x"] / m["motion_scale"]
+      dy[ys, xs] = m["motion_y"] / m["motion_scale"]
+      cov[ys, xs] = True
+    fields[side] = (dy, dx, cov)
   yy, xx = np.mgrid[0:h, 0:w]
-  iy, ix = np.rint(dy).astype(int), np.rint(dx).astype(int)
-  pred = prev[np.clip(yy + iy, 0, h - 1), np.clip(xx + ix, 0, w - 1)]
-  return np.abs(cur.astype(int) - pred.astype(int)), np.hypot(dx, dy)
+
+  def warp(ref, dy, dx):
+    iy, ix = np.rint(dy).astype(int), np.rint(dx).astype(int)
+    return ref[np.clip(yy + iy, 0, h - 1), np.clip(xx + ix, 0, w - 1)].astype(int)
+
+  (pdy, pdx, pcov), (fdy, fdx, fcov) = fields[-1], fields[1]
+  pred = warp(prev, pdy * pcov, pdx * pcov)
+  if future is not None:
+    pf = warp(future, fdy, fdx)
+    pred = np.where(pcov & fcov, (pred + pf + 1) // 2, np.where(fcov & ~pcov, pf, pred))
+  mag = np.where(pcov, np.hypot(pdx, pdy), np.where(fcov, np.hypot(fdx, fdy), 0.0))
+  return np.abs(cur.astype(int) - pred), mag
 
 
 def _real_frames(path):
+  """[(luma, vectors or None, pict_type int)] of every frame, decoded as the patchifier does."""
   c = av.open(path)
   st = c.streams.video[0]
   st.thread_type = "NONE"
@@ -120,7 +133,8 @@ def _real_frames(path):
   out = []
   for f in c.decode(st):
     sd = f.side_data.get("MOTION_VECTORS")
-    out.append((f.to_ndarray(format="gray"), None if sd is None else sd.to_ndarray()))
+    out.append((cs.luma_plane(f).copy(), None if sd is None else sd.to_ndarray(),
+                int(f.pict_type)))
   c.close()
   return out
 
@@ -131,7 +145,7 @@ def test_motion_compensation_matches_per_block_reference_on_real_mvs(square_clip
   sig = cs.FrameSignals(cfg, S, S)
   mc_total = diff_total = 0
   for t in range(1, len(frames)):
-    (prev, _), (cur, mvs) = frames[t - 1], frames[t]
+    (prev, _, _), (cur, mvs, _) = frames[t - 1], frames[t]
     if mvs is None:
       continue
     _, residual, _, tokens = sig.maps(cur, prev, mvs)
@@ -165,16 +179,18 @@ def _synthetic_mvs(rng, h, w):
   return np.array(rows, dtype)
 
 
+@pytest.mark.parametrize("with_future", [False, True])
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_motion_compensation_matches_reference_on_synthetic_mvs(seed):
+def test_motion_compensation_matches_reference_on_synthetic_mvs(seed, with_future):
   rng = np.random.default_rng(seed)
   h, w = 40, 56
   prev = rng.integers(0, 256, (h, w), dtype=np.uint8)
   cur = rng.integers(0, 256, (h, w), dtype=np.uint8)
+  future = rng.integers(0, 256, (h, w), dtype=np.uint8) if with_future else None
   mvs = _synthetic_mvs(rng, h, w)
   cfg = cs.PatchifyConfig(image_size=28, patch_size=14, min_side=1).validate()
-  motion_cells, residual, lat, _ = cs.FrameSignals(cfg, h, w).maps(cur, prev, mvs)
-  ref_res, ref_mag = _reference_mc_residual(prev, cur, mvs)
+  motion_cells, residual, lat, _ = cs.FrameSignals(cfg, h, w).maps(cur, prev, mvs, future)
+  ref_res, ref_mag = _reference_mc_residual(prev, cur, mvs, future)
   np.testing.assert_array_equal(residual, ref_res)
   # Motion map: |MV| normalised by its 95th percentile (floor 1 px), clipped to 1.
   scale = max(np.percentile(ref_mag, 95, method="inverted_cdf"), 1.0)
@@ -199,7 +215,7 @@ def test_fusion_and_pooling_match_pixel_reference(square_clip, fusion, weights):
                           residual_weight=weights[1]).validate()
   sig = cs.FrameSignals(cfg, S, S, rot_k=1)
   for t in (3, 8):  # a P-frame (motion + residual) and an I-frame (frame difference alone)
-    (prev, _), (cur, mvs) = frames[t - 1], frames[t]
+    (prev, _, _), (cur, mvs, _) = frames[t - 1], frames[t]
     scores, _ = sig.scores(cur, prev, mvs)
     if mvs is None:
       res = np.abs(cur.astype(float) - prev)
@@ -226,9 +242,10 @@ def test_pooling_uneven_bins_matches_reference():
 def test_select_top_k_matches_brute_force_with_ties():
   rng = np.random.default_rng(0)
   scores = rng.integers(0, 4, size=(5, 3, 4)).astype(float)  # many ties
-  for k in (1, 7, 30, 60):
-    got = cs.select_top_k(scores, k)
-    order = sorted(range(scores.size), key=lambda i: (-scores.reshape(-1)[i], i))[:k]
+  for k, seed in [(1, 0), (7, 1), (30, (3, 2**62)), (60, 0)]:
+    got = cs.select_top_k(scores, k, seed=seed)
+    rank = np.random.default_rng(seed).permutation(scores.size)  # the seeded tie order
+    order = sorted(range(scores.size), key=lambda i: (-scores.reshape(-1)[i], rank[i]))[:k]
     want = np.asarray(sorted(order))
     np.testing.assert_array_equal(got, np.stack([want // 12, want // 4 % 3, want % 4], 1))
   with pytest.raises(ValueError, match="k=0"):
@@ -246,30 +263,34 @@ def test_k_equals_budget_exactly(square_clip):
 
 def test_keep_first_frame(square_clip):
   cfg = cs.PatchifyConfig(budget=0.125, num_frames=16, image_size=S, patch_size=P,
-                          keep_first_frame=True).validate()
+                          iframe="keep").validate()
   rec = cs.patchify_file(square_clip[0], cfg, with_scores=True)
   pos = rec["positions"]
   assert pos.shape[0] == 128
   first = pos[pos[:, 0] == 0]
   assert first.shape[0] == G * G  # the whole first frame
   # The other 64 are the top-64 of frames 1.. (brute force on the returned scores).
-  rest = rec["scores"][1:].reshape(-1)
-  want = sorted(sorted(range(rest.size), key=lambda i: (-rest[i], i))[:64])
+  rest = rec["grid_scores"][1:].reshape(-1)
+  rest_scores = np.sort(rest)[::-1]
   got = sorted(((t - 1) * G + h) * G + w for t, h, w in pos if t > 0)
-  assert got == want
-  with pytest.raises(ValueError, match="keep_first_frame"):
-    cs.PatchifyConfig(budget=0.03, num_frames=16, image_size=S, patch_size=P,
-                      keep_first_frame=True).validate()
+  assert rest_scores[63] > rest_scores[64]  # no tie at the cut: the top-64 set is unique
+  assert got == sorted(np.argsort(-rest, kind="stable")[:64].tolist())
+  # The record ranks the frame kept whole above everything for later token budgets.
+  assert np.isinf(rec["scores"][pos[:, 0] == 0]).all() and np.isfinite(rec["scores"][64:]).all()
+  # K below two frames: the rule does not apply, plain top-K.
+  small = cs.PatchifyConfig(budget=0.1, num_frames=16, image_size=S, patch_size=P).validate()
+  assert small.iframe == "keep" and not small.keep_first_frame
 
 
 def test_static_fallback_keeps_uniform_whole_frames(static_clip):
   base = dict(num_frames=16, image_size=S, patch_size=P)
+  base = dict(base, iframe="scored")
   rec = cs.patchify_file(static_clip, cs.PatchifyConfig(budget=0.125, **base).validate())
   assert rec["signal"].endswith("static_fallback")
   frames = {t: np.sum(rec["positions"][:, 0] == t) for t in np.unique(rec["positions"][:, 0])}
   assert frames == {4: 64, 12: 64}  # K = 2 frames, centred at 1/4 and 3/4 of the clip
-  rec = cs.patchify_file(static_clip, cs.PatchifyConfig(budget=0.125, keep_first_frame=True,
-                                                        **base).validate())
+  rec = cs.patchify_file(static_clip, cs.PatchifyConfig(budget=0.125, **dict(
+      base, iframe="keep")).validate())
   frames = {t: np.sum(rec["positions"][:, 0] == t) for t in np.unique(rec["positions"][:, 0])}
   assert frames == {0: 64, 8: 64}
   rec = cs.patchify_file(static_clip, cs.PatchifyConfig(budget=0.1, **base).validate())
@@ -279,15 +300,16 @@ def test_static_fallback_keeps_uniform_whole_frames(static_clip):
   spread = pos[pos[:, 0] == 12]
   assert len(np.unique(spread[:, 1])) == G  # spread over every row, not the top rows
   # Without the fallback: plain top-K. Only the I-frame (t=8, frame difference = re-encoding
-  # noise) scores above 0; the other picks are ties, resolved to the lowest (t, h, w) indices.
+  # noise) scores above 0; the other picks are ties, resolved by the seeded random order.
   rec = cs.patchify_file(static_clip, cs.PatchifyConfig(budget=0.125, static_fallback=False,
                                                         **base).validate(), with_scores=True)
   assert "static_fallback" not in rec["signal"]
-  sc = rec["scores"].reshape(-1)
+  sc = rec["grid_scores"].reshape(-1)
   assert np.count_nonzero(sc) == np.count_nonzero(sc[8 * 64:9 * 64]) > 0
-  want = sorted(sorted(range(sc.size), key=lambda i: (-sc[i], i))[:128])
+  rank = cs.tie_order((0, rec["sample_id"]), sc.size)
+  want = sorted(sorted(range(sc.size), key=lambda i: (-sc[i], rank[i]))[:128])
   got = [(t * G + h) * G + w for t, h, w in rec["positions"]]
-  assert got == want and set(rec["positions"][:, 0].tolist()) <= {0, 1, 8}
+  assert got == want and len(set(rec["positions"][:, 0].tolist())) > 8  # ties spread over T
 
 
 def test_moving_clip_does_not_trigger_static_fallback(square_clip):
@@ -386,11 +408,12 @@ def test_percentile95_is_nearest_rank():
     assert cs.percentile95(u) == np.percentile(u, 95, method="inverted_cdf")
 
 
-@pytest.mark.parametrize("codec,ext,signal", [
-    ("libx264", "mkv", "mv+residual+frame_diff"),  # B-frames; MKV has no frame count header
-    ("libvpx-vp9", "webm", "frame_diff"),  # FFmpeg exports no VP9 vectors: frame difference
+@pytest.mark.parametrize("codec,ext,transcode,signal", [
+    ("libx264", "mkv", "auto", "mv+residual"),  # B-frames; MKV has no frame count header
+    ("libvpx-vp9", "webm", "never", "frame_diff"),  # FFmpeg exports no VP9 vectors
+    ("libvpx-vp9", "webm", "auto", "transcode+mv+residual"),  # ... so they are re-encoded
 ])
-def test_other_codecs_and_containers(tmp_path, codec, ext, signal):
+def test_other_codecs_and_containers(tmp_path, codec, ext, transcode, signal):
   frames, _ = _square_frames(n=12, size=64, step=(1, 2))
   path = str(tmp_path / f"clip.{ext}")
   with av.open(path, "w") as c:
@@ -401,7 +424,8 @@ def test_other_codecs_and_containers(tmp_path, codec, ext, signal):
         c.mux(pkt)
     for pkt in s.encode():
       c.mux(pkt)
-  cfg = cs.PatchifyConfig(num_frames=8, image_size=56, patch_size=14, budget=0.25).validate()
+  cfg = cs.PatchifyConfig(num_frames=8, image_size=56, patch_size=14, budget=0.25,
+                          transcode=transcode).validate()
   rec = cs.patchify_file(path, cfg)
   assert rec["signal"] == signal and rec["positions"].shape[0] == 32
   if codec == "libx264":

@@ -38,7 +38,7 @@ def test_sample_id_matches_independent_hash():
 def test_round_trip_exact():
   rec = _record()
   out = records.decode_record(records.encode_record(rec))
-  assert set(out) == set(records.FIELDS)
+  assert set(out) == set(records.FIELDS + records.V2_FIELDS)
   np.testing.assert_array_equal(out["patches"], rec["patches"])
   assert out["patches"].dtype == np.uint8 and out["patches"].flags.writeable
   np.testing.assert_array_equal(out["positions"], rec["positions"])
@@ -60,7 +60,8 @@ def test_round_trip_empty_labels_and_int64_ids():
 def test_encoding_is_compact_and_not_pickle():
   rec = _record(k=40, p=14)
   data = records.encode_record(rec)
-  assert len(data) < 40 * 14 * 14 * 3 + 40 * 12 + 200
+  # Format 2 adds per patch a float16 score, per frame an int32 index and a float64 time.
+  assert len(data) < 40 * 14 * 14 * 3 + 40 * (12 + 2) + 3 * (4 + 8) + 250
   assert not data.startswith(b"\x80")  # pickle protocol marker
   assert isinstance(msgpack.unpackb(data), dict)
 
