@@ -92,7 +92,7 @@ def mixed_run(mixed, tmp_path_factory):
   out = str(tmp_path_factory.mktemp("out") / "ds")
   manifest = codec_patchify.run(["--input", str(d / "inputs.txt"), "--output_dir", out,
                                  "--class_labels", str(d / "labels.json"),
-                                 "--decode_timeout", "6", "--num_shards", "2"] + FLAGS)
+                                 "--decode_timeout", "6", "--shard_mb", "0.03"] + FLAGS)
   return out, manifest
 
 
@@ -122,13 +122,31 @@ def test_bad_inputs_are_reported_and_valid_ones_written_once(mixed, mixed_run):
   assert manifest["options"]["image_size"] == 56
 
 
+def _raw_shard(path):
+  from array_record.python import array_record_module
+  reader = array_record_module.ArrayRecordReader(str(path))
+  try:
+    return reader.read_all()
+  finally:
+    reader.close()
+
+
 def test_output_layout_is_final_and_complete(mixed_run):
   out, manifest = mixed_run
   names = sorted(os.listdir(out))
-  assert names == ["data-00000-of-00002.array_record", "data-00001-of-00002.array_record",
-                   "failures.jsonl", "manifest.json"]  # no temp dirs or files left behind
-  assert manifest["shards"] == names[:2]
-  assert [os.path.basename(x) for x in records.list_shards(out)] == names[:2]
+  n = manifest["num_shards"]
+  shards = [records.shard_name(i, n) for i in range(n)]
+  assert names == shards + ["failures.jsonl", "manifest.json"]  # no staging or temp files left
+  assert manifest["shards"] == shards
+  assert [os.path.basename(x) for x in records.list_shards(out)] == shards
+  # One bundle on the in-process DirectRunner: each shard is cut at the first record that takes it
+  # to --shard_mb, except the bundle's last one.
+  limit = 0.03 * 2**20
+  sizes = [[len(r) for r in _raw_shard(os.path.join(out, s))] for s in shards]
+  assert [len(s) for s in sizes] == manifest["records_per_shard"] and n >= 3
+  assert sum(manifest["records_per_shard"]) == manifest["num_records"]
+  assert all(sum(s[:-1]) < limit for s in sizes)
+  assert sum(sum(s) < limit for s in sizes) <= 1
 
 
 def test_refuses_to_mix_with_an_earlier_run(mixed, mixed_run):
