@@ -106,9 +106,18 @@ def _fetch(url: str) -> str:
   """Copies a remote input (gs://, s3://, ...) to a local temp file PyAV can open."""
   fd, local = tempfile.mkstemp(suffix=os.path.splitext(url)[1])
   with os.fdopen(fd, "wb") as dst, FileSystems.open(url) as src:
-    while chunk := src.read(1 << 22):
-      dst.write(chunk)
+    shutil.copyfileobj(src, dst, 1 << 22)
   return local
+
+
+def _upload(local: str, dst: str):
+  """Moves a local file to dst (any Beam filesystem; an object store makes it visible whole)."""
+  if _is_url(dst):
+    with open(local, "rb") as src, FileSystems.create(dst) as out:
+      shutil.copyfileobj(src, out, 1 << 22)
+    os.remove(local)
+  else:
+    shutil.move(local, dst)  # a rename when both are on one filesystem (PartWriter's temp files)
 
 
 # Decoder children kept between Dask partitions, one per worker process (see PatchifyFn.teardown).
@@ -268,14 +277,7 @@ class PartWriter:
     if self.writer is not None:
       self.writer.close()
       shard = name + ".array_record"
-      dst = FileSystems.join(self.staging, shard)
-      if _is_url(dst):
-        with open(self.local, "rb") as src, FileSystems.create(dst) as out:
-          while chunk := src.read(1 << 22):
-            out.write(chunk)
-        os.remove(self.local)
-      else:
-        os.replace(self.local, dst)
+      _upload(self.local, FileSystems.join(self.staging, shard))
     _write_atomic(FileSystems.join(self.staging, name + ".json"),
                   json.dumps({"shard": shard, "records": self.rows, "failures": self.failures},
                              ensure_ascii=False))
@@ -299,28 +301,23 @@ def _failure_reason_kind(reason: str) -> str:
   return re.split(r"[0-9(:]", reason, maxsplit=1)[0].strip()[:80]
 
 
-def _local_path(path: str) -> str:
-  return _fetch(path) if _is_url(path) else path
-
-
 def _rewrite_shard(src: str, keep_ids: set, dst: str):
   """Copies the records of shard src whose sample_id is in keep_ids into a new shard dst."""
   from array_record.python import array_record_module
-  local = _local_path(src)
+  local = _fetch(src) if _is_url(src) else src
   reader = array_record_module.ArrayRecordReader(local)
   fd, out = tempfile.mkstemp(suffix=".array_record")
   os.close(fd)
   writer = array_record_module.ArrayRecordWriter(out, "group_size:1")
-  for data in reader.read_all():
+  for i in range(reader.num_records()):
+    data = reader.read([i])[0]
     if records.decode_record(data)["sample_id"] in keep_ids:
       writer.write(data)
   writer.close()
   reader.close()
   if local != src:
     os.remove(local)
-  with open(out, "rb") as f, FileSystems.create(dst) as g:
-    g.write(f.read())
-  os.remove(out)
+  _upload(out, dst)
 
 
 def _read_parts(staging: str) -> list:

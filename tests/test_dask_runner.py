@@ -172,3 +172,39 @@ def test_killing_a_worker_mid_job_loses_nothing(inputs, cluster, direct, tmp_pat
   else:  # allowed, but only as a clear error and with nothing that looks finished
     assert "KilledWorker" in text or "codec_patchify: error:" in text, text[-3000:]
     assert not os.path.exists(os.path.join(out, "manifest.json"))
+
+
+def test_runner_shorthand_and_partition_size():
+  from data_prep import codec_signals as cs
+  cfg = cs.PatchifyConfig(image_size=28, patch_size=14, num_frames=4, budget=0.5).validate()
+  args, on_dask = codec_patchify._dask_args(["--runner", "dask", "--x=1"], 1000, cfg, 2**30)
+  assert on_dask and args == ["--x=1", f"--runner={codec_patchify.DASK_RUNNER}",
+                              "--dask_partition_size=16"]  # ceil(1000 / 64)
+  record = 8 * 14 * 14 * 3 + 1024  # K = 8 patches: at most one shard's worth per partition
+  args, _ = codec_patchify._dask_args(["--runner=DaskRunner"], 1000, cfg, 5 * record)
+  assert args[-1] == "--dask_partition_size=5"
+  args, _ = codec_patchify._dask_args(["--runner=dask", "--dask_npartitions=3"], 10, cfg, 1)
+  assert args == ["--dask_npartitions=3", f"--runner={codec_patchify.DASK_RUNNER}"]
+  assert codec_patchify._dask_args(["--runner=DirectRunner"], 10, cfg, 1) == (
+      ["--runner=DirectRunner"], False)
+
+
+def test_local_cluster_is_started_and_stopped_by_the_job(inputs, direct, tmp_path):
+  import psutil
+  list_file, valid, _ = inputs
+  before = {p.pid for p in psutil.Process().children(recursive=True)}
+  out = str(tmp_path / "ds")
+  manifest = codec_patchify.run(["--input", valid[0], "--input", valid[-1], "--output_dir", out,
+                                 "--runner=dask", "--dask_workers=1"] + FLAGS)
+  assert any(a.startswith("--runner=") for a in manifest["beam_args"])
+  got, want = _by_id(out), _by_id(direct)
+  assert len(got) == 2
+  for sid, r in got.items():
+    for field in records.FIELDS:
+      np.testing.assert_array_equal(r[field], want[sid][field])
+  deadline = time.time() + 30  # the cluster's processes are gone once the job returns
+  while (left := [p for p in psutil.Process().children(recursive=True)
+                  if p.pid not in before and p.is_running()
+                  and p.status() != psutil.STATUS_ZOMBIE]) and time.time() < deadline:
+    time.sleep(0.2)
+  assert not left, [p.cmdline() for p in left]
