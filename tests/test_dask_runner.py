@@ -18,7 +18,7 @@ from data_prep import make_demo_data as md
 from data_prep import records
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DASK = os.path.join(os.path.dirname(sys.executable), "dask")
+DASK = [sys.executable, "-m", "dask"]  # the `dask` command of this environment
 FLAGS = ["--image_size", "28", "--patch_size", "14", "--num_frames", "4", "--budget", "0.5",
          "--decode_timeout", "3", "--dask_partition_size=3"]
 
@@ -77,9 +77,9 @@ def cluster(tmp_path_factory):
   logs = tmp_path_factory.mktemp("dask_logs")
   procs = []
   try:
-    procs.append(_start([DASK, "scheduler", "--host", "127.0.0.1", "--port", str(port),
+    procs.append(_start(DASK + ["scheduler", "--host", "127.0.0.1", "--port", str(port),
                          "--no-dashboard"], env, open(logs / "scheduler.log", "w")))
-    procs.append(_start([DASK, "worker", address, "--nworkers", "2", "--nthreads", "1",
+    procs.append(_start(DASK + ["worker", address, "--nworkers", "2", "--nthreads", "1",
                          "--no-dashboard"], env, open(logs / "workers.log", "w")))
     deadline = time.time() + 60
     while True:
