@@ -1,9 +1,13 @@
-"""Codec patchify throughput vs bare PyAV decode on one set of clips (videos/s, frames/s, c/a)."""
+"""Codec patchify throughput vs bare PyAV decode on one set of clips (videos/s, frames/s, c/a), the
+whole Beam job on the DirectRunner and on a Dask cluster, and the job's peak RSS at 1x and 10x."""
 import argparse
 import glob
 import json
+import multiprocessing
 import os
+import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -58,6 +62,180 @@ def transcode_cost(paths, cfg, rounds: int) -> dict:
           "transcode_over_patchify": min(cpu["c"]) / min(cpu["d"])}
 
 
+def _decode_plain(path: str) -> int:
+  return decode_all(path, False)
+
+
+def make_copies(paths, count: int, out_dir: str) -> list:
+  """`count` distinct input files cycling over paths (hard links when possible): distinct samples."""
+  os.makedirs(out_dir, exist_ok=True)
+  out = []
+  for i in range(count):
+    src = paths[i % len(paths)]
+    dst = os.path.join(out_dir, f"copy_{i:05d}{os.path.splitext(src)[1]}")
+    try:
+      os.link(src, dst)
+    except OSError:
+      shutil.copyfile(src, dst)
+    out.append(dst)
+  return out
+
+
+def job_flags(args, paths_glob: str, output_dir: str) -> list:
+  return ["--input", paths_glob, "--output_dir", output_dir, "--budget", str(args.budget),
+          "--num_frames", str(args.num_frames), "--image_size", str(args.image_size),
+          "--patch_size", str(args.patch_size), "--log_every_s", "1e9"]
+
+
+def timed_job(flags) -> float:
+  """Wall-clock seconds of one whole codec_patchify job (start-up, finalisation included)."""
+  from data_prep import codec_patchify
+  t0 = time.perf_counter()
+  codec_patchify.run(flags)
+  return time.perf_counter() - t0
+
+
+def bench_beam(args, paths, cfg, tmp):
+  """Whole-job videos/s: bare decode on a pool of `workers` processes, the DirectRunner with as
+  many multi_processing workers, and a Dask cluster of as many worker processes (one already up,
+  as a user's cluster is, and one the job starts and stops itself)."""
+  import dask
+  from distributed import LocalCluster
+  w = args.workers
+  videos = make_copies(paths, len(paths) * args.beam_copies, os.path.join(tmp, "beam_in"))
+  n = len(videos)
+  pattern = os.path.join(tmp, "beam_in", "*")
+  ctx = multiprocessing.get_context("spawn")
+  with ctx.Pool(w) as pool:
+    pool.map(_decode_plain, videos[:w])  # workers up and imports done
+    t0 = time.perf_counter()
+    pool.map(_decode_plain, videos, chunksize=1)
+    decode_s = time.perf_counter() - t0
+  secs = {"decode": decode_s}
+  out = lambda name: os.path.join(tmp, "beam_out", name)  # noqa: E731
+  secs["direct"] = timed_job(job_flags(args, pattern, out("direct")) + [
+      f"--direct_num_workers={w}", "--direct_running_mode=multi_processing"])
+  with dask.config.set({"distributed.worker.daemon": False}):
+    with LocalCluster(n_workers=w, threads_per_worker=1, processes=True,
+                      dashboard_address=None) as cluster:
+      dask_flags = ["--runner=dask", f"--dask_client_address={cluster.scheduler_address}"]
+      timed_job(job_flags(args, paths[0], out("dask_warmup")) + dask_flags)
+      secs["dask"] = timed_job(job_flags(args, pattern, out("dask")) + dask_flags)
+  secs["dask_cold"] = timed_job(job_flags(args, pattern, out("dask_cold")) + [
+      "--runner=dask", f"--dask_workers={w}"])
+  vps = {k: n / v for k, v in secs.items()}
+  fig = {"beam_videos": n, "beam_workers": w}
+  fig.update({f"beam_{k}_videos_per_s": v for k, v in vps.items()})
+  fig["beam_over_decode"] = vps["direct"] / vps["decode"]
+  fig["dask_over_direct"] = vps["dask"] / vps["direct"]
+  fig["dask_cold_over_direct"] = vps["dask_cold"] / vps["direct"]
+  names = {"decode": f"bare decode, pool of {w}",
+           "direct": f"Beam DirectRunner, {w} mp workers",
+           "dask": f"Beam DaskRunner, {w} workers (up)",
+           "dask_cold": f"Beam DaskRunner, {w} workers (started by job)"}
+  lines = [f"whole job on {n} videos (wall-clock, one run each)",
+           f"{'mode':<44}{'videos/s':>10}{'vs decode':>11}{'vs direct':>11}"]
+  for k, name in names.items():
+    lines.append(f"{name:<44}{vps[k]:>10.2f}{vps[k] / vps['decode']:>11.2f}"
+                 f"{vps[k] / vps['direct']:>11.2f}")
+  lines.append(f"beam_over_decode = {fig['beam_over_decode']:.2f} (goal >= 0.6); "
+               f"dask_over_direct = {fig['dask_over_direct']:.2f} (goal >= 0.9)")
+  return fig, lines
+
+
+# VmHWM, not getrusage: Linux carries ru_maxrss over from the forking parent (this benchmark).
+_RSS_JOB = ("import sys; from data_prep import codec_patchify; codec_patchify.run(sys.argv[1:]); "
+            "print('PEAK_RSS_KB', [l.split()[1] for l in open('/proc/self/status') "
+            "if l.startswith('VmHWM:')][0])")
+
+
+def bench_rss(args, paths, cfg, tmp):
+  """Peak RSS of the job's driver process (DirectRunner, defaults) at 1x and 10x the videos."""
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  peak = {}
+  for scale in (1, 10):
+    d = os.path.join(tmp, f"rss_in_{scale}")
+    make_copies(paths, args.rss_videos * scale, d)
+    cmd = [sys.executable, "-c", _RSS_JOB] + job_flags(args, os.path.join(d, "*"),
+                                                       os.path.join(tmp, f"rss_out_{scale}"))
+    run = subprocess.run(cmd, cwd=repo, capture_output=True, text=True,
+                         env=dict(os.environ, PYTHONPATH=repo))
+    if run.returncode:
+      raise RuntimeError(f"rss job failed:\n{run.stderr[-3000:]}")
+    peak[scale] = int(run.stdout.split("PEAK_RSS_KB")[-1].split()[0]) / 2**20  # GiB
+  fig = {"rss_videos_1x": args.rss_videos, "rss_peak_gib_1x": peak[1],
+         "rss_peak_gib_10x": peak[10], "rss_ratio_10x": peak[10] / peak[1]}
+  lines = [f"job peak RSS (driver process, DirectRunner): {args.rss_videos} videos "
+           f"{peak[1]:.3f} GiB, {10 * args.rss_videos} videos {peak[10]:.3f} GiB, "
+           f"rss_ratio_10x = {fig['rss_ratio_10x']:.2f} (goal <= 1.3)"]
+  return fig, lines
+
+
+def bench_codec_modes(args, paths, cfg, tmp):
+  """One process, one thread: (a) bare decode, (b) + MV export, (c) the full patchify."""
+  frames = sum(decode_all(p, False) for p in paths)  # also warms caches and the page cache
+  for p in paths:
+    patchify(p, cfg)
+  modes = {"a_decode": lambda p: decode_all(p, False),
+           "b_decode_mvs": lambda p: decode_all(p, True),
+           "c_patchify": lambda p: patchify(p, cfg)}
+  wall = {m: [] for m in modes}
+  cpu = {m: [] for m in modes}
+  for _ in range(args.rounds):
+    for mode, fn in modes.items():  # interleaved, so load from other processes hits all modes
+      t0, c0 = time.perf_counter(), time.process_time()
+      for p in paths:
+        fn(p)
+      cpu[mode].append(time.process_time() - c0)
+      wall[mode].append(time.perf_counter() - t0)
+  # Every mode runs on one thread, so process CPU time is the work done; on a shared machine it
+  # is the steadier figure. Wall-clock figures are reported too.
+  best = {m: min(v) for m, v in cpu.items()}
+  best_wall = {m: min(v) for m, v in wall.items()}
+  med = {m: statistics.median(v) for m, v in cpu.items()}
+  n = len(paths)
+  fig = {"frames": frames, "rounds": args.rounds,
+         "timing": "best of rounds, process CPU time (wall-clock in *_wall)"}
+  for m in modes:
+    fig[f"{m}_videos_per_s"] = n / best[m]
+    fig[f"{m}_frames_per_s"] = frames / best[m]
+    fig[f"{m}_median_videos_per_s"] = n / med[m]
+    fig[f"{m}_videos_per_s_wall"] = n / best_wall[m]
+    fig[f"{m}_frames_per_s_wall"] = frames / best_wall[m]
+  fig["mvs_over_decode"] = best["a_decode"] / best["b_decode_mvs"]
+  fig["patchify_over_decode"] = best["a_decode"] / best["c_patchify"]
+  fig["patchify_over_decode_median"] = med["a_decode"] / med["c_patchify"]
+  fig["patchify_over_decode_wall"] = best_wall["a_decode"] / best_wall["c_patchify"]
+  lines = [f"one video at a time: best of {args.rounds} rounds of CPU time (median) and wall-clock",
+           f"{'mode':<24}{'videos/s':>18}{'frames/s':>10}{'vs (a)':>8}"
+           f"{'wall videos/s':>15}{'wall vs (a)':>12}"]
+  names = {"a_decode": "(a) bare decode", "b_decode_mvs": "(b) decode + MV export",
+           "c_patchify": "(c) full patchify"}
+  for m in modes:
+    lines.append(
+        f"{names[m]:<24}{fig[f'{m}_videos_per_s']:>9.1f} ({fig[f'{m}_median_videos_per_s']:6.1f})"
+        f"{fig[f'{m}_frames_per_s']:>10.0f}{best['a_decode'] / best[m]:>8.2f}"
+        f"{fig[f'{m}_videos_per_s_wall']:>15.1f}{best_wall['a_decode'] / best_wall[m]:>12.2f}")
+  lines.append(f"patchify_over_decode (c/a) = {fig['patchify_over_decode']:.2f} CPU time "
+               f"(median {fig['patchify_over_decode_median']:.2f}, wall-clock "
+               f"{fig['patchify_over_decode_wall']:.2f}); target >= 0.7")
+  return fig, lines
+
+
+def bench_transcode(args, paths, cfg, tmp):
+  """(d): the cost of --transcode always against (c) on the same clips."""
+  if not args.transcode_rounds:
+    return {}, []
+  fig = transcode_cost(paths, cfg, args.transcode_rounds)
+  return fig, [f"{'(d) patchify, transcode':<24}{fig['d_patchify_transcode_videos_per_s']:>9.1f}"
+               f"{'':>18}{fig['transcode_over_patchify']:>8.2f} of (c): --transcode always, CPU time"]
+
+
+# Each section: (args, clip paths, cfg, temp dir) -> (figures for --json, table lines).
+SECTIONS = {"codec": bench_codec_modes, "transcode": bench_transcode, "beam": bench_beam,
+            "rss": bench_rss}
+
+
 def make_clips(out_dir, count, size, frames, background, noise, seed):
   import numpy as np
   rng = np.random.default_rng(seed)
@@ -87,10 +265,19 @@ def main(argv=None):
   ap.add_argument("--interval_frames", type=int, default=0,
                   help="patchify: frames scored per sampling interval (0 = every frame)")
   ap.add_argument("--rounds", type=int, default=5, help="best of this many rounds is reported")
+  ap.add_argument("--sections", default=",".join(SECTIONS),
+                  help=f"comma-separated subset of {list(SECTIONS)}")
+  ap.add_argument("--workers", type=int, default=2, help="beam: worker processes per runner")
+  ap.add_argument("--beam_copies", type=int, default=25, help="beam: job input = clips x this")
+  ap.add_argument("--rss_videos", type=int, default=20, help="rss: videos at 1x (10x: ten times)")
   ap.add_argument("--json", default=None, help="write the figures to this path")
   ap.add_argument("--transcode_rounds", type=int, default=2,
                   help="rounds of (d), patchify with --transcode always; 0 skips it")
   args = ap.parse_args(argv)
+  sections = [s for s in args.sections.split(",") if s]
+  unknown = sorted(set(sections) - set(SECTIONS))
+  if unknown:
+    ap.error(f"--sections: unknown {unknown}; known: {list(SECTIONS)}")
   cfg = codec_signals.PatchifyConfig(budget=args.budget, num_frames=args.num_frames,
                                      image_size=args.image_size,
                                      patch_size=args.patch_size,
@@ -107,63 +294,15 @@ def main(argv=None):
       source = (f"{args.clips} generated clips, {args.size}x{args.size}, {args.frames} frames, "
                 f"{args.background} background, noise {args.noise} (made in "
                 f"{time.time() - t0:.1f}s)")
-    frames = sum(decode_all(p, False) for p in paths)  # also warms caches and the page cache
-    for p in paths:
-      patchify(p, cfg)
-    modes = {"a_decode": lambda p: decode_all(p, False),
-             "b_decode_mvs": lambda p: decode_all(p, True),
-             "c_patchify": lambda p: patchify(p, cfg)}
-    wall = {m: [] for m in modes}
-    cpu = {m: [] for m in modes}
-    for _ in range(args.rounds):
-      for mode, fn in modes.items():  # interleaved, so load from other processes hits all modes
-        t0, c0 = time.perf_counter(), time.process_time()
-        for p in paths:
-          fn(p)
-        cpu[mode].append(time.process_time() - c0)
-        wall[mode].append(time.perf_counter() - t0)
-  # Every mode runs on one thread, so process CPU time is the work done; on a shared machine it
-  # is the steadier figure. Wall-clock figures are reported too.
-  best = {m: min(v) for m, v in cpu.items()}
-  best_wall = {m: min(v) for m, v in wall.items()}
-  med = {m: statistics.median(v) for m, v in cpu.items()}
-  n = len(paths)
-  fig = {"videos": n, "frames": frames, "rounds": args.rounds, "clips": source,
-         "num_frames": cfg.num_frames, "image_size": cfg.image_size, "budget": cfg.budget,
-         "interval_frames": cfg.interval_frames,
-         "timing": "best of rounds, process CPU time (wall-clock in *_wall)"}
-  for m in modes:
-    fig[f"{m}_videos_per_s"] = n / best[m]
-    fig[f"{m}_frames_per_s"] = frames / best[m]
-    fig[f"{m}_median_videos_per_s"] = n / med[m]
-    fig[f"{m}_videos_per_s_wall"] = n / best_wall[m]
-    fig[f"{m}_frames_per_s_wall"] = frames / best_wall[m]
-  fig["mvs_over_decode"] = best["a_decode"] / best["b_decode_mvs"]
-  fig["patchify_over_decode"] = best["a_decode"] / best["c_patchify"]
-  fig["patchify_over_decode_median"] = med["a_decode"] / med["c_patchify"]
-  fig["patchify_over_decode_wall"] = best_wall["a_decode"] / best_wall["c_patchify"]
-
-  print(f"clips: {source}")
-  print(f"patchify: T={cfg.num_frames}, {cfg.image_size}px, patch {cfg.patch_size}, "
-        f"budget {cfg.budget}; best of {args.rounds} rounds of CPU time (median) and wall-clock")
-  print(f"{'mode':<24}{'videos/s':>18}{'frames/s':>10}{'vs (a)':>8}"
-        f"{'wall videos/s':>15}{'wall vs (a)':>12}")
-  names = {"a_decode": "(a) bare decode", "b_decode_mvs": "(b) decode + MV export",
-           "c_patchify": "(c) full patchify"}
-  for m in modes:
-    print(f"{names[m]:<24}{fig[f'{m}_videos_per_s']:>9.1f} ({fig[f'{m}_median_videos_per_s']:6.1f})"
-          f"{fig[f'{m}_frames_per_s']:>10.0f}{best['a_decode'] / best[m]:>8.2f}"
-          f"{fig[f'{m}_videos_per_s_wall']:>15.1f}{best_wall['a_decode'] / best_wall[m]:>12.2f}")
-  print(f"patchify_over_decode (c/a) = {fig['patchify_over_decode']:.2f} CPU time "
-        f"(median {fig['patchify_over_decode_median']:.2f}, wall-clock "
-        f"{fig['patchify_over_decode_wall']:.2f}); target >= 0.7")
-  if args.transcode_rounds:
-    with tempfile.TemporaryDirectory() as tmp:
-      clips = paths if args.input else make_clips(tmp, args.clips, args.size, args.frames,
-                                                  args.background, args.noise, 0)
-      fig.update(transcode_cost(clips, cfg, args.transcode_rounds))
-    print(f"{'(d) patchify, transcode':<24}{fig['d_patchify_transcode_videos_per_s']:>9.1f}"
-          f"{'':>18}{fig['transcode_over_patchify']:>8.2f} of (c): --transcode always, CPU time")
+    fig = {"videos": len(paths), "clips": source, "num_frames": cfg.num_frames,
+           "image_size": cfg.image_size, "budget": cfg.budget, "interval_frames": cfg.interval_frames}
+    print(f"clips: {source}")
+    print(f"patchify: T={cfg.num_frames}, {cfg.image_size}px, patch {cfg.patch_size}, "
+          f"budget {cfg.budget}")
+    for name in sections:
+      figures, lines = SECTIONS[name](args, paths, cfg, tmp)
+      fig.update(figures)
+      print("\n".join(lines), flush=True)
   if args.json:
     tmp = args.json + ".tmp"
     with open(tmp, "w") as f:

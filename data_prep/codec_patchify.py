@@ -1,21 +1,22 @@
 """Apache Beam job: videos/images -> codec-selected patch records in ArrayRecord shards."""
 import argparse
 import collections
+import contextlib
 import dataclasses
+import hashlib
 import json
 import logging
 import math
+import multiprocessing
 import os
 import re
+import shutil
 import sys
 import tempfile
 import time
 import uuid
 
 import apache_beam as beam
-from apache_beam.coders import coders
-from apache_beam.io import filebasedsink
-from apache_beam.io import filesystem
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import PipelineOptions
 
@@ -40,8 +41,9 @@ def _is_url(path: str) -> bool:
 
 
 def _canonical(path: str) -> str:
-  """Local paths become absolute (a stable `source` and sample_id); URLs stay as written."""
-  return path if _is_url(path) else os.path.abspath(path)
+  """Local paths become absolute with symlinks resolved (a stable `source` and sample_id, and a
+  link is not a second sample); URLs stay as written."""
+  return path if _is_url(path) else os.path.realpath(path)
 
 
 def _read_text(path: str) -> str:
@@ -104,28 +106,69 @@ def _fetch(url: str) -> str:
   """Copies a remote input (gs://, s3://, ...) to a local temp file PyAV can open."""
   fd, local = tempfile.mkstemp(suffix=os.path.splitext(url)[1])
   with os.fdopen(fd, "wb") as dst, FileSystems.open(url) as src:
-    while chunk := src.read(1 << 22):
-      dst.write(chunk)
+    shutil.copyfileobj(src, dst, 1 << 22)
   return local
 
 
-class PatchifyFn(beam.DoFn):
-  """path -> encoded record (main output) or a failures.jsonl line (tagged 'failures')."""
+def _upload(local: str, dst: str):
+  """Moves a local file to dst (any Beam filesystem; an object store makes it visible whole)."""
+  if _is_url(dst):
+    with open(local, "rb") as src, FileSystems.create(dst) as out:
+      shutil.copyfileobj(src, out, 1 << 22)
+    os.remove(local)
+  else:
+    shutil.move(local, dst)  # a rename when both are on one filesystem (PartWriter's temp files)
 
-  def __init__(self, cfg, class_labels: dict, timeout: float, log_every_s: float):
+
+# Decoder children kept between Dask partitions, one per worker process (see PatchifyFn.teardown).
+_IDLE_DECODERS = {}
+
+DAEMON_WORKER_ERROR = (
+    "this worker process is daemonic (Dask's default), so it cannot start the decoder child that "
+    "--decode_timeout needs; start the Dask workers with DASK_DISTRIBUTED__WORKER__DAEMON=False "
+    "(or distributed.worker.daemon: false in their config), or pass --decode_timeout 0")
+
+
+def _in_dask_worker() -> bool:
+  try:
+    from distributed import get_worker
+    get_worker()
+  except (ImportError, ValueError):
+    return False
+  return True
+
+
+class PatchifyFn(beam.DoFn):
+  """paths -> records written straight into this bundle's shards; failures into its parts."""
+
+  def __init__(self, cfg, class_labels: dict, timeout: float, log_every_s: float, staging: str,
+               shard_bytes: int):
     self.cfg = cfg
     self.class_labels = class_labels
     self.timeout = timeout
     self.log_every_s = log_every_s
+    self.staging = staging
+    self.shard_bytes = shard_bytes
     self.ok = beam.metrics.Metrics.counter(METRICS_NAMESPACE, "files_ok")
     self.failed = beam.metrics.Metrics.counter(METRICS_NAMESPACE, "files_failed")
     self.tokens = beam.metrics.Metrics.counter(METRICS_NAMESPACE, "tokens_kept")
     self.seconds = beam.metrics.Metrics.distribution(METRICS_NAMESPACE, "ms_per_file")
 
   def setup(self):
-    self.worker = codec_signals.DecodeWorker(self.cfg, self.timeout) if self.timeout > 0 else None
+    self.worker = None
+    if self.timeout > 0:
+      if multiprocessing.current_process().daemon:
+        raise RuntimeError(DAEMON_WORKER_ERROR)
+      self.worker = (_IDLE_DECODERS.pop(self._decoder_key(), None)
+                     or codec_signals.DecodeWorker(self.cfg, self.timeout))
     self.done = self.n_failed = self.n_tokens = 0
     self.started = self.last_log = time.time()
+
+  def _decoder_key(self):
+    return (repr(self.cfg), self.timeout)
+
+  def start_bundle(self):
+    self.part = PartWriter(self.staging, self.shard_bytes)
 
   def process(self, path):
     label = self.class_labels.get(path, -1)
@@ -152,62 +195,98 @@ class PatchifyFn(beam.DoFn):
       self.ok.inc()
       self.tokens.inc(stats["tokens"])
       self.n_tokens += stats["tokens"]
-      yield beam.pvalue.TaggedOutput("stats", stats)
-      yield data
+      self.part.add(data, [records.sample_id_for(path), path, stats["tokens"], stats["kind"],
+                           stats["signal"]])
     else:
       self.failed.inc()
       self.n_failed += 1
       log.warning("failed: %s: %s", path, result[1])
-      yield beam.pvalue.TaggedOutput("failures", json.dumps({"path": path, "reason": result[1]},
-                                                            ensure_ascii=False))
+      self.part.fail({"path": path, "reason": result[1]})
     now = time.time()
     if now - self.last_log >= self.log_every_s:
       self.last_log = now
       log.info("worker %d: %d files done (%d failed), %d tokens kept, %.1f files/s", os.getpid(),
                self.done, self.n_failed, self.n_tokens, self.done / max(now - self.started, 1e-9))
 
+  def finish_bundle(self):
+    self.part.close()
+
   def teardown(self):
-    if getattr(self, "worker", None) is not None:
-      self.worker.close()
+    worker, self.worker = getattr(self, "worker", None), None
+    if worker is None:
+      return
+    if _in_dask_worker():
+      # The DaskRunner calls setup/teardown around every partition; starting a decoder child
+      # costs about a second, so this process keeps one for its next partition.
+      for idle in _IDLE_DECODERS.values():
+        idle.close()
+      _IDLE_DECODERS.clear()
+      _IDLE_DECODERS[self._decoder_key()] = worker
+    else:
+      worker.close()
 
 
 # ----------------------------------------------------------------------------------------------
-# Output.
+# Output: bundle-scoped shards in a staging folder, committed by the driver.
 
-class ArrayRecordSink(filebasedsink.FileBasedSink):
-  """ArrayRecord shards through Beam's temp-file-then-rename finalisation.
+STAGING_PREFIX = "beam-temp-"
+PART_GLOB = "part-*.json"
 
-  Each bundle writes a temp file under DIR/beam-temp-*; finalize renames complete temp files to
-  DIR/data-XXXXX-of-YYYYY.array_record, so an interrupted run never leaves a final-named shard.
-  The ArrayRecord writer needs a local file: for remote filesystems it writes locally and then
-  copies into the temp path.
+
+class PartWriter:
+  """One bundle's output. Records stream into a shard file, cut when it reaches shard_bytes.
+
+  A part commits as: its shard renamed from a temp name (or copied, for remote dirs), then
+  part-<hash>.json written atomically, holding each record's (sample_id, source, tokens, kind,
+  signal) and the bundle's failure rows. The hash is of the part's content, so a retried bundle
+  that redoes the same inputs (a Dask task rerun after a worker died) overwrites its own earlier
+  part instead of adding a second one; the driver removes any other overlap (finalize_output).
   """
 
-  def __init__(self, output_dir: str, num_shards: int):
-    super().__init__(FileSystems.join(output_dir, "data"), file_name_suffix=".array_record",
-                     num_shards=num_shards, shard_name_template="-SSSSS-of-NNNNN",
-                     coder=coders.ToBytesCoder(), mime_type="application/octet-stream",
-                     compression_type=filesystem.CompressionTypes.UNCOMPRESSED)
+  def __init__(self, staging: str, shard_bytes: int):
+    self.staging = staging
+    self.shard_bytes = shard_bytes
+    self.writer = None
+    self.rows, self.failures, self.nbytes = [], [], 0
 
-  def open(self, temp_path):
-    from array_record.python import array_record_module
-    local = temp_path
-    if _is_url(temp_path):
-      fd, local = tempfile.mkstemp(suffix=".array_record")
+  def add(self, data: bytes, row: list):
+    if self.writer is None:
+      from array_record.python import array_record_module
+      fd, self.local = tempfile.mkstemp(
+          dir=None if _is_url(self.staging) else self.staging,
+          prefix=f".tmp-{os.getpid()}-", suffix=".array_record")
       os.close(fd)
-    return (array_record_module.ArrayRecordWriter(local, "group_size:1"), local, temp_path)
+      self.writer = array_record_module.ArrayRecordWriter(self.local, "group_size:1")
+    self.writer.write(data)
+    self.rows.append(row)
+    self.nbytes += len(data)
+    if self.nbytes >= self.shard_bytes:
+      self._commit()
 
-  def write_encoded_record(self, handle, value):
-    handle[0].write(value)
+  def fail(self, row: dict):
+    self.failures.append(row)
 
-  def close(self, handle):
-    writer, local, temp_path = handle
-    writer.close()
-    if local != temp_path:
-      with open(local, "rb") as src, FileSystems.create(temp_path) as dst:
-        while chunk := src.read(1 << 22):
-          dst.write(chunk)
-      os.remove(local)
+  def close(self):
+    if self.rows or self.failures:
+      self._commit()
+
+  def _commit(self):
+    key = json.dumps([sorted(r[0] for r in self.rows), sorted(f["path"] for f in self.failures)])
+    name = "part-" + hashlib.sha1(key.encode()).hexdigest()[:24]
+    shard = None
+    if self.writer is not None:
+      self.writer.close()
+      shard = name + ".array_record"
+      _upload(self.local, FileSystems.join(self.staging, shard))
+    _write_atomic(FileSystems.join(self.staging, name + ".json"),
+                  json.dumps({"shard": shard, "records": self.rows, "failures": self.failures},
+                             ensure_ascii=False))
+    self.writer = None
+    self.rows, self.failures, self.nbytes = [], [], 0
+
+
+class IncompleteOutput(RuntimeError):
+  """The runner finished, but some inputs have neither a record nor a failure row."""
 
 
 def _write_atomic(path: str, text: str):
@@ -217,55 +296,112 @@ def _write_atomic(path: str, text: str):
   FileSystems.rename([tmp], [path])
 
 
-def _merge_stats(items):
-  out = {"records": 0, "tokens": 0, "videos": 0, "images": 0, "signals": {}}
-  for s in items:
-    out["records"] += 1
-    out["tokens"] += s["tokens"]
-    out["videos" if s["kind"] == "video" else "images"] += 1
-    out["signals"][s["signal"]] = out["signals"].get(s["signal"], 0) + 1
-  return out
-
-
-class _StatsFn(beam.CombineFn):
-  def create_accumulator(self):
-    return _merge_stats([])
-
-  def add_input(self, acc, s):
-    return self.merge_accumulators([acc, _merge_stats([s])])
-
-  def merge_accumulators(self, accs):
-    out = _merge_stats([])
-    for a in accs:
-      for key in ("records", "tokens", "videos", "images"):
-        out[key] += a[key]
-      for sig, n in a["signals"].items():
-        out["signals"][sig] = out["signals"].get(sig, 0) + n
-    return out
-
-  def extract_output(self, acc):
-    return acc
-
-
 def _failure_reason_kind(reason: str) -> str:
   """'frame size 7x5 is smaller ...' -> 'frame size': the reason up to its first detail."""
   return re.split(r"[0-9(:]", reason, maxsplit=1)[0].strip()[:80]
 
 
-def write_manifest(_, output_dir, header, stats, shards, failures):
-  """Runs after the shards and failures.jsonl are final (they arrive as side inputs)."""
-  kinds = collections.Counter(_failure_reason_kind(json.loads(f)["reason"]) for f in failures)
+def _rewrite_shard(src: str, keep_ids: set, dst: str):
+  """Copies the records of shard src whose sample_id is in keep_ids into a new shard dst."""
+  from array_record.python import array_record_module
+  local = _fetch(src) if _is_url(src) else src
+  reader = array_record_module.ArrayRecordReader(local)
+  fd, out = tempfile.mkstemp(suffix=".array_record")
+  os.close(fd)
+  writer = array_record_module.ArrayRecordWriter(out, "group_size:1")
+  for i in range(reader.num_records()):
+    data = reader.read([i])[0]
+    if records.decode_record(data)["sample_id"] in keep_ids:
+      writer.write(data)
+  writer.close()
+  reader.close()
+  if local != src:
+    os.remove(local)
+  _upload(out, dst)
+
+
+def _read_parts(staging: str) -> list:
+  names = sorted(m.path for r in FileSystems.match([FileSystems.join(staging, PART_GLOB)])
+                 for m in r.metadata_list)
+  return [dict(json.loads(_read_text(p)), name=os.path.basename(p)[:-5]) for p in names]
+
+
+def finalize_output(output_dir: str, staging: str, paths: list, header: dict) -> dict:
+  """Driver side, after the runner finished: parts -> final shards, failures.jsonl, manifest.json.
+
+  Every input must end as exactly one record or one failure row: records repeated across parts
+  (retried bundles) are kept once (a part that only partly overlaps is rewritten without the
+  repeats); an input with neither raises IncompleteOutput and leaves no manifest. manifest.json is
+  written last: its presence marks a complete output.
+  """
+  parts = _read_parts(staging)
+  taken, kept = {}, []  # sample_id -> record row; (part name, shard, rows) in commit order
+  for part in parts:
+    rows = [r for r in part["records"] if r[0] not in taken]
+    if not rows:
+      continue
+    shard = FileSystems.join(staging, part["shard"])
+    if len(rows) < len(part["records"]):
+      new = FileSystems.join(staging, part["name"] + "-dedup.array_record")
+      _rewrite_shard(shard, {r[0] for r in rows}, new)
+      log.warning("%s: %d record(s) repeated from another part (a retried bundle); kept once",
+                  part["name"], len(part["records"]) - len(rows))
+      shard = new
+    for r in rows:
+      taken[r[0]] = r
+    kept.append((shard, rows))
+  recorded = {r[1] for r in taken.values()}
+  failures = {}
+  for part in parts:
+    for f in part["failures"]:
+      if f["path"] not in recorded:  # a retry that succeeded outranks an attempt that failed
+        failures.setdefault(f["path"], f)
+  missing = sorted(set(paths) - recorded - set(failures))
+  unexpected = sorted((recorded | set(failures)) - set(paths))
+  if missing or unexpected:
+    raise IncompleteOutput(
+        f"{output_dir}: {len(missing)} input(s) have neither a record nor a failure row (e.g. "
+        f"{missing[:3]}) and {len(unexpected)} output(s) match no input (e.g. {unexpected[:3]}); "
+        f"the runner lost or mixed work. Nothing was finalised; the parts are in {staging}")
+
+  finals = [FileSystems.join(output_dir, records.shard_name(i, len(kept)))
+            for i in range(len(kept))]
+  if kept:
+    FileSystems.rename([s for s, _ in kept], finals)
+  rows = sorted(failures.values(), key=lambda f: f["path"])
+  _write_atomic(FileSystems.join(output_dir, "failures.jsonl"),
+                "".join(json.dumps(f, ensure_ascii=False) + "\n" for f in rows))
+  recs = list(taken.values())
+  kinds = collections.Counter(_failure_reason_kind(f["reason"]) for f in rows)
   manifest = dict(header)
   manifest.update(
-      num_records=stats["records"], num_videos=stats["videos"], num_images=stats["images"],
-      num_failures=len(failures), num_tokens=stats["tokens"],
-      tokens_per_record=stats["tokens"] / max(stats["records"], 1),
-      signals=dict(sorted(stats["signals"].items())), failure_kinds=dict(sorted(kinds.items())),
-      shards=sorted(os.path.basename(s) for s in shards), num_shards=len(shards),
+      num_records=len(recs), num_videos=sum(r[3] == "video" for r in recs),
+      num_images=sum(r[3] == "image" for r in recs), num_failures=len(rows),
+      num_tokens=sum(r[2] for r in recs),
+      tokens_per_record=sum(r[2] for r in recs) / max(len(recs), 1),
+      signals=dict(sorted(collections.Counter(r[4] for r in recs).items())),
+      failure_kinds=dict(sorted(kinds.items())),
+      shards=[os.path.basename(f) for f in finals], num_shards=len(finals),
+      records_per_shard=[len(r) for _, r in kept],
       finished_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
   _write_atomic(FileSystems.join(output_dir, "manifest.json"),
                 json.dumps(manifest, indent=1, sort_keys=True))
+  _remove_staging(output_dir)
   return manifest
+
+
+def _remove_staging(output_dir: str):
+  """Removes this run's staging folder and stale ones of crashed runs (Beam's sinks' too)."""
+  if _is_url(output_dir):
+    found = [m.path for r in FileSystems.match([FileSystems.join(output_dir,
+                                                                 STAGING_PREFIX + "**")])
+             for m in r.metadata_list]
+    if found:
+      FileSystems.delete(found)
+    return
+  for name in os.listdir(output_dir):
+    if name.startswith(STAGING_PREFIX):
+      shutil.rmtree(os.path.join(output_dir, name), ignore_errors=True)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -325,8 +461,11 @@ def build_parser():
                   help="vectors are clipped to this length when warping")
   ap.add_argument("--class_labels", default=None,
                   help="JSON {input path: int}; fills class_label (-1 when absent)")
-  ap.add_argument("--num_shards", type=int, default=0,
-                  help="0: one shard per 1024 inputs (at least 1)")
+  ap.add_argument("--shard_mb", type=float, default=256.0,
+                  help="each bundle cuts its shards at this size (MiB of records)")
+  ap.add_argument("--dask_workers", type=int, default=os.cpu_count(),
+                  help="--runner=dask without --dask_client_address: processes of the local "
+                  "Dask cluster the job starts and stops")
   ap.add_argument("--decode_timeout", type=float, default=600.0,
                   help="seconds per file in a child process; 0 decodes in-process, no timeout")
   ap.add_argument("--log_every_s", type=float, default=30.0,
@@ -355,12 +494,79 @@ def _prepare_output_dir(output_dir: str, overwrite: bool):
     os.makedirs(output_dir, exist_ok=True)
 
 
+DASK_RUNNER = "apache_beam.runners.dask.dask_runner.DaskRunner"
+# Leaves of the task graph per Dask partition (= one bundle, one set of shards): enough for load
+# balance on small runs, capped by the records one shard holds on large ones.
+DASK_MIN_PARTITIONS = 64
+
+
+def _flag(beam_args, name):
+  """Value of --name=V or --name V in beam_args, else None."""
+  for i, a in enumerate(beam_args):
+    if a.startswith(name + "="):
+      return a.split("=", 1)[1]
+    if a == name and i + 1 < len(beam_args):
+      return beam_args[i + 1]
+  return None
+
+
+def _without_flag(beam_args, name):
+  out, skip = [], False
+  for i, a in enumerate(beam_args):
+    if skip:
+      skip = False
+    elif a.startswith(name + "="):
+      continue
+    elif a == name:
+      skip = i + 1 < len(beam_args)
+    else:
+      out.append(a)
+  return out
+
+
+def _dask_args(beam_args, num_inputs: int, cfg, shard_bytes: int):
+  """--runner=dask -> Beam's DaskRunner class path, plus a partition size when none is given.
+  Returns (beam_args, True when the runner is Dask)."""
+  runner = _flag(beam_args, "--runner")
+  if runner is None or runner.lower() not in ("dask", "daskrunner", DASK_RUNNER.lower()):
+    return beam_args, False
+  beam_args = _without_flag(beam_args, "--runner") + [f"--runner={DASK_RUNNER}"]
+  if _flag(beam_args, "--dask_npartitions") is None and _flag(
+      beam_args, "--dask_partition_size") is None:
+    record_bytes = cfg.num_keep() * cfg.patch_size**2 * 3 + 1024
+    size = max(1, min(math.ceil(num_inputs / DASK_MIN_PARTITIONS), shard_bytes // record_bytes))
+    beam_args.append(f"--dask_partition_size={size}")
+  return beam_args, True
+
+
+@contextlib.contextmanager
+def _dask_cluster(beam_args, workers: int):
+  """Starts a local Dask cluster (and stops it after the job) unless an address is given."""
+  if _flag(beam_args, "--dask_client_address") or _flag(beam_args, "--dask_scheduler_file"):
+    yield beam_args
+    return
+  if workers < 1:
+    raise ValueError(f"--dask_workers={workers} must be >= 1")
+  import dask
+  from distributed import LocalCluster
+  # Non-daemonic worker processes may start the decoder child (see DAEMON_WORKER_ERROR).
+  with dask.config.set({"distributed.worker.daemon": False}):
+    cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
+                           dashboard_address=None)
+    try:
+      log.info("started a local Dask cluster of %d workers at %s", workers,
+               cluster.scheduler_address)
+      yield beam_args + [f"--dask_client_address={cluster.scheduler_address}"]
+    finally:
+      cluster.close()
+
+
 def run(argv=None):
   """Parses flags, runs the pipeline, returns the manifest dict."""
   args, beam_args = build_parser().parse_known_args(argv)
   cfg = config_from_args(args)
-  if args.num_shards < 0:
-    raise ValueError(f"--num_shards={args.num_shards} must be >= 0")
+  if not args.shard_mb > 0:
+    raise ValueError(f"--shard_mb={args.shard_mb} must be > 0")
   if args.decode_timeout < 0:
     raise ValueError(f"--decode_timeout={args.decode_timeout} must be >= 0")
   paths = expand_inputs(args.input)
@@ -368,9 +574,13 @@ def run(argv=None):
     raise ValueError("--input: no input paths")
   labels = load_class_labels(args.class_labels) if args.class_labels else {}
   labels = {p: labels[p] for p in paths if p in labels}
-  num_shards = args.num_shards or max(1, math.ceil(len(paths) / 1024))
+  shard_bytes = max(1, int(args.shard_mb * 2**20))
+  beam_args, on_dask = _dask_args(beam_args, len(paths), cfg, shard_bytes)
   output_dir = args.output_dir if _is_url(args.output_dir) else os.path.abspath(args.output_dir)
   _prepare_output_dir(output_dir, args.overwrite)
+  staging = FileSystems.join(output_dir, f"{STAGING_PREFIX}codec_patchify-{uuid.uuid4().hex}")
+  if not _is_url(staging):
+    os.makedirs(staging)
   header = {
       "format": "ovenc codec patches (data_prep/records.py)",
       "format_version": records.FORMAT_VERSION, "created_by": "data_prep.codec_patchify",
@@ -378,37 +588,29 @@ def run(argv=None):
       "num_keep_per_video": cfg.num_keep(), "grid": [cfg.num_frames, cfg.grid_side, cfg.grid_side],
       "inputs": args.input, "class_labels": args.class_labels,
       "num_class_labels": len(labels), "decode_timeout": args.decode_timeout,
-      "beam_args": beam_args,
+      "shard_mb": args.shard_mb, "beam_args": beam_args,
   }
-  log.info("codec_patchify: %d inputs -> %s (%d shards), K=%d of %s per video", len(paths),
-           output_dir, num_shards, cfg.num_keep(), header["grid"])
+  log.info("codec_patchify: %d inputs -> %s (shards cut at %g MiB), K=%d of %s per video",
+           len(paths), output_dir, args.shard_mb, cfg.num_keep(), header["grid"])
   start = time.time()
-  options = PipelineOptions(beam_args)
-  pipeline = beam.Pipeline(options=options)
-  out = (pipeline
+  with contextlib.ExitStack() as stack:
+    if on_dask:
+      beam_args = stack.enter_context(_dask_cluster(beam_args, args.dask_workers))
+    pipeline = beam.Pipeline(options=PipelineOptions(beam_args))
+    # One linear chain and no side inputs: runners that only evaluate the last transform's graph
+    # inside worker tasks (the DaskRunner) run it as they run the DirectRunner and Dataflow.
+    _ = (pipeline
          | "Inputs" >> beam.Create(paths)
          | "Spread" >> beam.Reshuffle()
-         | "Patchify" >> beam.ParDo(PatchifyFn(cfg, labels, args.decode_timeout,
-                                               args.log_every_s)).with_outputs(
-                                                   "failures", "stats", main="records"))
-  shards = out.records | "WriteShards" >> beam.io.iobase.Write(ArrayRecordSink(output_dir,
-                                                                                num_shards))
-  fail_files = out.failures | "WriteFailures" >> beam.io.WriteToText(
-      FileSystems.join(output_dir, "failures"), file_name_suffix=".jsonl", num_shards=1,
-      shard_name_template="")
-  stats = out.stats | "Stats" >> beam.CombineGlobally(_StatsFn())
-  _ = (pipeline
-       | "ManifestTrigger" >> beam.Create([None])
-       | "Manifest" >> beam.Map(
-           write_manifest, output_dir, header, stats=beam.pvalue.AsSingleton(stats),
-           shards=beam.pvalue.AsList(shards), failures=beam.pvalue.AsList(
-               out.failures | "AfterFailures" >> beam.FlatMap(
-                   lambda f, _done: [f], _done=beam.pvalue.AsList(fail_files)))))
-  result = pipeline.run()
-  result.wait_until_finish()
-  elapsed = time.time() - start
-  manifest = json.loads(_read_text(FileSystems.join(output_dir, "manifest.json")))
-  _print_summary(manifest, result, elapsed)
+         | "PatchifyAndWrite" >> beam.ParDo(PatchifyFn(cfg, labels, args.decode_timeout,
+                                                       args.log_every_s, staging, shard_bytes)))
+    result = pipeline.run()
+    client = getattr(result, "client", None)  # the DaskRunner's; it never closes it itself
+    if client is not None:
+      stack.callback(client.close)
+    result.wait_until_finish()
+  manifest = finalize_output(output_dir, staging, paths, header)
+  _print_summary(manifest, result, time.time() - start)
   return manifest
 
 
@@ -447,6 +649,9 @@ def main(argv=None):
   except ValueError as e:
     print(f"codec_patchify: error: {e}", file=sys.stderr)
     sys.exit(2)
+  except IncompleteOutput as e:
+    print(f"codec_patchify: error: {e}", file=sys.stderr)
+    sys.exit(1)
 
 
 if __name__ == "__main__":

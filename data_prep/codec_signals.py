@@ -1168,10 +1168,12 @@ class DecodeWorker:
     return ("fail", f"decode timeout: no result after {limit:g}s")
 
   def close(self):
-    if self.proc is not None:
-      if self.proc.is_alive():
-        self.proc.kill()
-      if self.proc.pid is not None:
-        self.proc.join(5)
-      self.conn.close()
+    """Safe in every state: never started, start failed half-way, child died, already closed."""
+    proc, conn = self.proc, self.conn
     self.proc = self.conn = None
+    if proc is not None and proc.pid is not None:  # no pid: the child was never started
+      if proc.is_alive():
+        proc.kill()
+      proc.join(5)
+    if conn is not None:
+      conn.close()

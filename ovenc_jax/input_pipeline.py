@@ -122,7 +122,10 @@ def shard_paths(path, what: str) -> list[str]:
   p = epath.Path(path)
   if p.is_dir():
     try:
-      return records.list_shards(path)
+      found = records.list_shards(path)
+      if not (p / "manifest.json").exists():  # data_prep.codec_patchify writes it last
+        raise ValueError(f"no manifest.json in {path}: the job writing it did not finish")
+      return found
     except ValueError as e:
       raise ValueError(f"{what}: {e}") from e
   head, pattern = os.path.split(path)

@@ -1,4 +1,5 @@
 """Test data: real handwritten digits (scikit-learn) as small labelled t=0 token sets in ArrayRecord shards."""
+import json
 import os
 
 import numpy as np
@@ -38,6 +39,8 @@ def write_shards(out_dir, recs, num_shards: int = 2) -> str:
     for r in recs[s::num_shards]:
       writer.write(records.encode_record(r))
     writer.close()
+  with open(os.path.join(out_dir, "manifest.json"), "w") as f:  # written last, as data_prep does
+    json.dump({"num_records": len(recs), "num_shards": num_shards}, f)
   return str(out_dir)
 
 

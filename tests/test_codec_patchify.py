@@ -92,7 +92,7 @@ def mixed_run(mixed, tmp_path_factory):
   out = str(tmp_path_factory.mktemp("out") / "ds")
   manifest = codec_patchify.run(["--input", str(d / "inputs.txt"), "--output_dir", out,
                                  "--class_labels", str(d / "labels.json"),
-                                 "--decode_timeout", "6", "--num_shards", "2"] + FLAGS)
+                                 "--decode_timeout", "6", "--shard_mb", "0.03"] + FLAGS)
   return out, manifest
 
 
@@ -122,13 +122,31 @@ def test_bad_inputs_are_reported_and_valid_ones_written_once(mixed, mixed_run):
   assert manifest["options"]["image_size"] == 56
 
 
+def _raw_shard(path):
+  from array_record.python import array_record_module
+  reader = array_record_module.ArrayRecordReader(str(path))
+  try:
+    return reader.read_all()
+  finally:
+    reader.close()
+
+
 def test_output_layout_is_final_and_complete(mixed_run):
   out, manifest = mixed_run
   names = sorted(os.listdir(out))
-  assert names == ["data-00000-of-00002.array_record", "data-00001-of-00002.array_record",
-                   "failures.jsonl", "manifest.json"]  # no temp dirs or files left behind
-  assert manifest["shards"] == names[:2]
-  assert [os.path.basename(x) for x in records.list_shards(out)] == names[:2]
+  n = manifest["num_shards"]
+  shards = [records.shard_name(i, n) for i in range(n)]
+  assert names == shards + ["failures.jsonl", "manifest.json"]  # no staging or temp files left
+  assert manifest["shards"] == shards
+  assert [os.path.basename(x) for x in records.list_shards(out)] == shards
+  # One bundle on the in-process DirectRunner: each shard is cut at the first record that takes it
+  # to --shard_mb, except the bundle's last one.
+  limit = 0.03 * 2**20
+  sizes = [[len(r) for r in _raw_shard(os.path.join(out, s))] for s in shards]
+  assert [len(s) for s in sizes] == manifest["records_per_shard"] and n >= 3
+  assert sum(manifest["records_per_shard"]) == manifest["num_records"]
+  assert all(sum(s[:-1]) < limit for s in sizes)
+  assert sum(sum(s) < limit for s in sizes) <= 1
 
 
 def test_refuses_to_mix_with_an_earlier_run(mixed, mixed_run):
@@ -137,16 +155,84 @@ def test_refuses_to_mix_with_an_earlier_run(mixed, mixed_run):
     codec_patchify.run(["--input", str(d / "good_0.mp4"), "--output_dir", mixed_run[0]] + FLAGS)
 
 
-def test_interrupted_write_leaves_no_final_shard(tmp_path):
-  def explode(x):
-    if x == b"boom":
+def test_crash_mid_job_leaves_no_final_shard_or_manifest(tmp_path, monkeypatch):
+  inputs = tmp_path / "in"
+  inputs.mkdir()
+  for i in range(3):
+    _clip(str(inputs / f"c{i}.mp4"), 30 + i, n=6, size=48)
+  add = codec_patchify.PartWriter.add
+  seen = []
+
+  def add_then_crash(self, data, row):
+    if len(seen) == 2:
       raise RuntimeError("simulated crash")
-    return x
+    seen.append(row)
+    add(self, data, row)
+  monkeypatch.setattr(codec_patchify.PartWriter, "add", add_then_crash)
+  out = tmp_path / "out"
   with pytest.raises(Exception, match="simulated crash"):
-    with beam.Pipeline() as p:
-      _ = (p | beam.Create([b"a", b"b", b"boom"]) | beam.Map(explode)
-           | beam.io.iobase.Write(codec_patchify.ArrayRecordSink(str(tmp_path), 1)))
-  assert glob.glob(str(tmp_path / records.SHARD_PATTERN)) == []
+    codec_patchify.run(["--input", str(inputs / "*.mp4"), "--output_dir", str(out),
+                        "--decode_timeout", "0", "--shard_mb", "1e-6", "--image_size", "28",
+                        "--patch_size", "14", "--num_frames", "4"])
+  # Two parts were committed in the staging folder, but nothing final exists.
+  staging, = [p for p in out.iterdir()]
+  assert staging.name.startswith(codec_patchify.STAGING_PREFIX)
+  assert len(list(staging.glob("part-*.array_record"))) == 2
+  with pytest.raises(ValueError, match="no data-"):
+    records.list_shards(str(out))
+  from ovenc_jax import input_pipeline
+  # A driver that died after renaming the shards but before the manifest: complete-looking ...
+  os.rename(next(staging.glob("part-*.array_record")), out / "data-00000-of-00001.array_record")
+  with pytest.raises(ValueError, match="eval.path: no manifest.json"):
+    input_pipeline.shard_paths(str(out), "eval.path")  # ... is refused without the manifest
+
+
+def _digit_rows(ids):
+  from sklearn.datasets import load_digits
+  import digit_shards
+  d = load_digits()
+  rng = np.random.default_rng(0)
+  recs = [digit_shards.digit_record(d.images[i], int(d.target[i]), i, rng) for i in ids]
+  return [(records.encode_record(r), [r["sample_id"], r["source"], len(r["positions"]), "image",
+                                      "image"]) for r in recs]
+
+
+def test_finalize_keeps_each_record_once_and_refuses_a_gap(tmp_path):
+  rows = _digit_rows(range(5))
+  paths = [r[1][1] for r in rows] + ["bad.mp4"]
+  staging = tmp_path / "out" / "beam-temp-run"
+  staging.mkdir(parents=True)
+  (tmp_path / "out" / "beam-temp-stale").mkdir()  # left by a crashed run
+
+  def part(items, failures=(), shard_bytes=10**9):
+    w = codec_patchify.PartWriter(str(staging), shard_bytes)
+    for data, row in items:
+      w.add(data, row)
+    for f in failures:
+      w.fail(f)
+    w.close()
+
+  part(rows[:3])
+  part(rows[:3])  # a retried bundle that cut the same shard: same part, overwritten
+  part(rows[2:4], [{"path": "bad.mp4", "reason": "decode timeout: x"},
+                   {"path": rows[2][1][1], "reason": "decode timeout: y"}])  # overlaps one
+  header = {"num_inputs": len(paths)}
+  with pytest.raises(codec_patchify.IncompleteOutput, match=r"1 input\(s\) have neither.*00004"):
+    codec_patchify.finalize_output(str(tmp_path / "out"), str(staging), paths, header)
+  assert sorted(os.listdir(tmp_path / "out")) == ["beam-temp-run", "beam-temp-stale"]
+  assert len(list(staging.glob("part-*.json"))) == 2
+  part(rows[4:], shard_bytes=1)
+  m = codec_patchify.finalize_output(str(tmp_path / "out"), str(staging), paths, header)
+  got = [r["sample_id"] for r in records.read_all(str(tmp_path / "out"))]
+  assert sorted(got) == sorted(r[1][0] for r in rows)
+  assert m["num_records"] == 5 and m["num_shards"] == 3 and sum(m["records_per_shard"]) == 5
+  # The record outranks the failed attempt at the same input; the other failure stays.
+  assert _failures(tmp_path / "out") == [{"path": "bad.mp4", "reason": "decode timeout: x"}]
+  assert sorted(os.listdir(tmp_path / "out")) == m["shards"] + ["failures.jsonl", "manifest.json"]
+
+
+def _failures(out):
+  return [json.loads(line) for line in open(os.path.join(out, "failures.jsonl"))]
 
 
 def test_multiprocessing_runner_gives_the_same_records(tmp_path):
@@ -156,11 +242,15 @@ def test_multiprocessing_runner_gives_the_same_records(tmp_path):
     _clip(str(inputs / f"c{i}.mp4"), 20 + i, n=6, size=48)
   Image.fromarray(md.render_clip(np.random.default_rng(1), 48, 1, 2, 1)[0][0]).save(
       str(inputs / "s.png"))
+  os.symlink(inputs / "c0.mp4", inputs / "link_to_c0.mp4")  # the same file: not a second sample
   flags = ["--input", str(inputs / "*"), "--image_size", "28", "--patch_size", "14",
            "--num_frames", "4"]
   codec_patchify.run(flags + ["--output_dir", str(tmp_path / "a"), "--decode_timeout", "0"])
-  codec_patchify.run(flags + ["--output_dir", str(tmp_path / "b"), "--direct_num_workers=2",
-                              "--direct_running_mode=multi_processing"])
+  (tmp_path / "b" / "beam-temp-crashed" / "x").mkdir(parents=True)  # left by a crashed run
+  m = codec_patchify.run(flags + ["--output_dir", str(tmp_path / "b"), "--direct_num_workers=2",
+                                  "--direct_running_mode=multi_processing"])
+  assert m["num_inputs"] == 4 and m["num_failures"] == 0
+  assert sorted(os.listdir(tmp_path / "b")) == m["shards"] + ["failures.jsonl", "manifest.json"]
 
   def raw(d):
     from array_record.python import array_record_module
@@ -184,6 +274,9 @@ def test_expand_inputs(tmp_path):
   (tmp_path / "list.txt").write_text("x.mp4\n# comment\n\n/abs/elsewhere.mp4\nx.mp4\n")
   got = codec_patchify.expand_inputs([str(tmp_path / "*.mp4"), str(tmp_path / "list.txt")])
   assert got == sorted({str(tmp_path / "x.mp4"), "/abs/elsewhere.mp4"})
+  os.symlink(tmp_path / "x.mp4", tmp_path / "sub" / "link.mp4")
+  assert codec_patchify.expand_inputs([str(tmp_path / "sub" / "link.mp4")]) == [
+      str(tmp_path / "x.mp4")]
   got = codec_patchify.expand_inputs([str(tmp_path)])
   assert got == sorted(str(tmp_path / n) for n in ("x.mp4", "y.png", "sub/z.webm"))
   with pytest.raises(ValueError, match="matches no files"):
@@ -258,12 +351,17 @@ def test_benchmark_smoke(tmp_path):
   bench = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(bench)
   path = str(tmp_path / "b.json")
+  # The beam section (DirectRunner and Dask jobs, ~40 s here) is left out; test_dask_runner and
+  # the tests above run those jobs.
   fig = bench.main(["--clips", "1", "--frames", "8", "--size", "64", "--rounds", "1",
-                    "--image_size", "56", "--num_frames", "4", "--json", path])
+                    "--image_size", "56", "--num_frames", "4", "--sections", "codec,transcode,rss", "--transcode_rounds", "1",
+                    "--rss_videos", "1", "--json", path])
   saved = json.load(open(path))
   assert saved["frames"] == 8 and saved["videos"] == 1
+  assert saved["rss_ratio_10x"] == pytest.approx(
+      saved["rss_peak_gib_10x"] / saved["rss_peak_gib_1x"])
   for key in ("patchify_over_decode", "a_decode_frames_per_s", "b_decode_mvs_videos_per_s",
-              "c_patchify_frames_per_s"):
+              "c_patchify_frames_per_s", "rss_ratio_10x"):
     assert isinstance(saved[key], float) and saved[key] > 0 and saved[key] == fig[key]
   assert saved["patchify_over_decode"] == pytest.approx(
       saved["c_patchify_videos_per_s"] / saved["a_decode_videos_per_s"])
@@ -288,3 +386,48 @@ def test_decode_worker_reports_a_crashed_decoder_and_recovers(tmp_path):
     assert ok[0] == "ok" and records.decode_record(ok[1])["class_label"] == 5
   finally:
     worker.close()
+
+
+def test_decode_worker_close_is_safe_in_every_state(tmp_path, monkeypatch):
+  import multiprocessing.context
+  import signal
+  cfg = cs.PatchifyConfig(image_size=28, patch_size=14, num_frames=4).validate()
+  cs.DecodeWorker(cfg, timeout=5).close()  # never started
+  worker = cs.DecodeWorker(cfg, timeout=5)
+  worker._start()
+  os.kill(worker.proc.pid, signal.SIGKILL)  # died
+  worker.proc.join(5)
+  worker.close()
+  worker.close()  # closed twice
+
+  def refuse(self):
+    raise AssertionError("daemonic processes are not allowed to have children")
+  monkeypatch.setattr(multiprocessing.context.SpawnProcess, "start", refuse)
+  worker = cs.DecodeWorker(cfg, timeout=5)
+  with pytest.raises(AssertionError, match="daemonic"):
+    worker.run(str(tmp_path / "x.mp4"), -1)  # start failed half-way: a process, no pipe
+  worker.close()
+  assert worker.proc is None and worker.conn is None
+
+
+def _setup_in_daemon(queue):
+  cfg = cs.PatchifyConfig(image_size=28, patch_size=14, num_frames=4).validate()
+  fn = codec_patchify.PatchifyFn(cfg, {}, 5.0, 30.0, "/nonexistent", 1)
+  try:
+    fn.setup()
+    queue.put("started")
+  except RuntimeError as e:
+    queue.put(str(e))
+  finally:
+    fn.teardown()
+
+
+def test_daemonic_worker_gets_a_clear_error():
+  import multiprocessing
+  ctx = multiprocessing.get_context("fork")
+  queue = ctx.Queue()
+  p = ctx.Process(target=_setup_in_daemon, args=(queue,), daemon=True)  # as Dask's default worker
+  p.start()
+  msg = queue.get(timeout=60)
+  p.join(10)
+  assert "DASK_DISTRIBUTED__WORKER__DAEMON=False" in msg and "--decode_timeout 0" in msg

@@ -356,6 +356,7 @@ def test_bad_data_errors_name_the_problem(data, tmp_path):
   writer = array_record_module.ArrayRecordWriter(str(bad / records.shard_name(0, 1)), "group_size:1")
   writer.write(b"\x01not a record")
   writer.close()
+  (bad / "manifest.json").write_text("{}")
   with pytest.raises(ValueError, match="decode_record: "):
     next(ip.make_train_iterator(config([(str(bad), 1.0)], global_batch_size=1), process_index=0,
                                 process_count=1))
