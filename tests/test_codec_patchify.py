@@ -354,14 +354,14 @@ def test_benchmark_smoke(tmp_path):
   # The beam section (DirectRunner and Dask jobs, ~40 s here) is left out; test_dask_runner and
   # the tests above run those jobs.
   fig = bench.main(["--clips", "1", "--frames", "8", "--size", "64", "--rounds", "1",
-                    "--image_size", "56", "--num_frames", "4", "--sections", "codec,transcode,rss", "--transcode_rounds", "1",
-                    "--rss_videos", "1", "--json", path])
+                    "--image_size", "56", "--num_frames", "4", "--sections", "codec,transcode,rss",
+                    "--transcode_rounds", "1", "--rss_videos", "1", "--json", path])
   saved = json.load(open(path))
   assert saved["frames"] == 8 and saved["videos"] == 1
   assert saved["rss_ratio_10x"] == pytest.approx(
       saved["rss_peak_gib_10x"] / saved["rss_peak_gib_1x"])
   for key in ("patchify_over_decode", "a_decode_frames_per_s", "b_decode_mvs_videos_per_s",
-              "c_patchify_frames_per_s", "rss_ratio_10x"):
+              "c_patchify_frames_per_s", "rss_ratio_10x", "transcode_over_patchify"):
     assert isinstance(saved[key], float) and saved[key] > 0 and saved[key] == fig[key]
   assert saved["patchify_over_decode"] == pytest.approx(
       saved["c_patchify_videos_per_s"] / saved["a_decode_videos_per_s"])
