@@ -86,7 +86,7 @@ class Trainer:
     r_enc, r_cls = jax.random.split(rng)
     enc = self.encoder.init(r_enc, **self.example)["params"]
     centers = loss_lib.init_centers(r_cls, self.config.loss.num_classes, self.config.model.width,
-                                    self.num_shards)
+                                    self.num_shards, std=self.config.loss.get("centers_init_std", 0.0))
     return {"encoder": enc, "centers": nn.LogicallyPartitioned(centers, ("classes", None))}
 
   def _init_state(self, rng):

@@ -164,3 +164,39 @@ def test_recipe_config_error_names_key():
     loss_lib.make_loss_fn(mesh, _cfg(10, recipe="published"))
   with pytest.raises(ValueError, match="loss.pfc_positive_slack"):
     loss_lib.make_loss_fn(mesh, _cfg(10, pfc_positive_slack=0.0))
+
+
+def test_official_preset_config_clipping_and_init():
+  from configs import pretrain
+  from ovenc_jax import optim
+  c = pretrain.get_config("tiny,recipe=official")
+  assert (c.loss.recipe, c.loss.sample_rate, c.loss.centers_init_std, c.loss.centers_weight_decay) == (
+      "official", 0.1, 0.01, 0.05)
+  assert (c.optim.b2, c.optim.schedule, c.optim.power, c.optim.clip_norm, c.optim.clip_per_group) == (
+      0.999, "polynomial", 2.0, 5.0, True)
+  assert c.optim.warmup_steps == c.total_steps // 10
+  assert pretrain.get_config("tiny").loss.recipe == "default"
+  with pytest.raises(ValueError, match="recipe='published' is unknown"):
+    pretrain.get_config("tiny,recipe=published")
+  # The schedule: linear warmup to lr over 10%, then (1 - t)^2 down to 0.
+  sched = optim.schedule(c.optim, c.total_steps)
+  w = c.optim.warmup_steps
+  np.testing.assert_allclose(float(sched(w // 2)), c.optim.lr * (w // 2) / w, rtol=1e-6)
+  t = 0.5 * (c.total_steps - w)
+  np.testing.assert_allclose(float(sched(w + t)), c.optim.lr * (1 - t / (c.total_steps - w)) ** 2, rtol=1e-5)
+
+  # Per-group clipping: each group's norm capped at 5 on its own; global clipping scales both.
+  grads = {"encoder": {"w": np.full((4,), 5.0, np.float32)},            # norm 10
+           "centers": np.full((4, 1), 0.5, np.float32)}                 # norm 1
+  def clipped(o):
+    tx = optim.clip_transform(o)
+    out, _ = tx.update(grads, tx.init(grads))
+    return np.linalg.norm(out["encoder"]["w"]), np.linalg.norm(out["centers"])
+  np.testing.assert_allclose(clipped(c.optim), (5.0, 1.0), rtol=1e-6)
+  glob = pretrain.get_config("tiny").optim
+  np.testing.assert_allclose(clipped(glob), (10 * 5 / np.sqrt(101), 5 / np.sqrt(101)), rtol=1e-6)
+
+  # Centers N(0, 0.01): row norms ~ 0.01 * sqrt(D), padding rows zero.
+  ctr = np.asarray(loss_lib.init_centers(jax.random.key(0), 1000, 256, 8, std=0.01))
+  np.testing.assert_allclose(ctr.std(), 0.01, rtol=0.02)
+  assert abs(ctr.mean()) < 1e-4
