@@ -1,7 +1,7 @@
 """Multi-label cluster-discrimination loss (CosFace margin, Partial-FC) with class centers sharded over the mesh."""
 import functools
 import math
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -30,6 +30,9 @@ _OPTIONAL_DEFAULTS = dict(
     pfc_positive_slack=2.0,
     # 0 = unit-norm Gaussian rows; > 0 = N(0, std^2) entries (the published init uses 0.01).
     centers_init_std=0.0,
+    # Several center banks trained together: [{"name", "num_classes", optional "weight", "label_table"
+    # and any per-bank loss key}], see bank_specs. Empty = one bank, `num_classes` centers.
+    heads=[],
 )
 
 
@@ -475,5 +478,88 @@ def make_loss_fn(mesh, cfg, batch_axes: Sequence[str] = ("data", "fsdp"),
         in_specs=(P(batch_axes, None), P(class_axes, None), P(batch_axes, None), P()),
         out_specs=(P(), P()))
     return fn(embeddings, centers, labels.astype(jnp.int32), rng)
+
+  return loss_fn
+
+
+# Keys a bank may set for itself; the others are shared by all banks.
+_BANK_KEYS = ("num_classes", "scale", "margin", "fn_threshold", "labels_per_step", "sample_rate")
+
+
+class BankSpec(NamedTuple):
+  name: str
+  cfg: ml_collections.ConfigDict  # the loss config of this bank alone
+  weight: float
+  offset: int                     # the bank's class ids are [offset, offset + num_classes) in labels
+  label_table: str | None
+
+
+def bank_specs(cfg) -> list[BankSpec] | None:
+  """The center banks of `loss.heads` (None without heads: one bank, today's layout).
+
+  Bank i's label ids live at [offset_i, offset_i + num_classes_i) in the batch's labels, offsets
+  being the running sum of the banks' num_classes in order; the input pipeline shifts a source's
+  labels by the offset of the bank the source names.
+  """
+  heads = _opt(cfg, "heads")
+  if not heads:
+    return None
+  allowed = {"name", "weight", "label_table", *_BANK_KEYS}
+  specs, offset = [], 0
+  for i, h in enumerate(heads):
+    if not hasattr(h, "keys") or "name" not in h or "num_classes" not in h:
+      raise ValueError(f"loss.heads[{i}] must be a dict with at least 'name' and 'num_classes', got {h!r}")
+    unknown = sorted(set(h.keys()) - allowed)
+    if unknown:
+      raise ValueError(f"loss.heads[{i}] has unknown keys {unknown}; known: {sorted(allowed)}")
+    name = h["name"]
+    if not isinstance(name, str) or not name.isidentifier() or name in {s.name for s in specs}:
+      raise ValueError(f"loss.heads[{i}].name must be a unique identifier, got {name!r}")
+    bank = ml_collections.ConfigDict({k: v for k, v in cfg.items() if k != "heads"})
+    bank.update({k: h[k] for k in _BANK_KEYS if k in h})
+    try:
+      validate_loss_config(bank)
+    except ValueError as e:
+      raise ValueError(f"loss.heads[{i}] ({name}): {e}") from None
+    weight = float(h.get("weight", 1.0))
+    if not weight > 0:
+      raise ValueError(f"loss.heads[{i}].weight must be > 0, got {weight!r}")
+    specs.append(BankSpec(name, bank, weight, offset, h.get("label_table")))
+    offset += int(bank.num_classes)
+  return specs
+
+
+def make_banks_loss_fn(mesh, cfg, batch_axes: Sequence[str] = ("data", "fsdp"),
+                       class_axes: Sequence[str] = ("data", "fsdp", "tensor")):
+  """Several center banks: loss_fn(embeddings [B,D], {name: centers [C_pad_i, D]}, labels [B,L], rng).
+
+  Each bank is make_loss_fn on its own centers (sharded over `class_axes` like one bank) with the
+  labels of its id range (shifted to 0..C_i-1, the rest -1) and rng folded with its index. The loss
+  is sum_i weight_i * loss_i; metrics are per bank as '<name>/<metric>', plus the total `loss`,
+  `loss_count` (terms over all banks) and `labels_out_of_range` (ids in no bank).
+  """
+  specs = bank_specs(cfg)
+  if specs is None:
+    raise ValueError("make_banks_loss_fn: loss.heads is empty; use make_loss_fn for one bank")
+  fns = [make_loss_fn(mesh, s.cfg, batch_axes, class_axes) for s in specs]
+  total_classes = specs[-1].offset + int(specs[-1].cfg.num_classes)
+
+  def loss_fn(embeddings, centers, labels, rng):
+    missing = sorted({s.name for s in specs} - set(centers))
+    if missing:
+      raise ValueError(f"loss_fn: no centers for banks {missing}; got {sorted(centers)}")
+    labels = labels.astype(jnp.int32)
+    total, metrics, count = 0.0, {}, 0.0
+    for i, (s, fn) in enumerate(zip(specs, fns)):
+      n = int(s.cfg.num_classes)
+      mine = (labels >= s.offset) & (labels < s.offset + n)
+      loss_i, m_i = fn(embeddings, centers[s.name], jnp.where(mine, labels - s.offset, -1),
+                       jax.random.fold_in(rng, i))
+      total = total + s.weight * loss_i
+      count = count + m_i["loss_count"]
+      metrics.update({f"{s.name}/{k}": v for k, v in m_i.items() if k != "labels_out_of_range"})
+    metrics.update(loss=jax.lax.stop_gradient(total), loss_count=count,
+                   labels_out_of_range=jnp.sum((labels < -1) | (labels >= total_classes)).astype(jnp.float32))
+    return total, metrics
 
   return loss_fn
