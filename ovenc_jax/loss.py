@@ -529,6 +529,28 @@ def bank_specs(cfg) -> list[BankSpec] | None:
   return specs
 
 
+def source_banks(cfg) -> dict[str, tuple[int, str | None]] | None:
+  """{bank name: (label id offset, label table)} for the input pipeline; None without loss.heads."""
+  specs = bank_specs(cfg)
+  return None if specs is None else {s.name: (s.offset, s.label_table) for s in specs}
+
+
+def init_centers_from_config(rng, cfg, dim: int, num_shards: int):
+  """The centers parameter: one [C_pad, D] array, or {bank name: array} with loss.heads."""
+  std = float(_opt(cfg, "centers_init_std"))
+  specs = bank_specs(cfg)
+  if specs is None:
+    return init_centers(rng, cfg.num_classes, dim, num_shards, std=std)
+  return {s.name: init_centers(jax.random.fold_in(rng, i), s.cfg.num_classes, dim, num_shards, std=std)
+          for i, s in enumerate(specs)}
+
+
+def loss_fn_from_config(mesh, cfg, batch_axes, class_axes):
+  """make_loss_fn for one bank, make_banks_loss_fn with loss.heads."""
+  make = make_loss_fn if bank_specs(cfg) is None else make_banks_loss_fn
+  return make(mesh, cfg, batch_axes, class_axes)
+
+
 def make_banks_loss_fn(mesh, cfg, batch_axes: Sequence[str] = ("data", "fsdp"),
                        class_axes: Sequence[str] = ("data", "fsdp", "tensor")):
   """Several center banks: loss_fn(embeddings [B,D], {name: centers [C_pad_i, D]}, labels [B,L], rng).

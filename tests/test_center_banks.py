@@ -77,3 +77,59 @@ def test_bank_config_errors_name_the_key():
   with pytest.raises(ValueError, match=r"loss.heads\[0\] \(a\): loss.sample_rate"):
     loss_lib.bank_specs(_cfg([dict(name="a", num_classes=5, sample_rate=2.0)]))
   assert loss_lib.bank_specs(_cfg([])) is None
+
+
+def test_two_banks_two_sources_train_export_import(tmp_path):
+  """Each source names its bank: its labels arrive shifted into that bank's id range; the trainer
+  keeps {bank: centers}, reports per-bank metrics; --with_centers exports and imports every bank."""
+  import json
+
+  from configs import pretrain
+  from data_prep import records
+  from digit_shards import write_digit_shards
+  from ovenc_jax import checkpoint as ckpt_lib
+  from ovenc_jax import export_torch, import_torch, input_pipeline, train
+  from test_train import overrides
+
+  img = write_digit_shards(str(tmp_path / "img"), 0, 120)
+  vid = write_digit_shards(str(tmp_path / "vid"), 1000, 120, seed=1)
+  c = pretrain.get_config(f"variant=tiny,data={img}")
+  for key, value in overrides(total_steps=3).items():
+    section, _, name = key.rpartition(".")
+    (c[section] if section else c)[name] = value
+  c.input.sources = [{"path": img, "weight": 1.0, "bank": "image"}, {"path": vid, "weight": 1.0, "bank": "video"}]
+  c.loss.heads = [dict(name="image", num_classes=10), dict(name="video", num_classes=10, margin=0.1, weight=0.5)]
+
+  video_ids = {records.sample_id_for(f"digits/{i:05d}.png") for i in range(1000, 1120)}
+  batch = next(input_pipeline.make_train_iterator(c.input, banks=loss_lib.source_banks(c.loss)))
+  sid, lab, cls = batch["sample_id"], batch["labels"][..., 0], batch["class_label"]
+  real = sid >= 0
+  is_vid = np.vectorize(lambda s: int(s) in video_ids)(sid) & real
+  assert is_vid.any() and (real & ~is_vid).any()
+  np.testing.assert_array_equal(lab[real], np.where(is_vid, cls + 10, cls)[real])
+  with pytest.raises(ValueError, match=r"input.sources\[1\].bank='audio'"):
+    bad = c.input.copy_and_resolve_references()
+    bad.sources = [c.input.sources[0], dict(c.input.sources[1], bank="audio")]
+    input_pipeline.make_train_dataset(bad, banks=loss_lib.source_banks(c.loss))
+
+  work = str(tmp_path / "run")
+  train.Trainer(c, work).run()
+  with open(f"{work}/metrics.jsonl") as f:
+    last = [json.loads(line) for line in f][-1]
+  for name in ("image", "video"):
+    assert np.isfinite(last[f"{name}/loss"]) and last[f"{name}/loss_count"] > 0
+  np.testing.assert_allclose(last["loss"], last["image/loss"] + 0.5 * last["video/loss"], rtol=1e-5)
+
+  _, params = ckpt_lib.load_params(work)
+  assert set(params["centers"]) == {"image", "video"}
+  paths = export_torch.export_workdir(work, str(tmp_path / "pt"), with_centers=True)
+  from safetensors.numpy import load_file
+  assert set(load_file(paths["centers.safetensors"])) == {"centers.image", "centers.video"}
+  _, back = import_torch.read_export(str(tmp_path / "pt"))
+  for name in ("image", "video"):
+    np.testing.assert_array_equal(back["centers"][name], params["centers"][name])
+  # The imported banks seed a new run (init_from's path) on the same layout, sharded per bank.
+  state = train.Trainer(c, str(tmp_path / "ft")).state_from_params(back, seed=0)
+  for name in ("image", "video"):
+    np.testing.assert_array_equal(np.asarray(state["params"]["centers"][name]), back["centers"][name])
+    assert len(state["params"]["centers"][name].sharding.device_set) == 8
