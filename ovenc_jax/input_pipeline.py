@@ -234,6 +234,7 @@ def _source_banks(cfg, banks):
       raise ValueError(f"input.sources[{i}].bank={src.get('bank')!r}: with loss.heads every source "
                        f"names one of the banks {sorted(banks)}")
     offset, table = banks[src["bank"]]
+    table = table or cfg.label_table  # a bank without its own table shares input.label_table
     tables.append(load_label_table(table) if table else None)
     offsets.append(int(offset))
   return tables, offsets
