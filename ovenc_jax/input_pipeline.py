@@ -228,14 +228,16 @@ def _tag_source(i: int, data: bytes):
 
 def _source_banks(cfg, banks):
   """Per source: (label table, label id offset) of the loss.heads bank it names."""
-  tables, offsets = [], []
+  tables, offsets, loaded = [], [], {}
   for i, src in enumerate(cfg.sources):
     if "bank" not in src or src["bank"] not in banks:
       raise ValueError(f"input.sources[{i}].bank={src.get('bank')!r}: with loss.heads every source "
                        f"names one of the banks {sorted(banks)}")
     offset, table = banks[src["bank"]]
     table = table or cfg.label_table  # a bank without its own table shares input.label_table
-    tables.append(load_label_table(table) if table else None)
+    if table and table not in loaded:  # sources of one bank share its table
+      loaded[table] = load_label_table(table)
+    tables.append(loaded.get(table))
     offsets.append(int(offset))
   return tables, offsets
 
