@@ -359,6 +359,9 @@ def make_train_dataset(cfg, *, process_index=None, process_count=None,
   ds = parts[0] if len(parts) == 1 else grain.MapDataset.mix(parts, weights)
   features = dict(patch_size=int(cfg.patch_size), tokens_per_row=n_tok, max_labels=int(cfg.max_labels),
                   hflip=bool(cfg.hflip))
+  named = [i for i, src in enumerate(cfg.sources) if "bank" in src]
+  if named and not banks:
+    raise ValueError(f"input.sources[{named[0]}].bank is set, but loss.heads names no banks")
   if banks:
     tables, offsets = _source_banks(cfg, banks)
     decode = functools.partial(_decode_bank_features, tables=tables, offsets=offsets, **features)

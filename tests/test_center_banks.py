@@ -111,6 +111,8 @@ def test_two_banks_two_sources_train_export_import(tmp_path):
     bad = c.input.copy_and_resolve_references()
     bad.sources = [c.input.sources[0], dict(c.input.sources[1], bank="audio")]
     input_pipeline.make_train_dataset(bad, banks=loss_lib.source_banks(c.loss))
+  with pytest.raises(ValueError, match=r"input.sources\[0\].bank is set, but loss.heads names no banks"):
+    input_pipeline.make_train_dataset(c.input)
 
   work = str(tmp_path / "run")
   train.Trainer(c, work).run()
