@@ -1,4 +1,5 @@
-"""Sharded cluster-discrimination loss vs a bare sharded matmul: per-device center memory and step time."""
+"""Sharded cluster-discrimination loss vs a bare sharded matmul (per-device center memory, step time),
+and Partial FC (rate 0.1) vs dense at a pod-sized batch."""
 import os
 
 if "--xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
@@ -103,6 +104,36 @@ def run(classes, dim, batch, labels_per_sample, iters, pfc_rate):
   return n, rows
 
 
+def run_pfc(classes, dim, batch, labels_per_sample, iters, pfc_rate):
+  """Dense vs Partial-FC step time at a large batch, where sizing the selection by B*K went dense."""
+  devices = np.array(jax.devices())
+  n = devices.size
+  mesh = Mesh(devices.reshape(n, 1, 1), ("data", "fsdp", "tensor"))
+  rows = []
+  for c in classes:
+    rng = np.random.default_rng(0)
+    emb = jax.device_put(rng.normal(size=(batch, dim)).astype(np.float32),
+                         NamedSharding(mesh, P(BATCH_AXES, None)))
+    labels = jax.device_put(rng.integers(0, c, (batch, labels_per_sample)).astype(np.int32),
+                            NamedSharding(mesh, P(BATCH_AXES, None)))
+    centers = loss_lib.init_centers(jax.random.key(0), c, dim, n,
+                                    sharding=loss_lib.centers_sharding(mesh, CLASS_AXES))
+    key = jax.random.key(1)
+    dense, pfc = _loss_step(mesh, c, 1.0), _loss_step(mesh, c, pfc_rate)
+    args = (emb, centers, labels, key)
+    _, metrics = pfc(*args)[0]
+    (t_dense, t_pfc), raw = _time([(dense, args), (pfc, args)], iters)
+    c_local = loss_lib.padded_num_classes(c, n) // n
+    _, n_sel = loss_lib.selection_size(c_local, pfc_rate, batch * labels_per_sample, n, 2.0)
+    rows.append(dict(classes=c, batch=batch, labels=labels_per_sample, pfc_rate=pfc_rate,
+                     dense_ms=1e3 * t_dense, pfc_ms=1e3 * t_pfc,
+                     speedup=float(np.median(np.array(raw[0]) / np.array(raw[1]))),
+                     gathered_columns_per_shard=n_sel, active_columns=float(metrics["pfc_columns"]),
+                     overflow=float(metrics["pfc_overflow"])))
+    del centers
+  return rows
+
+
 def main(argv=None):
   ap = argparse.ArgumentParser(description=__doc__)
   ap.add_argument("--classes", default="10000,100000,1000000")
@@ -111,6 +142,9 @@ def main(argv=None):
   ap.add_argument("--labels", type=int, default=8, help="labels per sample (all sampled)")
   ap.add_argument("--iters", type=int, default=7)
   ap.add_argument("--pfc_rate", type=float, default=0.1)
+  ap.add_argument("--pfc_classes", default="80000,1000000", help="'' = skip the Partial-FC table")
+  ap.add_argument("--pfc_batch", type=int, default=1024, help="global batch of the Partial-FC table")
+  ap.add_argument("--pfc_iters", type=int, default=3)
   ap.add_argument("--json", default=None)
   a = ap.parse_args(argv)
   classes = [int(x) for x in a.classes.split(",") if x]
@@ -125,8 +159,20 @@ def main(argv=None):
           f"{r['bytes_unsharded'] / 2**20:12.2f} {r['memory_fraction']:8.4f} "
           f"{r['temp_bytes_per_device'] / 2**20:11.2f} {r['loss_ms']:8.1f} {r['matmul_ms']:9.1f} "
           f"{r['time_over_matmul']:7.2f} {r['pfc_ms']:10.1f} {r['pfc_over_matmul']:6.2f}")
+  pfc_rows = run_pfc([int(x) for x in a.pfc_classes.split(",") if x], a.dim, a.pfc_batch, a.labels,
+                     a.pfc_iters, a.pfc_rate)
+  if pfc_rows:
+    print(f"\nPartial FC rate {a.pfc_rate} vs dense, global batch {a.pfc_batch} x {a.labels} label slots "
+          f"(selection per shard = max(ceil(rate*C/n), its positives), gathered up to 2x the expected positives)")
+    print(f"{'C':>6} {'dense ms':>9} {'pfc ms':>8} {'speedup':>7} {'gathered/shard':>14} {'active cols':>11} "
+          f"{'overflow':>8}")
+    for r in pfc_rows:
+      print(f"{_label(r['classes']):>6} {r['dense_ms']:9.1f} {r['pfc_ms']:8.1f} {r['speedup']:7.2f} "
+            f"{r['gathered_columns_per_shard'] or 0:14d} {r['active_columns']:11.0f} {r['overflow']:8.0f}")
   if a.json:
-    out = dict(devices=n, dim=a.dim, batch=a.batch, rows=rows)
+    out = dict(devices=n, dim=a.dim, batch=a.batch, rows=rows, pfc_rows=pfc_rows)
+    for r in pfc_rows:
+      out[f"pfc_speedup_{_label(r['classes'])}"] = r["speedup"]
     for r in rows:
       tag = _label(r["classes"])
       out[f"memory_fraction_{tag}"] = r["memory_fraction"]

@@ -1,4 +1,4 @@
-"""Pretraining config: `--config configs/pretrain.py:variant=tiny[,runlocal]` (tiny/small/base/large/huge)."""
+"""Pretraining config: `--config configs/pretrain.py:variant=tiny[,runlocal][,recipe=official]` (tiny/small/base/large/huge)."""
 import ml_collections
 
 from configs import common
@@ -6,7 +6,7 @@ from ovenc_jax import input_pipeline, loss, optim
 
 
 def get_config(arg=None):
-  a = common.parse_arg(arg, variant="tiny", runlocal=False, data="", eval_data="")
+  a = common.parse_arg(arg, variant="tiny", runlocal=False, data="", eval_data="", recipe="default")
   c = ml_collections.ConfigDict()
   c.seed = 0
   c.model = common.model_config(a.variant)
@@ -38,4 +38,18 @@ def get_config(arg=None):
     c.optim.update(lr=2e-3, warmup_steps=20)
     c.total_steps, c.log_every, c.ckpt_every, c.eval_every = 200, 10, 50, 100
     c.eval.update(tokens_per_row=256, batch_size=16)
+  if a.recipe not in RECIPE_PRESETS:
+    raise ValueError(f"config arg recipe={a.recipe!r} is unknown; known: {sorted(RECIPE_PRESETS)}")
+  RECIPE_PRESETS[a.recipe](c)
   return c
+
+
+def official_recipe(c):
+  """OneVision-Encoder's published setup (README: 'Training recipes' lists each difference)."""
+  c.loss.update(recipe="official", sample_rate=0.1, centers_init_std=0.01, centers_weight_decay=0.05)
+  c.optim.update(b2=0.999, schedule="polynomial", power=2.0, end_lr_ratio=0.0,
+                 warmup_steps=c.total_steps // 10, clip_norm=5.0)
+  c.optim.clip_per_group = True  # encoder and centers each clipped to clip_norm
+
+
+RECIPE_PRESETS = {"default": lambda c: None, "official": official_recipe}

@@ -61,18 +61,22 @@ def export_params(params: Mapping[str, Any], output: str, *, rope_layout: str = 
   state = layout_lib.flax_to_torch(params, arch)
   cfg = layout_lib.hf_config(arch, rope_layout=rope_layout, rope_theta=rope_theta, image_size=image_size,
                              extra=extra)
-  centers_arr = None
+  centers_arr = None  # {safetensors key: array}: 'centers', or 'centers.<bank>' per bank of loss.heads
   if centers is not None:
-    centers_arr = np.ascontiguousarray(np.asarray(centers))
-    if centers_arr.ndim != 2 or centers_arr.shape[1] != arch.width or centers_arr.dtype.kind != "f":
-      raise layout_lib.LayoutError(f"centers has shape {centers_arr.shape} dtype {centers_arr.dtype}, "
-                                   f"expected float [num_classes, {arch.width}]")
+    banks = centers if isinstance(centers, Mapping) else {None: centers}
+    centers_arr = {}
+    for name, c in banks.items():
+      key = layout_lib.CENTERS_KEY if name is None else f"{layout_lib.CENTERS_KEY}.{name}"
+      centers_arr[key] = np.ascontiguousarray(np.asarray(c))
+      if centers_arr[key].ndim != 2 or centers_arr[key].shape[1] != arch.width or centers_arr[key].dtype.kind != "f":
+        raise layout_lib.LayoutError(f"{key} has shape {centers_arr[key].shape} dtype {centers_arr[key].dtype}, "
+                                     f"expected float [num_classes, {arch.width}]")
 
   def fill(tmp):
     # metadata format=pt: transformers' from_pretrained refuses safetensors without it.
     save_file(state, os.path.join(tmp, layout_lib.MODEL_FILE), metadata={"format": "pt"})
     if centers_arr is not None:
-      save_file({layout_lib.CENTERS_KEY: centers_arr}, os.path.join(tmp, layout_lib.CENTERS_FILE),
+      save_file(centers_arr, os.path.join(tmp, layout_lib.CENTERS_FILE),
                 metadata={"format": "pt"})
     with open(os.path.join(tmp, layout_lib.CONFIG_FILE), "w") as f:
       json.dump(cfg, f, indent=2)

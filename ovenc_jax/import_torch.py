@@ -62,14 +62,17 @@ def read_export(input_dir: str) -> tuple[ml_collections.ConfigDict, dict[str, An
   centers_path = os.path.join(input_dir, layout_lib.CENTERS_FILE)
   if os.path.isfile(centers_path):
     tensors = _load_safetensors(centers_path)
-    if set(tensors) != {layout_lib.CENTERS_KEY}:
-      raise layout_lib.LayoutError(f"{centers_path}: expected exactly the key '{layout_lib.CENTERS_KEY}', "
-                                   f"found {sorted(tensors)}")
-    c = tensors[layout_lib.CENTERS_KEY]
-    if c.dim() != 2 or c.shape[1] != arch.width or not c.dtype.is_floating_point:
-      raise layout_lib.LayoutError(f"{centers_path}: '{layout_lib.CENTERS_KEY}' has shape {tuple(c.shape)} "
-                                   f"dtype {c.dtype}, expected float [num_classes, {arch.width}]")
-    params["centers"] = _to_numpy_f32(c)
+    prefix = layout_lib.CENTERS_KEY + "."
+    banks = set(tensors) != {layout_lib.CENTERS_KEY}  # several banks: one 'centers.<bank>' key each
+    if banks and not (tensors and all(k.startswith(prefix) and len(k) > len(prefix) for k in tensors)):
+      raise layout_lib.LayoutError(f"{centers_path}: expected exactly the key '{layout_lib.CENTERS_KEY}' or "
+                                   f"'{prefix}<bank>' keys, found {sorted(tensors)}")
+    for key, c in tensors.items():
+      if c.dim() != 2 or c.shape[1] != arch.width or not c.dtype.is_floating_point:
+        raise layout_lib.LayoutError(f"{centers_path}: '{key}' has shape {tuple(c.shape)} "
+                                     f"dtype {c.dtype}, expected float [num_classes, {arch.width}]")
+    params["centers"] = ({k[len(prefix):]: _to_numpy_f32(c) for k, c in tensors.items()} if banks
+                         else _to_numpy_f32(tensors[layout_lib.CENTERS_KEY]))
   return model_config_for(arch, rope_layout, rope_theta), params
 
 

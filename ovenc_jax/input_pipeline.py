@@ -80,8 +80,9 @@ def validate_input_config(cfg, process_count: int = 1) -> None:
     raise ValueError(f"input.sources must be a non-empty list of {{'path', 'weight'}} dicts, "
                      f"got {sources!r}")
   for i, s in enumerate(sources):
-    if not isinstance(s, Mapping) or set(s.keys()) != {"path", "weight"}:
-      raise ValueError(f"input.sources[{i}] must be a dict with exactly 'path' and 'weight', got {s!r}")
+    if not isinstance(s, Mapping) or set(s.keys()) - {"bank"} != {"path", "weight"}:
+      raise ValueError(f"input.sources[{i}] must be a dict with 'path', 'weight' and optionally 'bank' "
+                       f"(a loss.heads name), got {s!r}")
     if not isinstance(s["path"], (str, os.PathLike)) or not str(s["path"]):
       raise ValueError(f"input.sources[{i}].path must be a non-empty str, got {s['path']!r}")
     w = s["weight"]
@@ -260,6 +261,34 @@ def _decode_features(data: bytes, rng: np.random.Generator, **kw) -> dict[str, n
   return sample_features(records.decode_record(data), rng, **kw)
 
 
+def _decode_bank_features(tagged, rng: np.random.Generator, *, tables, offsets, **kw):
+  """A record of source i, labelled from its bank's table and shifted into the bank's id range."""
+  i, data = tagged
+  out = sample_features(records.decode_record(data), rng, label_table=tables[i], **kw)
+  out["labels"] = np.where(out["labels"] >= 0, out["labels"] + offsets[i], -1).astype(np.int32)
+  return out
+
+
+def _tag_source(i: int, data: bytes):
+  return i, data
+
+
+def _source_banks(cfg, banks):
+  """Per source: (label table, label id offset) of the loss.heads bank it names."""
+  tables, offsets, loaded = [], [], {}
+  for i, src in enumerate(cfg.sources):
+    if "bank" not in src or src["bank"] not in banks:
+      raise ValueError(f"input.sources[{i}].bank={src.get('bank')!r}: with loss.heads every source "
+                       f"names one of the banks {sorted(banks)}")
+    offset, table = banks[src["bank"]]
+    table = table or cfg.label_table  # a bank without its own table shares input.label_table
+    if table and table not in loaded:  # sources of one bank share its table
+      loaded[table] = load_label_table(table)
+    tables.append(loaded.get(table))
+    offsets.append(int(offset))
+  return tables, offsets
+
+
 def _decode_features_eval(data: bytes, **kw) -> dict[str, np.ndarray]:
   rec = records.decode_record(data)
   # Seeded by the sample itself, so a long sample keeps the same tokens in every evaluation.
@@ -349,8 +378,12 @@ class ProcessBlocks(grain.transforms.DatasetSelectionMap):
 
 
 def make_train_dataset(cfg, *, process_index=None, process_count=None,
-                       read_threads: int = DEFAULT_READ_THREADS) -> grain.IterDataset:
-  """The grain IterDataset behind make_train_iterator (this process's batches)."""
+                       read_threads: int = DEFAULT_READ_THREADS, banks=None) -> grain.IterDataset:
+  """The grain IterDataset behind make_train_iterator (this process's batches).
+
+  banks: {name: (label id offset, label table path or None)} of loss.heads (loss.source_banks);
+  each source then names its bank and its labels come shifted into that bank's id range.
+  """
   pi, pc = _resolve_process(process_index, process_count)
   validate_input_config(cfg, pc)
   rows = cfg.global_batch_size // pc
@@ -367,14 +400,22 @@ def make_train_dataset(cfg, *, process_index=None, process_count=None,
     if not len(ds):
       raise ValueError(f"input.sources[{i}].path={src['path']}: the shards hold no records")
     parts.append(ds.shuffle(seed=_seed(cfg.seed, 1, i)).repeat(cfg.num_epochs))
+    if banks:
+      parts[-1] = parts[-1].map(functools.partial(_tag_source, i))
     weights.append(float(src["weight"]))
   ds = parts[0] if len(parts) == 1 else grain.MapDataset.mix(parts, weights)
-  ds = ds.random_map(
-      functools.partial(_decode_features, patch_size=int(cfg.patch_size), tokens_per_row=n_tok,
-                        max_labels=int(cfg.max_labels), hflip=bool(cfg.hflip), label_table=table,
-                        max_tokens_per_sample=cfg.max_tokens_per_sample,
-                        temporal_positions=cfg.temporal_positions),
-      seed=_seed(cfg.seed, 2))
+  features = dict(patch_size=int(cfg.patch_size), tokens_per_row=n_tok, max_labels=int(cfg.max_labels),
+                  hflip=bool(cfg.hflip), max_tokens_per_sample=cfg.max_tokens_per_sample,
+                  temporal_positions=cfg.temporal_positions)
+  named = [i for i, src in enumerate(cfg.sources) if "bank" in src]
+  if named and not banks:
+    raise ValueError(f"input.sources[{named[0]}].bank is set, but loss.heads names no banks")
+  if banks:
+    tables, offsets = _source_banks(cfg, banks)
+    decode = functools.partial(_decode_bank_features, tables=tables, offsets=offsets, **features)
+  else:
+    decode = functools.partial(_decode_features, label_table=table, **features)
+  ds = ds.random_map(decode, seed=_seed(cfg.seed, 2))
   blocks = ProcessBlocks(len(ds), rows, pi, pc)
   if not len(blocks):
     raise ValueError(f"input.global_batch_size={cfg.global_batch_size}: one pass over the sources "
@@ -408,14 +449,14 @@ def make_train_dataset(cfg, *, process_index=None, process_count=None,
   return it
 
 
-def make_train_iterator(cfg, *, process_index=None, process_count=None) -> grain.DatasetIterator:
+def make_train_iterator(cfg, *, process_index=None, process_count=None, banks=None) -> grain.DatasetIterator:
   """Per-host batches (numpy dicts) of global_batch_size // process_count rows; checkpointable.
 
   Keys: patches uint8 [b, N, p*p*3], positions int32 [b, N, 3], segment_ids int32 [b, N]
   (0 = padding, k = k-th sample of the row), labels int32 [b, S, L], class_label int32 [b, S],
   sample_id int64 [b, S] (-1 in empty slots).
   """
-  it = iter(make_train_dataset(cfg, process_index=process_index, process_count=process_count))
+  it = iter(make_train_dataset(cfg, process_index=process_index, process_count=process_count, banks=banks))
   _LIVE_ITERATORS.add(it)
   return it
 

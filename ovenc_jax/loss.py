@@ -1,7 +1,7 @@
 """Multi-label cluster-discrimination loss (CosFace margin, Partial-FC) with class centers sharded over the mesh."""
 import functools
 import math
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -18,6 +18,24 @@ CENTERS_LOGICAL_AXES = ("classes", None)
 _NORM_EPS = 1e-12
 
 
+RECIPES = ("default", "official")
+
+# Keys added after the first release: configs saved without them read these values.
+_OPTIONAL_DEFAULTS = dict(
+    # 'default' (this project's loss) or 'official' (OneVision-Encoder's): see make_loss_fn and
+    # docs/clustering.md.
+    recipe="default",
+    # Partial FC gathers max(ceil(rate*C/n), slack * expected positives per shard) columns; more
+    # positives than that overflow (counted in metrics["pfc_overflow"]), never a wrong gradient.
+    pfc_positive_slack=2.0,
+    # 0 = unit-norm Gaussian rows; > 0 = N(0, std^2) entries (the published init uses 0.01).
+    centers_init_std=0.0,
+    # Several center banks trained together: [{"name", "num_classes", optional "weight", "label_table"
+    # and any per-bank loss key}], see bank_specs. Empty = one bank, `num_classes` centers.
+    heads=[],
+)
+
+
 def default_loss_config() -> ml_collections.ConfigDict:
   """Loss defaults; `num_classes` must be set to the number of cluster centers before use."""
   return ml_collections.ConfigDict(dict(
@@ -31,13 +49,18 @@ def default_loss_config() -> ml_collections.ConfigDict:
       # The loss only sees normalised centers, so weight decay would merely shrink their norm and
       # thereby raise their effective learning rate; off by default.
       centers_weight_decay=0.0,
+      **_OPTIONAL_DEFAULTS,
   ))
+
+
+def _opt(cfg, key):
+  return cfg[key] if key in cfg else _OPTIONAL_DEFAULTS[key]
 
 
 def validate_loss_config(cfg) -> None:
   """Raises ValueError naming the `loss.*` key that is missing or out of range."""
   for key in default_loss_config():
-    if key not in cfg:
+    if key not in cfg and key not in _OPTIONAL_DEFAULTS:
       raise ValueError(f"loss.{key} is missing from the config")
   n = cfg.num_classes
   if not isinstance(n, (int, np.integer)) or isinstance(n, bool) or n < 1:
@@ -57,6 +80,12 @@ def validate_loss_config(cfg) -> None:
     raise ValueError(f"loss.centers_lr_mult must be >= 0, got {cfg.centers_lr_mult!r}")
   if not cfg.centers_weight_decay >= 0:
     raise ValueError(f"loss.centers_weight_decay must be >= 0, got {cfg.centers_weight_decay!r}")
+  if _opt(cfg, "recipe") not in RECIPES:
+    raise ValueError(f"loss.recipe must be one of {RECIPES}, got {_opt(cfg, 'recipe')!r}")
+  if not _opt(cfg, "pfc_positive_slack") > 0:
+    raise ValueError(f"loss.pfc_positive_slack must be > 0, got {_opt(cfg, 'pfc_positive_slack')!r}")
+  if not _opt(cfg, "centers_init_std") >= 0:
+    raise ValueError(f"loss.centers_init_std must be >= 0 (0 = unit rows), got {_opt(cfg, 'centers_init_std')!r}")
 
 
 def padded_num_classes(num_classes: int, num_shards: int) -> int:
@@ -67,13 +96,15 @@ def padded_num_classes(num_classes: int, num_shards: int) -> int:
   return -(-num_classes // num_shards) * num_shards
 
 
-def init_centers(rng, num_classes: int, dim: int, num_shards: int, sharding=None) -> jnp.ndarray:
-  """Unit-norm Gaussian rows [C_pad, D]; padding rows are zero. With `sharding`, built sharded."""
+def init_centers(rng, num_classes: int, dim: int, num_shards: int, sharding=None,
+                 std: float = 0.0) -> jnp.ndarray:
+  """Gaussian rows [C_pad, D], unit-norm (std=0) or N(0, std^2); padding rows are zero.
+  With `sharding`, built sharded."""
   c_pad = padded_num_classes(num_classes, num_shards)
 
   def init(key):
     w = jax.random.normal(key, (c_pad, dim), jnp.float32)
-    w = w * jax.lax.rsqrt(jnp.sum(w * w, axis=1, keepdims=True))
+    w = w * (std if std > 0 else jax.lax.rsqrt(jnp.sum(w * w, axis=1, keepdims=True)))
     return jnp.where(jnp.arange(c_pad)[:, None] < num_classes, w, 0.0)
 
   # jit with out_shardings: each device generates only its rows (threefry is partitionable).
@@ -145,29 +176,25 @@ _MAX_FIXED_SPAN = 130.0
 _MAX_FIXED_CLASSES = 100_000_000
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
-def _shard_logits(e, c, drop_col, pos_col, col_ok, scale, thr, shift):
-  return _shard_logits_fwd(e, c, drop_col, pos_col, col_ok, scale, thr, shift)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+def _shard_logits(e, c, drop_col, col_ok, scale, thr, shift):
+  return _shard_logits_fwd(e, c, drop_col, col_ok, scale, thr, shift)[0]
 
 
-def _shard_logits_fwd(e, c, drop_col, pos_col, col_ok, scale, thr, shift):
-  """One shard's part of the softmaxes, from unit embeddings e [B, D] and raw center rows c [n, D].
+def _shard_logits_fwd(e, c, drop_col, col_ok, scale, thr, shift):
+  """One shard's part of the softmaxes' negatives, from unit embeddings e [B, D] and raw rows c [n, D].
 
-  Returns m [B] and sum_j exp(s*cos_bj - m) [B] over the kept negatives, their count [B], and the
-  cosines of the positives this shard holds [B, K] (0 elsewhere). Kept = not in drop_col [B, *]
-  (the row's own labels and padding classes; n = nothing), in col_ok [n] when given (Partial-FC
-  selection), cos <= thr. pos_col [B, K]: columns of the sampled positives (n = not here).
-  With `shift` (a float) m is that constant and no row max is computed; shift=None: the row max.
+  Returns m [B] and sum_j exp(s*cos_bj - m) [B] over the kept negatives, and their count [B].
+  Kept = not in drop_col [B, *] (the row's own labels and padding classes; n = nothing), in col_ok
+  [n] when given (Partial-FC selection), cos <= thr. With `shift` (a float) m is that constant and
+  no row max is computed; shift=None: the row max.
 
   The centers are normalised by scaling the logit columns with r = 1/|c| instead of writing
   normalised rows: the residual is q = p * r, and q @ (1/r) (a matvec) recovers the row sums.
   """
-  b, n = e.shape[0], c.shape[0]
+  b = e.shape[0]
   r = jax.lax.rsqrt(jnp.maximum(jnp.sum(c * c, axis=1), _NORM_EPS))                  # [n]
   cos = (e @ c.T) * r[None, :]                                                       # [B, n]
-  pos_here = pos_col < n
-  pc = jnp.minimum(pos_col, n - 1)
-  cos_pos = jnp.where(pos_here, jnp.einsum("bd,bkd->bk", e, c[pc]) * r[pc], 0.0)
   # In-place scatter of -inf: never negatives. (A per-column mask folded into the elementwise
   # pass below is recomputed per element by XLA and costs more than this scatter.)
   cos = cos.at[jnp.arange(b)[:, None], drop_col].set(-jnp.inf, mode="drop")
@@ -191,28 +218,65 @@ def _shard_logits_fwd(e, c, drop_col, pos_col, col_ok, scale, thr, shift):
     m = jnp.where(jnp.isfinite(mx), mx, -jnp.inf)
     q = jnp.where(keep, jnp.exp(z - jnp.where(jnp.isfinite(mx), mx, 0.0)[:, None]) * r[None, :], 0.0)
     n_kept = jnp.sum(keep.astype(jnp.float32), axis=1)
-  return (m, q @ (1.0 / r), n_kept, cos_pos), (e, c, r, q, pos_col)
+  return (m, q @ (1.0 / r), n_kept), (e, c, r, q)
 
 
 def _shard_logits_bwd(scale, thr, shift, res, g):
-  # With G = s * g_sum * p the gradient of the logits, u_j = sum_b G_bj e_b (+ the positives'
-  # terms) is the gradient w.r.t. the unit center c_j / |c_j|; then dc_j = r_j (u_j - (u_j.ĉ_j) ĉ_j).
-  # Both matmuls use q = p * r and the raw c, so the row weights stay on the small [B, D] side
-  # and the positives are added in place (a scatter of B*K rows into the dot's output).
-  e, c, r, q, pos_col = res
-  _, g_sum, _, g_pos = g
-  n = c.shape[0]
-  pc = jnp.minimum(pos_col, n - 1)
-  g_pos = jnp.where(pos_col < n, g_pos, 0.0) * r[pc]                                 # [B, K]
+  # With G = s * g_sum * p the gradient of the logits, u_j = sum_b G_bj e_b is the gradient w.r.t.
+  # the unit center c_j / |c_j|; then dc_j = r_j (u_j - (u_j.ĉ_j) ĉ_j). Both matmuls use q = p * r
+  # and the raw c, so the row weights stay on the small [B, D] side.
+  e, c, r, q = res
+  _, g_sum, _ = g
   w = scale * g_sum[:, None]
-  de = w * (q @ c) + jnp.einsum("bk,bkd->bd", g_pos, c[pc])
-  ru = (q.T @ (w * e)).at[pos_col.reshape(-1)].add(
-      (g_pos[:, :, None] * e[:, None, :]).reshape(-1, e.shape[1]), mode="drop")     # r * u
+  de = w * (q @ c)
+  ru = q.T @ (w * e)                                                                 # r * u
   dc = ru - (r * r * jnp.sum(ru * c, axis=1))[:, None] * c
-  return (de, dc, None, None, None)
+  return (de, dc, None, None)
 
 
 _shard_logits.defvjp(_shard_logits_fwd, _shard_logits_bwd)
+
+
+def _positive_cosines(e, c, pos_loc, pos_own):
+  """cos(e_b, c_y) [B, K] for the positives this shard owns (0 elsewhere), from the raw rows.
+
+  Taken from the rows themselves rather than from the Partial-FC selection, so a positive that did
+  not fit into the selection (overflow) still gets its exact term and gradient.
+  """
+  cp = c[jnp.clip(pos_loc, 0, c.shape[0] - 1)]                                       # [B, K, D]
+  cos = jnp.einsum("bd,bkd->bk", e, cp) * jax.lax.rsqrt(jnp.maximum(jnp.sum(cp * cp, axis=-1), _NORM_EPS))
+  return jnp.where(pos_own, cos, 0.0)
+
+
+def positive_capacity(num_terms: int, num_shards: int, slack: float) -> int:
+  """Static room for one shard's distinct positives: slack x its expected share, at least 16."""
+  return max(16, math.ceil(slack * num_terms / num_shards))
+
+
+def selection_size(c_local: int, rate: float, num_terms: int, num_shards: int, slack: float):
+  """(n_rate, n_sel): the Partial-FC size per shard, ceil(rate * C/n), and the static number of
+  columns gathered, which also holds the positives a shard is expected to own; None = dense."""
+  n_rate = math.ceil(rate * c_local)
+  n_sel = min(c_local, max(n_rate, positive_capacity(num_terms, num_shards, slack)))
+  return n_rate, (None if n_rate >= c_local or n_sel >= c_local else n_sel)
+
+
+def _select_columns(key, pos_loc, pos_own, row_real, n_rate: int, n_sel: int):
+  """Partial FC on one shard: its distinct positives first (in random order among themselves), then
+  uniformly random rows, never padding rows. Returns (sel [n_sel] row ids, col_ok [n_sel] = the
+  active columns, max(n_rate, #positives) of them, overflow = positives that did not fit).
+  A positive that does not fit is only missing as a negative of other rows; its own term is exact.
+  """
+  c_local_n = row_real.shape[0]
+  u = jax.random.uniform(key, (c_local_n,))
+  is_pos = jnp.zeros((c_local_n,), bool).at[jnp.where(pos_own, pos_loc, c_local_n).reshape(-1)].set(
+      True, mode="drop")
+  score = jnp.where(row_real, jnp.where(is_pos, 2.0 + u, u), -1.0)
+  _, sel = jax.lax.top_k(score, n_sel)
+  n_pos = jnp.sum(is_pos)
+  n_active = jnp.maximum(n_rate, jnp.minimum(n_pos, n_sel))
+  col_ok = (jnp.arange(n_sel) < n_active) & row_real[sel]
+  return sel, col_ok, jnp.maximum(n_pos - n_sel, 0)
 
 
 def make_loss_fn(mesh, cfg, batch_axes: Sequence[str] = ("data", "fsdp"),
@@ -220,10 +284,19 @@ def make_loss_fn(mesh, cfg, batch_axes: Sequence[str] = ("data", "fsdp"),
   """Returns loss_fn(embeddings [B,D], centers [C_pad,D], labels int32 [B,L], rng) -> (loss, metrics).
 
   embeddings are sharded over `batch_axes` (rows), centers over `class_axes` (rows), labels like the
-  embeddings; -1 in labels is padding. The softmax for sample b and one of its sampled labels y is
-    -log( e^{s(cos_by - m)} / (e^{s(cos_by - m)} + sum_{j in N_b} e^{s cos_bj}) )
-  where N_b = real classes that are none of b's labels, with cos_bj <= fn_threshold, and (with
-  sample_rate < 1) among this step's Partial-FC selection. The loss is the mean over valid labels.
+  embeddings; -1 in labels is padding (a row without labels, e.g. an empty segment slot, adds no
+  term). Each step picks `labels_per_step` of a row's labels; each picked label y is a softmax
+    -log( e^{s(cos_by - m)} / (e^{s(cos_by - m)} + sum_{j in N} e^{s cos'_bj}) )
+  and the loss is the mean over these terms (metrics["loss_count"] of them).
+  recipe 'default': one Partial-FC selection per step holding every picked positive; N = the
+  selected real classes that are none of b's labels with cos_bj <= fn_threshold; cos' = cos.
+  recipe 'official' (OneVision-Encoder's training loss): every label slot draws its own selection
+  holding only that slot's positives; N = the selected real classes other than y (b's other labels
+  included), and cos'_bj = 0 where cos_bj > fn_threshold (the class stays in the softmax).
+
+  Sampling keys: k_lab, k_pfc = split(rng); labels by sample_labels(k_lab, ...); the selection of
+  class shard i uses uniform(fold_in(k_pfc, i)) (default) or uniform(fold_in(fold_in(k_pfc, slot),
+  i)) (official) over the shard's rows, the shard's positives first (see _select_columns).
   """
   validate_loss_config(cfg)
   batch_axes, class_axes = tuple(batch_axes), tuple(class_axes)
@@ -236,17 +309,43 @@ def make_loss_fn(mesh, cfg, batch_axes: Sequence[str] = ("data", "fsdp"),
   thr = None if cfg.fn_threshold is None else float(cfg.fn_threshold)
   k_labels = int(cfg.labels_per_step)
   rate = float(cfg.sample_rate)
+  official = _opt(cfg, "recipe") == "official"
+  slack = float(_opt(cfg, "pfc_positive_slack"))
   n_batch = _axes_size(mesh, batch_axes)
   n_class = _axes_size(mesh, class_axes)
   # The custom-VJP block needs both operands typed alike (varying over every axis in play).
   all_axes = class_axes + tuple(a for a in batch_axes if a not in class_axes)
   u = 1.0 if thr is None else min(thr, 1.0)
+  if official:
+    u = max(u, 0.0)  # filtered classes enter the softmax with a logit of 0
   # Fixed softmax shift when the logit span allows it (see _MAX_FIXED_SPAN), else the exact row max.
   shift = None
   if scale * (1.0 + u) <= _MAX_FIXED_SPAN and num_classes <= _MAX_FIXED_CLASSES:
     shift = scale * u - _SHIFT_HEADROOM
 
-  def local_loss(emb, centers, labels, rng, *, n_sel, c_pad):
+  def negatives(e, cs, drop_col, col_ok):
+    """This shard's sum-exp over kept negatives [B] on the global shift m [B], and their count."""
+    m_loc, s_loc, n_kept = _shard_logits(_vary(e, all_axes), _vary(cs, all_axes), drop_col, col_ok,
+                                         scale, thr, shift)
+    # The shift only stabilises: no gradient through it.
+    m_loc = jax.lax.stop_gradient(m_loc)
+    if shift is not None:
+      return m_loc, s_loc, n_kept
+    m = jax.lax.pmax(m_loc, class_axes)
+    if official and thr is not None:
+      m = jnp.maximum(m, 0.0)
+    return m, s_loc * jnp.exp(jnp.where(jnp.isfinite(m_loc), m_loc - m, -jnp.inf)), n_kept
+
+  def columns(key, pos_loc, pos_own, row_real, c, n_sel, n_rate):
+    """(cs, col_ok, inv, overflow): the shard's columns, dense or a Partial-FC selection."""
+    c_local_n = c.shape[0]
+    if n_sel is None:
+      return c, row_real, jnp.arange(c_local_n, dtype=jnp.int32), jnp.int32(0)
+    sel, col_ok, overflow = _select_columns(key, pos_loc, pos_own, row_real, n_rate, n_sel)
+    inv = jnp.full((c_local_n,), n_sel, jnp.int32).at[sel].set(jnp.arange(n_sel, dtype=jnp.int32))
+    return c[sel], col_ok, inv, overflow
+
+  def local_loss(emb, centers, labels, rng, *, n_sel, n_rate, c_pad):
     c_local_n = centers.shape[0]
     shard = _linear_axis_index(mesh, class_axes)
     offset = shard * c_local_n
@@ -264,81 +363,90 @@ def make_loss_fn(mesh, cfg, batch_axes: Sequence[str] = ("data", "fsdp"),
     c = centers  # raw rows: _shard_logits normalises them as column scales of the logits
     pos_loc = pos - offset
     pos_own = pos_valid & (pos_loc >= 0) & (pos_loc < c_local_n)
-
-    row_ids = jnp.arange(c_local_n)
-    row_real = offset + row_ids < num_classes
-    if n_sel is not None:
-      # Partial FC: this shard's positives (score 2) first, then uniform random rows; padding last.
-      score = jax.random.uniform(jax.random.fold_in(k_pfc, shard), (c_local_n,))
-      score = score.at[jnp.where(pos_own, pos_loc, c_local_n).reshape(-1)].set(2.0, mode="drop")
-      score = jnp.where(row_real, score, -1.0)
-      top_score, sel = jax.lax.top_k(score, n_sel)
-      n_pos_local = jnp.sum(top_score == 2.0)
-      # Size max(ceil(r*Cn), #positives) like Partial FC; n_sel is only the static upper bound.
-      n_active = jnp.maximum(math.ceil(rate * c_local_n), n_pos_local)
-      col_ok = (jnp.arange(n_sel) < n_active) & row_real[sel]
-      cs = c[sel]
-      inv = jnp.full((c_local_n,), n_sel, jnp.int32).at[sel].set(jnp.arange(n_sel, dtype=jnp.int32))
-    else:
-      col_ok = row_real
-      cs = c
-      inv = row_ids.astype(jnp.int32)
-    n_cols = cs.shape[0]
+    cos_pos = _positive_cosines(_vary(e, all_axes), _vary(c, all_axes), pos_loc, pos_own)
+    row_real = offset + jnp.arange(c_local_n) < num_classes
     n_pad = c_pad - num_classes
 
-    # Every label of a sample (sampled or not) is excluded from that sample's negatives.
-    lab_loc = lab - offset
-    lab_own = lab_valid & (lab_loc >= 0) & (lab_loc < c_local_n)
-    col = jnp.where(lab_own, inv[jnp.clip(lab_loc, 0, c_local_n - 1)], n_cols)       # [B, L]
-    pos_col = jnp.where(pos_own, inv[jnp.clip(pos_loc, 0, c_local_n - 1)], n_cols)    # [B, K]
-    if n_sel is None:
+    def drop_with_padding(col, n_cols):
+      if n_sel is not None:
+        return col
       # Dense: padding classes (global rows >= C, at most n_pad) are dropped like own labels.
       pad = num_classes + jnp.arange(n_pad) - offset
       pad = jnp.where((pad >= 0) & (pad < n_cols), pad, n_cols)
-      drop_col, col_mask = jnp.concatenate([col, jnp.broadcast_to(pad, (b, n_pad))], axis=1), None
+      return jnp.concatenate([col, jnp.broadcast_to(pad, (b, n_pad))], axis=1)
+
+    def own_columns(ids_loc, ids_own, inv, n_cols):
+      return jnp.where(ids_own, inv[jnp.clip(ids_loc, 0, c_local_n - 1)], n_cols)
+
+    if not official:
+      cs, col_ok, inv, overflow = columns(jax.random.fold_in(k_pfc, shard), pos_loc, pos_own, row_real,
+                                          c, n_sel, n_rate)
+      n_cols = cs.shape[0]
+      # Every label of a sample (sampled or not) is excluded from that sample's negatives.
+      lab_loc = lab - offset
+      lab_own = lab_valid & (lab_loc >= 0) & (lab_loc < c_local_n)
+      col = own_columns(lab_loc, lab_own, inv, n_cols)                                # [B, L]
+      m, s_loc, n_kept = negatives(e, cs, drop_with_padding(col, n_cols), None if n_sel is None else col_ok)
+      # Usable = usable columns - the sample's distinct own labels among them.
+      own_ok = lab_own & (col < n_cols) & col_ok[jnp.minimum(col, n_cols - 1)]
+      first = jnp.argmax(lab[:, :, None] == lab[:, None, :], axis=2) == jnp.arange(lab.shape[1])
+      n_usable = (jnp.sum(col_ok) - jnp.sum(own_ok & first, axis=1)).astype(jnp.float32)
+      n_active = jnp.sum(col_ok).astype(jnp.float32)
+      m, s_loc, n_kept, n_usable = (x[:, None] for x in (m, s_loc, n_kept, n_usable))  # one per row
     else:
-      drop_col, col_mask = col, col_ok
-    m_loc, s_loc, n_kept, cos_pos = _shard_logits(
-        _vary(e, all_axes), _vary(cs, all_axes), drop_col, pos_col, col_mask, scale, thr, shift)
-    # The shift only stabilises: no gradient through it.
-    m_loc = jax.lax.stop_gradient(m_loc)
-    if shift is not None:
-      m = m_loc
-    else:
-      m = jax.lax.pmax(m_loc, class_axes)                                            # [B]
-      s_loc = s_loc * jnp.exp(jnp.where(jnp.isfinite(m_loc), m_loc - m, -jnp.inf))
-    # Filtered = usable columns - the sample's distinct own labels among them - kept negatives.
-    own_ok = lab_own & (col < n_cols) & col_ok[jnp.minimum(col, n_cols - 1)]
-    first = jnp.argmax(lab[:, :, None] == lab[:, None, :], axis=2) == jnp.arange(lab.shape[1])
-    n_usable = (jnp.sum(col_ok) - jnp.sum(own_ok & first, axis=1)).astype(jnp.float32)
+      per_slot = []
+      for k in range(pos.shape[1]):
+        key = jax.random.fold_in(jax.random.fold_in(k_pfc, k), shard)
+        cs, col_ok, inv, ovf = columns(key, pos_loc[:, k:k + 1], pos_own[:, k:k + 1], row_real, c,
+                                       n_sel, n_rate)
+        n_cols = cs.shape[0]
+        col = own_columns(pos_loc[:, k:k + 1], pos_own[:, k:k + 1], inv, n_cols)       # [B, 1]
+        mk, sk, nk = negatives(e, cs, drop_with_padding(col, n_cols), None if n_sel is None else col_ok)
+        own_ok = pos_own[:, k] & (col[:, 0] < n_cols) & col_ok[jnp.minimum(col[:, 0], n_cols - 1)]
+        nu = (jnp.sum(col_ok) - own_ok.astype(jnp.int32)).astype(jnp.float32)
+        per_slot.append((mk, sk, nk, nu, ovf, jnp.sum(col_ok)))
+      m, s_loc, n_kept, n_usable, overflow, n_active = (jnp.stack(x, axis=-1) for x in zip(*per_slot))
+      overflow = jnp.sum(overflow)
+      n_active = jnp.mean(n_active.astype(jnp.float32))
     # One all-reduce: positive cosines (each from its owner shard), sum-exp terms, counts.
-    cos_pos, sum_neg, n_neg, n_usable = jax.lax.psum((cos_pos, s_loc, n_kept, n_usable), class_axes)
-    if shift is not None:
+    cos_pos, sum_neg, n_neg, n_usable, overflow, n_active = jax.lax.psum(
+        (cos_pos, s_loc, n_kept, n_usable, overflow, n_active), class_axes)
+    n_filt = n_usable - n_neg
+    if official and thr is not None:
+      # A filtered class stays in the softmax with cosine 0: a term e^{0 - m}, with no gradient.
+      sum_neg = sum_neg + n_filt * jnp.exp(-m)
+    if shift is not None or (official and thr is not None):
       has_neg = sum_neg > 0
     else:
       has_neg = jnp.isfinite(m)
       m = jnp.where(has_neg, m, 0.0)
 
     z_pos = scale * (cos_pos - margin)                                               # [B, K]
-    big = jax.lax.stop_gradient(jnp.where(has_neg[:, None], jnp.maximum(z_pos, m[:, None]), z_pos))
-    lse = big + jnp.log(jnp.exp(z_pos - big) + sum_neg[:, None] * jnp.exp(m[:, None] - big))
+    big = jax.lax.stop_gradient(jnp.where(has_neg, jnp.maximum(z_pos, m), z_pos))
+    lse = big + jnp.log(jnp.exp(z_pos - big) + sum_neg * jnp.exp(m - big))
     per_label = jnp.where(pos_valid, lse - z_pos, 0.0)
     n_valid = jnp.sum(pos_valid)
     denom = jnp.maximum(n_valid, 1).astype(jnp.float32)
     loss = jnp.sum(per_label) / denom
 
     has_label = jnp.any(pos_valid, axis=1)
-    n_rows = jnp.maximum(jnp.sum(has_label), 1).astype(jnp.float32)
-    n_filt = n_usable - n_neg
+    if official:  # per (sample, slot) term: each has its own negatives
+      per_row = lambda x: jnp.sum(jnp.where(pos_valid, x, 0)) / denom
+    else:
+      n_rows = jnp.maximum(jnp.sum(has_label), 1).astype(jnp.float32)
+      per_row = lambda x: jnp.sum(jnp.where(has_label, x[:, 0], 0)) / n_rows
     metrics = dict(
         num_valid_labels=n_valid.astype(jnp.float32),
-        negatives_per_sample=jnp.sum(jnp.where(has_label, n_neg, 0)) / n_rows,
+        loss_count=n_valid.astype(jnp.float32),
+        negatives_per_sample=per_row(n_usable if official else n_neg),
         positive_cos=jnp.sum(jnp.where(pos_valid, cos_pos, 0.0)) / denom,
         positive_prob=jnp.sum(jnp.where(pos_valid, jnp.exp(z_pos - lse), 0.0)) / denom,
         labels_out_of_range=out_of_range.astype(jnp.float32),
+        pfc_columns=n_active,
+        pfc_overflow=overflow.astype(jnp.float32),
     )
     if thr is not None:
-      metrics["fn_filtered_per_sample"] = jnp.sum(jnp.where(has_label, n_filt, 0)) / n_rows
+      metrics["fn_filtered_per_sample"] = per_row(n_filt)
     loss = _invariant(loss)
     metrics = {k: _invariant(jax.lax.stop_gradient(v.astype(jnp.float32))) for k, v in metrics.items()}
     metrics["loss"] = jax.lax.stop_gradient(loss)
@@ -363,15 +471,117 @@ def make_loss_fn(mesh, cfg, batch_axes: Sequence[str] = ("data", "fsdp"),
       raise ValueError(f"loss_fn: batch {b} is not divisible by the {n_batch} batch shards {batch_axes}")
     c_local_n = c_pad // n_class
     k = min(k_labels, labels.shape[1])
-    # Static number of selected rows per shard (None = all rows, no sampling): room for every
-    # positive of the batch even when they all fall on one shard.
-    n_sel = None
-    if math.ceil(rate * c_local_n) < c_local_n:
-      n_sel = min(c_local_n, max(math.ceil(rate * c_local_n), b * k))
+    # Positives one selection must hold: all picked labels (default) or one slot's (official).
+    n_rate, n_sel = selection_size(c_local_n, rate, b if official else b * k, n_class, slack)
     fn = jax.shard_map(
-        lambda e, c, l, r: local_loss(e, c, l, r, n_sel=n_sel, c_pad=c_pad), mesh=mesh,
+        lambda e, c, l, r: local_loss(e, c, l, r, n_sel=n_sel, n_rate=n_rate, c_pad=c_pad), mesh=mesh,
         in_specs=(P(batch_axes, None), P(class_axes, None), P(batch_axes, None), P()),
         out_specs=(P(), P()))
     return fn(embeddings, centers, labels.astype(jnp.int32), rng)
+
+  return loss_fn
+
+
+# Keys a bank may set for itself; the others are shared by all banks.
+_BANK_KEYS = ("num_classes", "scale", "margin", "fn_threshold", "labels_per_step", "sample_rate")
+
+
+class BankSpec(NamedTuple):
+  name: str
+  cfg: ml_collections.ConfigDict  # the loss config of this bank alone
+  weight: float
+  offset: int                     # the bank's class ids are [offset, offset + num_classes) in labels
+  label_table: str | None
+
+
+def bank_specs(cfg) -> list[BankSpec] | None:
+  """The center banks of `loss.heads` (None without heads: one bank, today's layout).
+
+  Bank i's label ids live at [offset_i, offset_i + num_classes_i) in the batch's labels, offsets
+  being the running sum of the banks' num_classes in order; the input pipeline shifts a source's
+  labels by the offset of the bank the source names.
+  """
+  heads = _opt(cfg, "heads")
+  if not heads:
+    return None
+  allowed = {"name", "weight", "label_table", *_BANK_KEYS}
+  specs, offset = [], 0
+  for i, h in enumerate(heads):
+    if not hasattr(h, "keys") or "name" not in h or "num_classes" not in h:
+      raise ValueError(f"loss.heads[{i}] must be a dict with at least 'name' and 'num_classes', got {h!r}")
+    unknown = sorted(set(h.keys()) - allowed)
+    if unknown:
+      raise ValueError(f"loss.heads[{i}] has unknown keys {unknown}; known: {sorted(allowed)}")
+    name = h["name"]
+    if not isinstance(name, str) or not name.isidentifier() or name in {s.name for s in specs}:
+      raise ValueError(f"loss.heads[{i}].name must be a unique identifier, got {name!r}")
+    bank = ml_collections.ConfigDict({k: v for k, v in cfg.items() if k != "heads"})
+    bank.update({k: h[k] for k in _BANK_KEYS if k in h})
+    try:
+      validate_loss_config(bank)
+    except ValueError as e:
+      raise ValueError(f"loss.heads[{i}] ({name}): {e}") from None
+    weight = float(h.get("weight", 1.0))
+    if not weight > 0:
+      raise ValueError(f"loss.heads[{i}].weight must be > 0, got {weight!r}")
+    specs.append(BankSpec(name, bank, weight, offset, h.get("label_table")))
+    offset += int(bank.num_classes)
+  return specs
+
+
+def source_banks(cfg) -> dict[str, tuple[int, str | None]] | None:
+  """{bank name: (label id offset, label table)} for the input pipeline; None without loss.heads."""
+  specs = bank_specs(cfg)
+  return None if specs is None else {s.name: (s.offset, s.label_table) for s in specs}
+
+
+def init_centers_from_config(rng, cfg, dim: int, num_shards: int):
+  """The centers parameter: one [C_pad, D] array, or {bank name: array} with loss.heads."""
+  std = float(_opt(cfg, "centers_init_std"))
+  specs = bank_specs(cfg)
+  if specs is None:
+    return init_centers(rng, cfg.num_classes, dim, num_shards, std=std)
+  return {s.name: init_centers(jax.random.fold_in(rng, i), s.cfg.num_classes, dim, num_shards, std=std)
+          for i, s in enumerate(specs)}
+
+
+def loss_fn_from_config(mesh, cfg, batch_axes, class_axes):
+  """make_loss_fn for one bank, make_banks_loss_fn with loss.heads."""
+  make = make_loss_fn if bank_specs(cfg) is None else make_banks_loss_fn
+  return make(mesh, cfg, batch_axes, class_axes)
+
+
+def make_banks_loss_fn(mesh, cfg, batch_axes: Sequence[str] = ("data", "fsdp"),
+                       class_axes: Sequence[str] = ("data", "fsdp", "tensor")):
+  """Several center banks: loss_fn(embeddings [B,D], {name: centers [C_pad_i, D]}, labels [B,L], rng).
+
+  Each bank is make_loss_fn on its own centers (sharded over `class_axes` like one bank) with the
+  labels of its id range (shifted to 0..C_i-1, the rest -1) and rng folded with its index. The loss
+  is sum_i weight_i * loss_i; metrics are per bank as '<name>/<metric>', plus the total `loss`,
+  `loss_count` (terms over all banks) and `labels_out_of_range` (ids in no bank).
+  """
+  specs = bank_specs(cfg)
+  if specs is None:
+    raise ValueError("make_banks_loss_fn: loss.heads is empty; use make_loss_fn for one bank")
+  fns = [make_loss_fn(mesh, s.cfg, batch_axes, class_axes) for s in specs]
+  total_classes = specs[-1].offset + int(specs[-1].cfg.num_classes)
+
+  def loss_fn(embeddings, centers, labels, rng):
+    missing = sorted({s.name for s in specs} - set(centers))
+    if missing:
+      raise ValueError(f"loss_fn: no centers for banks {missing}; got {sorted(centers)}")
+    labels = labels.astype(jnp.int32)
+    total, metrics, count = 0.0, {}, 0.0
+    for i, (s, fn) in enumerate(zip(specs, fns)):
+      n = int(s.cfg.num_classes)
+      mine = (labels >= s.offset) & (labels < s.offset + n)
+      loss_i, m_i = fn(embeddings, centers[s.name], jnp.where(mine, labels - s.offset, -1),
+                       jax.random.fold_in(rng, i))
+      total = total + s.weight * loss_i
+      count = count + m_i["loss_count"]
+      metrics.update({f"{s.name}/{k}": v for k, v in m_i.items() if k != "labels_out_of_range"})
+    metrics.update(loss=jax.lax.stop_gradient(total), loss_count=count,
+                   labels_out_of_range=jnp.sum((labels < -1) | (labels >= total_classes)).astype(jnp.float32))
+    return total, metrics
 
   return loss_fn

@@ -54,5 +54,15 @@ def make_optimizer(o, loss_cfg, total_steps: int) -> optax.GradientTransformatio
   tx = optax.multi_transform({"encoder": encoder_tx, "centers": centers_tx},
                              lambda p: {k: k for k in p})
   if o.clip_norm:
-    tx = optax.chain(optax.clip_by_global_norm(o.clip_norm), tx)
+    tx = optax.chain(clip_transform(o), tx)
   return tx
+
+
+def clip_transform(o) -> optax.GradientTransformation:
+  """Clipping to optim.clip_norm: of all gradients together, or with optim.clip_per_group of the
+  encoder's and the centers' gradients each on their own (the published recipe)."""
+  if not o.get("clip_per_group", False):
+    return optax.clip_by_global_norm(o.clip_norm)
+  return optax.multi_transform({"encoder": optax.clip_by_global_norm(o.clip_norm),
+                                "centers": optax.clip_by_global_norm(o.clip_norm)},
+                               lambda p: {k: k for k in p})

@@ -63,7 +63,7 @@ class Trainer:
     # Center rows are padded to a multiple of 128 (and of the shard count) so one checkpoint restores
     # onto any mesh of up to 128 devices (powers of two) without reshaping the centers.
     self.num_shards = int(np.lcm(int(np.prod([self.mesh.shape[a] for a in CLASS_AXES])), CENTER_ROW_MULTIPLE))
-    self.loss_fn = loss_lib.make_loss_fn(self.mesh, config.loss, batch_axes=BATCH_AXES, class_axes=CLASS_AXES)
+    self.loss_fn = loss_lib.loss_fn_from_config(self.mesh, config.loss, BATCH_AXES, CLASS_AXES)
     self.tx = optim.make_optimizer(config.optim, config.loss, config.total_steps)
     self.lr_schedule = optim.schedule(config.optim, config.total_steps)
     i = config.input
@@ -85,9 +85,10 @@ class Trainer:
   def _init_params(self, rng):
     r_enc, r_cls = jax.random.split(rng)
     enc = self.encoder.init(r_enc, **self.example)["params"]
-    centers = loss_lib.init_centers(r_cls, self.config.loss.num_classes, self.config.model.width,
-                                    self.num_shards)
-    return {"encoder": enc, "centers": nn.LogicallyPartitioned(centers, ("classes", None))}
+    # One array, or one per bank of loss.heads.
+    centers = loss_lib.init_centers_from_config(r_cls, self.config.loss, self.config.model.width, self.num_shards)
+    return {"encoder": enc, "centers": jax.tree.map(lambda c: nn.LogicallyPartitioned(c, ("classes", None)),
+                                                    centers)}
 
   def _init_state(self, rng):
     params = self._init_params(rng)
@@ -106,8 +107,8 @@ class Trainer:
     state["params"]["encoder"] = jax.tree.map(
         lambda x, s: jax.device_put(np.asarray(x), s), params["encoder"], enc_shardings)
     if "centers" in params:
-      state["params"]["centers"] = jax.device_put(np.asarray(params["centers"]),
-                                                  self.state_shardings["params"]["centers"])
+      state["params"]["centers"] = jax.tree.map(lambda x, s: jax.device_put(np.asarray(x), s),
+                                                params["centers"], self.state_shardings["params"]["centers"])
     with jax.set_mesh(self.mesh):
       state["opt_state"] = jax.jit(self.tx.init, out_shardings=self.state_shardings["opt_state"])(
           state["params"])
@@ -193,7 +194,7 @@ class Trainer:
     os.makedirs(self.workdir, exist_ok=True)
     if jax.process_index() == 0:
       embed_lib.save_config(self.workdir, c)
-    data_iter = input_pipeline.make_train_iterator(c.input)
+    data_iter = input_pipeline.make_train_iterator(c.input, banks=loss_lib.source_banks(c.loss))
     mngr = ckpt_lib.make_manager(self.workdir, max_to_keep=c.keep_ckpts,
                                  save_interval_steps=c.ckpt_every, async_save=c.async_ckpt)
     state, start = self._restore_or_init(mngr, data_iter)

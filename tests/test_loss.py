@@ -40,13 +40,10 @@ def dense_reference(emb, centers, labels, num_classes, scale, margin, thr, allow
     cos = e @ c.T
     neg = neg_ok if thr is None else neg_ok & (cos <= thr)
     z = jnp.where(neg, scale * cos, -jnp.inf)
-    terms = []
-    for i in range(b):
-      for y in labels[i]:
-        if y >= 0:
-          zp = scale * (cos[i, y] - margin)
-          terms.append(jax.nn.logsumexp(jnp.concatenate([zp[None], z[i]])) - zp)
-    return sum(terms) / len(terms)
+    rows, slots = np.nonzero(labels >= 0)  # one term per valid (row, label) entry
+    zp = scale * (cos[rows, labels[rows, slots]] - margin)
+    terms = jax.nn.logsumexp(jnp.concatenate([zp[:, None], z[rows]], axis=1), axis=1) - zp
+    return jnp.mean(terms)
 
   with jax.enable_x64(True):
     v, (ge, gc) = jax.value_and_grad(f, argnums=(0, 1))(
