@@ -50,7 +50,9 @@ def model_config(variant: str) -> ml_collections.ConfigDict:
       variant=variant, patch_size=14, width=width, depth=depth, num_heads=heads, mlp_dim=mlp,
       rope_layout="official",  # 'official' = weights-compatible quirk; 'consistent' = textbook RoPE
       rope_theta=10000.0,
-      attention="xla",         # 'xla' | 'chunked' (memory-bounded on CPU) | 'cudnn' (flash, GPU)
+      # 'auto' (per platform: splash on TPU, cudnn on GPU in bf16, else xla) | 'xla' | 'chunked'
+      # (memory-bounded on CPU) | 'splash' (Pallas flash, TPU) | 'cudnn' (flash, GPU)
+      attention="auto",
       attn_chunk_size=512,
       remat="none",            # 'none' | 'block' | 'dots'
       dtype="float32",         # compute dtype; params stay fp32

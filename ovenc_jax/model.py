@@ -134,8 +134,8 @@ class Attention(_Module):
       k = rope_lib.apply_rope(k, angles, self.rope_layout)
     names = ("batch", "length", "act_heads", "kv")
     q, k, v = (self._constrain(t, names) for t in (q, k, v))
-    o = attn_lib.dot_product_attention(q, k, v, q_segments, kv_segments,
-                                       impl=self.impl, chunk_size=self.chunk_size)
+    o = attn_lib.dot_product_attention(q, k, v, q_segments, kv_segments, impl=self.impl,
+                                       chunk_size=self.chunk_size, axis_rules=self.axis_rules)
     o = self._constrain(o, names)
     return OutProjection(name="out_proj", features=d, dtype=self.dtype, axis_rules=self.axis_rules)(o)
 
@@ -226,13 +226,18 @@ class Encoder(_Module):
     return {"last_hidden_state": x, "pooled": pooled}
 
 
-def encoder_from_config(model_cfg, axis_rules=()) -> Encoder:
-  """Builds the Encoder from a `config.model` ConfigDict (validated first)."""
+def encoder_from_config(model_cfg, axis_rules=(), platform=None) -> Encoder:
+  """Builds the Encoder from a `config.model` ConfigDict (validated first).
+
+  `platform` ('cpu', 'tpu', 'gpu'; default: JAX's default backend) resolves `model.attention=auto`;
+  pass the target's platform when compiling for devices other than the local ones.
+  """
   validate_model_config(model_cfg)
+  attention = attn_lib.resolve(model_cfg.attention, platform or jax.default_backend(), model_cfg.dtype)
   return Encoder(
       patch_size=model_cfg.patch_size, width=model_cfg.width, depth=model_cfg.depth,
       num_heads=model_cfg.num_heads, mlp_dim=model_cfg.mlp_dim, rope_layout=model_cfg.rope_layout,
-      rope_theta=model_cfg.rope_theta, attention=model_cfg.attention,
+      rope_theta=model_cfg.rope_theta, attention=attention,
       attn_chunk_size=model_cfg.attn_chunk_size, remat=model_cfg.remat,
       dtype=jnp.dtype(model_cfg.dtype), axis_rules=tuple(axis_rules))
 
