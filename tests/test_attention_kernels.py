@@ -97,8 +97,9 @@ def test_splash_in_sharded_model_matches_xla_single_device():
   with jax.set_mesh(mesh):
     bs = lambda a: jax.device_put(a, sharding_lib.batch_sharding(mesh, a.ndim, rules))
     step = jax.jit(jax.value_and_grad(lambda p, *a: loss(enc_spl, p, *a)))
-    lowered = step.lower(params, bs(x), bs(pos), bs(seg))
-    l2, g2 = step(params, bs(x), bs(pos), bs(seg))
+    args = (params, bs(x), bs(pos), bs(seg))
+    lowered = step.lower(*args)
+    l2, g2 = lowered.compile()(*args)
   # The kernel runs per device inside shard_map (Mosaic kernels are not partitioned by XLA).
   assert "manual_computation" in lowered.as_text() or "shard_map" in lowered.as_text()
   assert_reorder_close(l2, l1)
@@ -110,7 +111,7 @@ def test_cudnn_call_matches_xla_reference():
   """The cuDNN path's call (segment mask -> bias) run through XLA's kernel; cuDNN numerics need a GPU."""
   q, k, v, seg = _packed(2, 150, 2, 64, jnp.bfloat16)
   scale = 64 ** -0.5
-  got = cudnn.attention(q, k, v, seg, seg, scale=scale, implementation="xla")
+  got = jax.jit(lambda *a: cudnn.attention(*a, scale=scale, implementation="xla"))(q, k, v, seg, seg)
   # Reference: numpy softmax over same-segment keys, in float64.
   qf, kf, vf = (np.asarray(t, np.float64) for t in (q, k, v))
   logits = np.einsum("bqhd,bkhd->bhqk", qf, kf) * scale
