@@ -55,7 +55,8 @@ def model_config(variant: str) -> ml_collections.ConfigDict:
       attention="auto",
       attn_chunk_size=512,
       remat="none",            # 'none' | 'block' | 'dots'
-      dtype="float32",         # compute dtype; params stay fp32
+      dtype="float32",         # compute dtype; params stay fp32 (policy: ovenc_jax/precision.py)
+      grad_reduce_dtype="float32",  # dtype of weight-gradient sums and their cross-device reduction
   ))
 
 
