@@ -1,4 +1,4 @@
-"""Pretraining config: `--config configs/pretrain.py:variant=tiny[,runlocal]` (tiny/small/base/large/huge)."""
+"""Pretraining config: `--config configs/pretrain.py:variant=tiny[,runlocal][,pod=v5e-256]` (tiny/small/base/large/huge)."""
 import ml_collections
 
 from configs import common
@@ -6,7 +6,7 @@ from ovenc_jax import input_pipeline, loss, optim
 
 
 def get_config(arg=None):
-  a = common.parse_arg(arg, variant="tiny", runlocal=False, data="", eval_data="")
+  a = common.parse_arg(arg, variant="tiny", runlocal=False, data="", eval_data="", pod="")
   c = ml_collections.ConfigDict()
   c.seed = 0
   c.model = common.model_config(a.variant)
@@ -38,4 +38,6 @@ def get_config(arg=None):
     c.optim.update(lr=2e-3, warmup_steps=20)
     c.total_steps, c.log_every, c.ckpt_every, c.eval_every = 200, 10, 50, 100
     c.eval.update(tokens_per_row=256, batch_size=16)
+  if a.pod:  # mesh, batch, dtype, remat, attention for a pod shape (common.POD_PRESETS)
+    common.apply_pod_preset(c, a.pod)
   return c
