@@ -3,6 +3,10 @@
 cuDNN itself needs an NVIDIA GPU and there is none here: its tests check only what a CPU can, the
 selection logic and that the call it makes (the same mask, through XLA's kernel) matches the reference.
 """
+import os
+import subprocess
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -137,3 +141,35 @@ def test_auto_picks_per_platform_and_rejects_bad_choices():
   assert cfg.attention == "auto"
   assert model_lib.encoder_from_config(cfg, platform="tpu").attention == "splash"
   assert model_lib.encoder_from_config(cfg).attention == "xla"  # this machine is a CPU
+
+
+_TPU_COMPILE = """
+import jax, jax.numpy as jnp, numpy as np
+from jax.experimental import topologies
+from jax.sharding import NamedSharding, PartitionSpec as P
+from configs import common
+from ovenc_jax import attention as attn_lib
+devices = topologies.get_topology_desc(topology_name="v5e:2x2", platform="tpu", chip_config_name="default",
+                                      chips_per_host_bounds=(2, 2, 1), num_slices=1).devices
+mesh = jax.sharding.Mesh(np.asarray(devices).reshape(2, 1, 2), ("data", "fsdp", "tensor"))
+def loss(q, k, v, seg):
+  o = attn_lib.dot_product_attention(q, k, v, seg, seg, impl="splash", axis_rules=common.LOGICAL_AXIS_RULES)
+  return jnp.sum(o.astype(jnp.float32))
+qkv = jax.ShapeDtypeStruct((4, 512, 4, 64), jnp.bfloat16,
+                           sharding=NamedSharding(mesh, P(("data", "fsdp"), None, "tensor", None)))
+seg = jax.ShapeDtypeStruct((4, 512), jnp.int32, sharding=NamedSharding(mesh, P(("data", "fsdp"), None)))
+with jax.set_mesh(mesh):
+  text = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2))).lower(qkv, qkv, qkv, seg).compile().as_text()
+print("MOSAIC_CALLS", text.count('custom_call_target="tpu_custom_call"'))
+"""
+
+
+def test_splash_compiles_for_a_tpu_target_as_mosaic_kernels():
+  """Deviceless compile for a v5e 2x2 slice from this CPU host: forward and fused backward are Mosaic
+  kernels (not the interpreter, although the local backend is the CPU), partitioned by shard_map."""
+  env = dict(os.environ, JAX_PLATFORMS="cpu", TPU_SKIP_MDS_QUERY="1", ALLOW_MULTIPLE_LIBTPU_LOAD="1")
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  out = subprocess.run([sys.executable, "-c", _TPU_COMPILE], env=env, cwd=root, capture_output=True,
+                       text=True, timeout=300)
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert "MOSAIC_CALLS 2" in out.stdout, out.stdout

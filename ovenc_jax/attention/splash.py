@@ -48,8 +48,12 @@ def attention(q, k, v, q_segments, kv_segments, *, scale, axis_rules=(), interpr
   """q [B, Nq, H, hd], k/v [B, Nk, H, hd] (self-attention: Nq == Nk) -> [B, Nq, H, hd]."""
   if q.shape[1] != k.shape[1]:
     raise ValueError(f"splash attention is for self-attention; got {q.shape[1]} queries, {k.shape[1]} keys")
+  mesh = jax.sharding.get_abstract_mesh()
   if interpret is None:
-    interpret = jax.default_backend() != "tpu"
+    # The mesh's devices decide, not the local backend: compiling for TPU targets from a CPU host
+    # must emit the Mosaic kernel, not the interpreter.
+    device = None if mesh.empty else mesh.abstract_device
+    interpret = (device.platform if device is not None else jax.default_backend()) != "tpu"
   n = q.shape[1]
   pad = -n % LANES
   to_kernel = lambda t: jnp.pad(t, ((0, 0), (0, pad), (0, 0), (0, 0))).swapaxes(1, 2)
@@ -57,7 +61,6 @@ def attention(q, k, v, q_segments, kv_segments, *, scale, axis_rules=(), interpr
   args = (to_kernel(q * jnp.asarray(scale, q.dtype)), to_kernel(k), to_kernel(v),
           pad_seg(q_segments), pad_seg(kv_segments))
   local = lambda *a: _local_attention(*a, interpret=interpret)
-  mesh = jax.sharding.get_abstract_mesh()
   if not mesh.empty:
     # Mosaic kernels are not partitioned automatically: each device runs its own batch rows and heads.
     b_axes, _, h_axes, _ = nn.logical_to_mesh_axes(ACTIVATION_NAMES, tuple(axis_rules)) if axis_rules \
