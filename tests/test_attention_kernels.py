@@ -101,6 +101,9 @@ def test_splash_in_sharded_model_matches_xla_single_device():
   with jax.set_mesh(mesh):
     bs = lambda a: jax.device_put(a, sharding_lib.batch_sharding(mesh, a.ndim, rules))
     step = jax.jit(jax.value_and_grad(lambda p, *a: loss(enc_spl, p, *a)))
+    # Parameters are initialised from one example under the training mesh: batch 1 is not split.
+    shapes = jax.eval_shape(lambda r: enc_spl.init(r, x[:1], pos[:1], seg[:1], num_segments=3), jax.random.key(0))
+    assert jax.tree.map(lambda a: a.shape, shapes) == jax.tree.map(lambda a: a.shape, params)
     args = (params, bs(x), bs(pos), bs(seg))
     lowered = step.lower(*args)
     l2, g2 = lowered.compile()(*args)

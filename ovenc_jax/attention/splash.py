@@ -44,6 +44,13 @@ def _local_attention(q, k, v, q_seg, kv_seg, *, interpret):
   return jax.vmap(per_example)(q, k, v, q_seg, kv_seg)
 
 
+def _dividing(axes, size, mesh):
+  """`axes` if their mesh size divides `size`, else None (replicated): e.g. the batch-1 example that
+  initialises the parameters under the training mesh."""
+  names = (axes,) if isinstance(axes, str) else tuple(axes or ())
+  return axes if size % int(np.prod([mesh.shape[a] for a in names])) == 0 else None
+
+
 def attention(q, k, v, q_segments, kv_segments, *, scale, axis_rules=(), interpret=None, **_):
   """q [B, Nq, H, hd], k/v [B, Nk, H, hd] (self-attention: Nq == Nk) -> [B, Nq, H, hd]."""
   if q.shape[1] != k.shape[1]:
@@ -65,6 +72,7 @@ def attention(q, k, v, q_segments, kv_segments, *, scale, axis_rules=(), interpr
     # Mosaic kernels are not partitioned automatically: each device runs its own batch rows and heads.
     b_axes, _, h_axes, _ = nn.logical_to_mesh_axes(ACTIVATION_NAMES, tuple(axis_rules)) if axis_rules \
         else (None,) * 4
+    b_axes, h_axes = _dividing(b_axes, q.shape[0], mesh), _dividing(h_axes, q.shape[2], mesh)
     qkv_spec = jax.P(b_axes, h_axes, None, None)
     seg_spec = jax.P(b_axes, None)
     local = jax.shard_map(local, mesh=mesh, in_specs=(qkv_spec,) * 3 + (seg_spec,) * 2,
