@@ -75,43 +75,38 @@ def test_splash_block_sizes():
     splash.attention(q, k[:, :64], v[:, :64], seg, seg[:, :64], scale=1.0)
 
 
-def test_splash_in_sharded_model_matches_xla_single_device():
-  """A one-layer encoder on a 2x2x2 mesh, splash inside shard_map, vs the XLA path on one device."""
-  cfg = common.model_config("tiny")
-  cfg.update(depth=1)
+def test_splash_under_shard_map_matches_xla_single_device():
+  """Splash per device inside shard_map on a 2x2x2 mesh (batch over data*fsdp, heads over tensor)
+  vs the XLA path on one device: forward and gradients."""
   mesh = sharding_lib.make_mesh(common.mesh_config(data=2, fsdp=2, tensor=2))
   rules = common.LOGICAL_AXIS_RULES
-  rng = np.random.default_rng(0)
-  b, n = 4, 128
-  x = jnp.asarray(rng.integers(0, 255, size=(b, n, 14 * 14 * 3)), jnp.uint8)
-  pos = jnp.asarray(rng.integers(0, 16, size=(b, n, 3)), jnp.int32)
-  seg = jnp.asarray([[1] * 50 + [2] * 60 + [0] * 18, [1] * 128, [1] * 100 + [0] * 28,
-                     [1] * 30 + [2] * 30 + [3] * 30 + [0] * 38], jnp.int32)
-  enc_ref = model_lib.encoder_from_config(cfg)
-  cfg.attention = "splash"
-  enc_spl = model_lib.encoder_from_config(cfg, rules)
-  assert enc_ref.attention == "xla" and enc_spl.attention == "splash"
-  params = enc_ref.init(jax.random.key(0), x, pos, seg, num_segments=3)
-
-  def loss(enc, p, x, pos, seg):
-    out = enc.apply(p, x, pos, seg, num_segments=3)
-    return jnp.mean(out["pooled"] ** 2) + jnp.mean(jnp.where(seg[..., None] > 0, out["last_hidden_state"], 0) ** 2)
-
-  l1, g1 = jax.jit(jax.value_and_grad(lambda p: loss(enc_ref, p, x, pos, seg)))(params)
+  q, k, v, seg = _packed(4, 256, 4, 32, jnp.float32, seed=1)
+  (l1, o1), g1 = _loss_and_grads("xla", q, k, v, seg)
   with jax.set_mesh(mesh):
-    bs = lambda a: jax.device_put(a, sharding_lib.batch_sharding(mesh, a.ndim, rules))
-    step = jax.jit(jax.value_and_grad(lambda p, *a: loss(enc_spl, p, *a)))
-    # Parameters are initialised from one example under the training mesh: batch 1 is not split.
-    shapes = jax.eval_shape(lambda r: enc_spl.init(r, x[:1], pos[:1], seg[:1], num_segments=3), jax.random.key(0))
-    assert jax.tree.map(lambda a: a.shape, shapes) == jax.tree.map(lambda a: a.shape, params)
-    args = (params, bs(x), bs(pos), bs(seg))
-    lowered = step.lower(*args)
-    l2, g2 = lowered.compile()(*args)
-  # The kernel runs per device inside shard_map (Mosaic kernels are not partitioned by XLA).
-  assert "manual_computation" in lowered.as_text() or "shard_map" in lowered.as_text()
+    put = lambda a: jax.device_put(a, sharding_lib.batch_sharding(mesh, a.ndim, rules))
+    (l2, o2), g2 = _loss_and_grads("splash", *map(put, (q, k, v, seg)), axis_rules=rules)
+  assert o2.sharding.spec[0] == ("data", "fsdp")
   assert_reorder_close(l2, l1)
-  g_scale = max(float(np.abs(np.asarray(g)).max()) for g in jax.tree.leaves(g1))
-  jax.tree.map(lambda a, b: assert_reorder_close(a, b, scale=g_scale), g2, g1)
+  assert_reorder_close(o2, o1)
+  g_scale = max(float(np.abs(np.asarray(g)).max()) for g in g1)
+  for a, b in zip(g2, g1):
+    assert_reorder_close(a, b, scale=g_scale)
+
+
+def test_model_dispatches_splash_inside_shard_map():
+  """The encoder built with model.attention=splash and the training rules lowers its self-attention
+  to a per-device shard_map (Mosaic kernels are not partitioned by XLA); batch 1 (the example that
+  initialises parameters under the training mesh) is left unsplit."""
+  cfg = common.model_config("tiny")
+  cfg.update(depth=1, attention="splash")
+  enc = model_lib.encoder_from_config(cfg, common.LOGICAL_AXIS_RULES)
+  mesh = sharding_lib.make_mesh(common.mesh_config(data=2, fsdp=2, tensor=2))
+  x = jnp.zeros((4, 128, 14 * 14 * 3), jnp.uint8)
+  pos, seg = jnp.zeros((4, 128, 3), jnp.int32), jnp.ones((4, 128), jnp.int32)
+  with jax.set_mesh(mesh):
+    params = jax.eval_shape(lambda r: enc.init(r, x[:1], pos[:1], seg[:1]), jax.random.key(0))
+    text = jax.jit(enc.apply).lower(params, x, pos, seg).as_text()
+  assert text.count("sdy.manual_computation") == 1, "one shard_map: the one self-attention layer"
 
 
 def test_cudnn_call_matches_xla_reference():
