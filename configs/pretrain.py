@@ -1,4 +1,4 @@
-"""Pretraining config: `--config configs/pretrain.py:variant=tiny[,runlocal][,recipe=official]` (tiny/small/base/large/huge)."""
+"""Pretraining config: `configs/pretrain.py:variant=tiny[,runlocal][,recipe=official][,pod=v5e-256]`."""
 import ml_collections
 
 from configs import common
@@ -6,7 +6,8 @@ from ovenc_jax import input_pipeline, loss, optim
 
 
 def get_config(arg=None):
-  a = common.parse_arg(arg, variant="tiny", runlocal=False, data="", eval_data="", recipe="default")
+  a = common.parse_arg(arg, variant="tiny", runlocal=False, data="", eval_data="", recipe="default",
+                       pod="")
   c = ml_collections.ConfigDict()
   c.seed = 0
   c.model = common.model_config(a.variant)
@@ -41,6 +42,8 @@ def get_config(arg=None):
   if a.recipe not in RECIPE_PRESETS:
     raise ValueError(f"config arg recipe={a.recipe!r} is unknown; known: {sorted(RECIPE_PRESETS)}")
   RECIPE_PRESETS[a.recipe](c)
+  if a.pod:  # mesh, batch, dtype, remat, attention for a pod shape (common.POD_PRESETS)
+    common.apply_pod_preset(c, a.pod)
   return c
 
 

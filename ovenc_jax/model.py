@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ovenc_jax import attention as attn_lib
+from ovenc_jax import precision
 from ovenc_jax import rope as rope_lib
 
 # CLIP pixel statistics, applied when patches arrive as uint8.
@@ -35,12 +36,19 @@ def normalize_pixels(patches: jnp.ndarray) -> jnp.ndarray:
 
 
 class _Module(nn.Module):
-  """Holds the logical-axis plumbing shared by every layer."""
+  """Holds the logical-axis plumbing and the precision policy (ovenc_jax/precision.py) of every layer."""
   dtype: Any = jnp.float32
   axis_rules: Sequence[tuple[str, Any]] = ()
+  grad_reduce_dtype: Any = jnp.float32
+
+  def _kw(self):
+    return dict(dtype=self.dtype, axis_rules=self.axis_rules, grad_reduce_dtype=self.grad_reduce_dtype)
 
   def _p(self, name, init, shape, names):
-    return self.param(name, nn.with_logical_partitioning(init, names), shape, jnp.float32)
+    return self.param(name, nn.with_logical_partitioning(init, names), shape, precision.PARAM_DTYPE)
+
+  def _dense(self, spec, x, kernel, bias):
+    return precision.dense(spec, x, kernel, bias, self.dtype, self.grad_reduce_dtype)
 
   def _constrain(self, x, names):
     if not self.axis_rules:
@@ -83,10 +91,9 @@ class Linear(_Module):
   @nn.compact
   def __call__(self, x):
     kernel = self._p("kernel", _dense_init, (x.shape[-1], self.features), self.names)
-    y = jnp.dot(x.astype(self.dtype), kernel.astype(self.dtype))
-    if self.use_bias:
-      y = y + self._p("bias", _zeros, (self.features,), (self.names[1],)).astype(self.dtype)
-    return y
+    bias = self._p("bias", _zeros, (self.features,), (self.names[1],)) if self.use_bias else None
+    lead = "abcdefg"[:x.ndim - 1]
+    return self._dense(f"{lead}i,io->{lead}o", x, kernel, bias)
 
 
 class HeadProjection(_Module):
@@ -99,7 +106,7 @@ class HeadProjection(_Module):
     kernel = self._p("kernel", _dense_init, (x.shape[-1], self.num_heads, self.head_dim),
                      ("embed", "heads", "kv"))
     bias = self._p("bias", _zeros, (self.num_heads, self.head_dim), ("heads", "kv"))
-    return jnp.einsum("bnd,dhk->bnhk", x.astype(self.dtype), kernel.astype(self.dtype)) + bias.astype(self.dtype)
+    return self._dense("bnd,dhk->bnhk", x, kernel, bias)
 
 
 class OutProjection(_Module):
@@ -111,7 +118,7 @@ class OutProjection(_Module):
     h, k = x.shape[-2:]
     kernel = self._p("kernel", _dense_init, (h, k, self.features), ("heads", "kv", "embed"))
     bias = self._p("bias", _zeros, (self.features,), ("norm",))
-    return jnp.einsum("bnhk,hkd->bnd", x, kernel.astype(self.dtype)) + bias.astype(self.dtype)
+    return self._dense("bnhk,hkd->bnd", x, kernel, bias)
 
 
 class Attention(_Module):
@@ -125,7 +132,7 @@ class Attention(_Module):
   def __call__(self, x_q, x_kv, q_segments, kv_segments, angles=None):
     d = x_kv.shape[-1]
     hd = d // self.num_heads
-    kw = dict(dtype=self.dtype, axis_rules=self.axis_rules, num_heads=self.num_heads, head_dim=hd)
+    kw = dict(self._kw(), num_heads=self.num_heads, head_dim=hd)
     q = HeadProjection(name="q_proj", **kw)(x_q)
     k = HeadProjection(name="k_proj", **kw)(x_kv)
     v = HeadProjection(name="v_proj", **kw)(x_kv)
@@ -134,10 +141,10 @@ class Attention(_Module):
       k = rope_lib.apply_rope(k, angles, self.rope_layout)
     names = ("batch", "length", "act_heads", "kv")
     q, k, v = (self._constrain(t, names) for t in (q, k, v))
-    o = attn_lib.dot_product_attention(q, k, v, q_segments, kv_segments,
-                                       impl=self.impl, chunk_size=self.chunk_size)
+    o = attn_lib.dot_product_attention(q, k, v, q_segments, kv_segments, impl=self.impl,
+                                       chunk_size=self.chunk_size, axis_rules=self.axis_rules)
     o = self._constrain(o, names)
-    return OutProjection(name="out_proj", features=d, dtype=self.dtype, axis_rules=self.axis_rules)(o)
+    return OutProjection(name="out_proj", features=d, **self._kw())(o)
 
 
 class Mlp(_Module):
@@ -147,10 +154,10 @@ class Mlp(_Module):
   def __call__(self, x):
     d = x.shape[-1]
     h = Linear(name="fc1", features=self.mlp_dim, names=("embed", "mlp"),
-               dtype=self.dtype, axis_rules=self.axis_rules)(x)
+               **self._kw())(x)
     h = self._constrain(nn.gelu(h, approximate=False), ("batch", "length", "act_mlp"))
     return Linear(name="fc2", features=d, names=("mlp", "embed"),
-                  dtype=self.dtype, axis_rules=self.axis_rules)(h)
+                  **self._kw())(h)
 
 
 class EncoderLayer(_Module):
@@ -163,7 +170,7 @@ class EncoderLayer(_Module):
 
   @nn.compact
   def __call__(self, x, segments, angles):
-    kw = dict(dtype=self.dtype, axis_rules=self.axis_rules)
+    kw = self._kw()
     h = LayerNorm(name="layer_norm1", **kw)(x)
     x = x + Attention(name="self_attn", num_heads=self.num_heads, rope_layout=self.rope_layout,
                       impl=self.impl, chunk_size=self.chunk_size, **kw)(h, h, segments, segments, angles)
@@ -181,9 +188,10 @@ class ProbeHead(_Module):
   @nn.compact
   def __call__(self, x, segments, num_segments):
     b, _, d = x.shape
-    kw = dict(dtype=self.dtype, axis_rules=self.axis_rules)
+    kw = self._kw()
     probe = self._p("probe", nn.initializers.xavier_uniform(), (1, 1, d), (None, None, "embed"))
-    queries = jnp.broadcast_to(probe.astype(self.dtype), (b, num_segments, d))
+    # Broadcast before the cast: the probe's gradient, a sum over rows and segments, stays fp32.
+    queries = jnp.broadcast_to(probe, (b, num_segments, d)).astype(self.dtype)
     q_segments = jnp.broadcast_to(jnp.arange(1, num_segments + 1, dtype=jnp.int32), (b, num_segments))
     h = Attention(name="attention", num_heads=self.num_heads, impl="xla", **kw)(
         queries, x, q_segments, segments)
@@ -206,7 +214,7 @@ class Encoder(_Module):
 
   @nn.compact
   def __call__(self, patches, positions, segment_ids, num_segments: int = 1):
-    kw = dict(dtype=self.dtype, axis_rules=self.axis_rules)
+    kw = self._kw()
     x = normalize_pixels(patches)
     x = Linear(name="patch_embedding", features=self.width, names=("patch", "embed"),
                use_bias=False, **kw)(x)
@@ -226,15 +234,26 @@ class Encoder(_Module):
     return {"last_hidden_state": x, "pooled": pooled}
 
 
-def encoder_from_config(model_cfg, axis_rules=()) -> Encoder:
-  """Builds the Encoder from a `config.model` ConfigDict (validated first)."""
+def encoder_from_config(model_cfg, axis_rules=(), platform=None) -> Encoder:
+  """Builds the Encoder from a `config.model` ConfigDict (validated first).
+
+  `platform` ('cpu', 'tpu', 'gpu'; default: JAX's default backend) resolves `model.attention=auto`;
+  pass the target's platform when compiling for devices other than the local ones.
+  """
   validate_model_config(model_cfg)
+  attention = attn_lib.resolve(model_cfg.attention, platform or jax.default_backend(), model_cfg.dtype)
   return Encoder(
       patch_size=model_cfg.patch_size, width=model_cfg.width, depth=model_cfg.depth,
       num_heads=model_cfg.num_heads, mlp_dim=model_cfg.mlp_dim, rope_layout=model_cfg.rope_layout,
-      rope_theta=model_cfg.rope_theta, attention=model_cfg.attention,
+      rope_theta=model_cfg.rope_theta, attention=attention,
       attn_chunk_size=model_cfg.attn_chunk_size, remat=model_cfg.remat,
-      dtype=jnp.dtype(model_cfg.dtype), axis_rules=tuple(axis_rules))
+      dtype=jnp.dtype(model_cfg.dtype), grad_reduce_dtype=jnp.dtype(grad_reduce_dtype(model_cfg)),
+      axis_rules=tuple(axis_rules))
+
+
+def grad_reduce_dtype(m) -> str:
+  # Workdirs saved before the key existed reduced in... whatever autodiff gave; fp32 is the policy now.
+  return m.get("grad_reduce_dtype", "float32")
 
 
 def validate_model_config(m) -> None:
@@ -251,5 +270,7 @@ def validate_model_config(m) -> None:
     raise ValueError(f"model.attention={m.attention!r}: expected one of {attn_lib.IMPLEMENTATIONS}")
   if m.remat not in REMAT_POLICIES:
     raise ValueError(f"model.remat={m.remat!r}: expected one of {tuple(REMAT_POLICIES)}")
-  if m.dtype not in ("float32", "bfloat16"):
-    raise ValueError(f"model.dtype={m.dtype!r}: expected 'float32' or 'bfloat16'")
+  if m.dtype not in precision.COMPUTE_DTYPES:
+    raise ValueError(f"model.dtype={m.dtype!r}: expected one of {precision.COMPUTE_DTYPES}")
+  if grad_reduce_dtype(m) not in precision.REDUCE_DTYPES:
+    raise ValueError(f"model.grad_reduce_dtype={grad_reduce_dtype(m)!r}: expected one of {precision.REDUCE_DTYPES}")

@@ -59,7 +59,8 @@ class Trainer:
       raise ValueError(f"input.global_batch_size={config.input.global_batch_size} is not divisible by "
                        f"mesh.data*mesh.fsdp={self.mesh.shape['data'] * self.mesh.shape['fsdp']}")
     self.rules = tuple(tuple(r) for r in config.logical_axis_rules)
-    self.encoder = model_lib.encoder_from_config(config.model, self.rules)
+    self.encoder = model_lib.encoder_from_config(config.model, self.rules,
+                                                 platform=self.mesh.devices.flat[0].platform)
     # Center rows are padded to a multiple of 128 (and of the shard count) so one checkpoint restores
     # onto any mesh of up to 128 devices (powers of two) without reshaping the centers.
     self.num_shards = int(np.lcm(int(np.prod([self.mesh.shape[a] for a in CLASS_AXES])), CENTER_ROW_MULTIPLE))

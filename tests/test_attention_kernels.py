@@ -1,0 +1,173 @@
+"""Attention kernels vs XLA's masked path: splash (interpret mode), its shard_map path, cuDNN's mask, `auto`.
+
+cuDNN itself needs an NVIDIA GPU and there is none here: its tests check only what a CPU can, the
+selection logic and that the call it makes (the same mask, through XLA's kernel) matches the reference.
+"""
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from tolerances import assert_reorder_close
+
+from configs import common
+from ovenc_jax import attention as attn_lib
+from ovenc_jax import model as model_lib
+from ovenc_jax import sharding as sharding_lib
+from ovenc_jax.attention import cudnn, splash
+
+# (fp32, bf16) tolerances from the issue; bf16 is relative to the output/gradient scale.
+TOL = {jnp.float32: 1e-5, jnp.bfloat16: 2e-2}
+
+
+def _packed(b, n, h, d, dtype, seed=0):
+  """q/k/v and packed rows: 2-3 segments then zero padding; n need not be a multiple of 128."""
+  rng = np.random.default_rng(seed)
+  q, k, v = (jnp.asarray(rng.normal(size=(b, n, h, d)), dtype) for _ in range(3))
+  rows = []
+  for i in range(b):
+    a, c = 40 + 17 * i, 60 + 9 * i
+    rows.append([1] * a + [2] * c + [3] * (n - a - c - 20 - i) + [0] * (20 + i))
+  return q, k, v, jnp.asarray(rows, jnp.int32)
+
+
+def _loss_and_grads(impl, q, k, v, seg, **kw):
+  def loss(q, k, v):
+    o = attn_lib.dot_product_attention(q, k, v, seg, seg, impl=impl, **kw)
+    # Padding rows are excluded, as the model's pooled output excludes them.
+    return jnp.sum(jnp.sin(o.astype(jnp.float32)) * (seg[..., None, None] > 0)), o
+  return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))(q, k, v)
+
+
+def _assert_close(got, want, tol, what):
+  got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
+  scale = float(np.abs(want).max())
+  np.testing.assert_allclose(got, want, rtol=tol, atol=tol * scale, err_msg=what)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["fp32", "bf16"])
+def test_splash_matches_xla_forward_and_grads(dtype):
+  # 200 tokens: padded to 256 inside (its own segment id), so blocks of 128 cover the row.
+  q, k, v, seg = _packed(2, 200, 2, 64, dtype)
+  (l_ref, o_ref), g_ref = _loss_and_grads("xla", q, k, v, seg)
+  (l_spl, o_spl), g_spl = _loss_and_grads("splash", q, k, v, seg)
+  assert o_spl.dtype == dtype and o_spl.shape == q.shape
+  real = np.asarray(seg > 0)
+  _assert_close(np.asarray(o_spl, np.float32)[real], np.asarray(o_ref, np.float32)[real], TOL[dtype], "out")
+  for name, a, b in zip("qkv", g_spl, g_ref):
+    _assert_close(a, b, TOL[dtype], f"d{name}")
+  if dtype == jnp.float32:  # padding tokens attend among themselves in both paths
+    _assert_close(o_spl, o_ref, TOL[dtype], "out incl. padding")
+
+
+def test_splash_block_sizes():
+  assert splash.block_size(1024) == 512 and splash.block_size(384) == 128 and splash.block_size(768) == 256
+  bs = splash.block_sizes(512)
+  sizes = (bs.block_q, bs.block_kv, bs.block_kv_compute, bs.block_q_dkv, bs.block_kv_dkv, bs.block_kv_dkv_compute)
+  assert all(s % 128 == 0 and 512 % s == 0 for s in sizes)
+  with pytest.raises(ValueError, match="not a multiple of 128"):
+    splash.block_size(200)
+  q, k, v, seg = _packed(1, 130, 1, 32, jnp.float32)
+  with pytest.raises(ValueError, match="self-attention"):
+    splash.attention(q, k[:, :64], v[:, :64], seg, seg[:, :64], scale=1.0)
+
+
+def test_splash_under_shard_map_matches_xla_single_device():
+  """Splash per device inside shard_map on a 2x2x2 mesh (batch over data*fsdp, heads over tensor)
+  vs the XLA path on one device: forward and gradients."""
+  mesh = sharding_lib.make_mesh(common.mesh_config(data=2, fsdp=2, tensor=2))
+  rules = common.LOGICAL_AXIS_RULES
+  q, k, v, seg = _packed(4, 256, 4, 32, jnp.float32, seed=1)
+  (l1, o1), g1 = _loss_and_grads("xla", q, k, v, seg)
+  with jax.set_mesh(mesh):
+    put = lambda a: jax.device_put(a, sharding_lib.batch_sharding(mesh, a.ndim, rules))
+    (l2, o2), g2 = _loss_and_grads("splash", *map(put, (q, k, v, seg)), axis_rules=rules)
+  assert o2.sharding.spec[0] == ("data", "fsdp")
+  assert_reorder_close(l2, l1)
+  assert_reorder_close(o2, o1)
+  g_scale = max(float(np.abs(np.asarray(g)).max()) for g in g1)
+  for a, b in zip(g2, g1):
+    assert_reorder_close(a, b, scale=g_scale)
+
+
+def test_model_dispatches_splash_inside_shard_map():
+  """The encoder built with model.attention=splash and the training rules lowers its self-attention
+  to a per-device shard_map (Mosaic kernels are not partitioned by XLA); batch 1 (the example that
+  initialises parameters under the training mesh) is left unsplit."""
+  cfg = common.model_config("tiny")
+  cfg.update(depth=1, attention="splash")
+  enc = model_lib.encoder_from_config(cfg, common.LOGICAL_AXIS_RULES)
+  mesh = sharding_lib.make_mesh(common.mesh_config(data=2, fsdp=2, tensor=2))
+  x = jnp.zeros((4, 128, 14 * 14 * 3), jnp.uint8)
+  pos, seg = jnp.zeros((4, 128, 3), jnp.int32), jnp.ones((4, 128), jnp.int32)
+  with jax.set_mesh(mesh):
+    params = jax.eval_shape(lambda r: enc.init(r, x[:1], pos[:1], seg[:1]), jax.random.key(0))
+    text = jax.jit(enc.apply).lower(params, x, pos, seg).as_text()
+  assert text.count("sdy.manual_computation") == 1, "one shard_map: the one self-attention layer"
+
+
+def test_cudnn_call_matches_xla_reference():
+  """The cuDNN path's call (segment mask -> bias) run through XLA's kernel; cuDNN numerics need a GPU."""
+  q, k, v, seg = _packed(2, 150, 2, 64, jnp.bfloat16)
+  scale = 64 ** -0.5
+  got = jax.jit(lambda *a: cudnn.attention(*a, scale=scale, implementation="xla"))(q, k, v, seg, seg)
+  # Reference: numpy softmax over same-segment keys, in float64.
+  qf, kf, vf = (np.asarray(t, np.float64) for t in (q, k, v))
+  logits = np.einsum("bqhd,bkhd->bhqk", qf, kf) * scale
+  same = np.asarray(seg)[:, None, :, None] == np.asarray(seg)[:, None, None, :]
+  logits = np.where(same, logits, -np.inf)
+  p = np.exp(logits - logits.max(-1, keepdims=True))
+  want = np.einsum("bhqk,bkhd->bqhd", p / p.sum(-1, keepdims=True), vf)
+  _assert_close(got, want, TOL[jnp.bfloat16], "cudnn call via xla")
+
+
+def test_auto_picks_per_platform_and_rejects_bad_choices():
+  assert attn_lib.resolve("auto", "tpu") == "splash"
+  assert attn_lib.resolve("auto", "cpu", "bfloat16") == "xla"
+  assert attn_lib.resolve("auto", "gpu", "bfloat16") == "cudnn"
+  assert attn_lib.resolve("auto", "cuda", jnp.float16) == "cudnn"
+  assert attn_lib.resolve("auto", "gpu", "float32") == "xla"  # cuDNN flash is half precision only
+  assert attn_lib.resolve("chunked", "tpu") == "chunked"
+  with pytest.raises(ValueError, match="model.attention='cudnn' needs model.dtype"):
+    attn_lib.resolve("cudnn", "gpu", "float32")
+  with pytest.raises(ValueError, match="model.attention='flash'"):
+    attn_lib.resolve("flash", "tpu")
+  cfg = common.model_config("tiny")
+  assert cfg.attention == "auto"
+  assert model_lib.encoder_from_config(cfg, platform="tpu").attention == "splash"
+  assert model_lib.encoder_from_config(cfg).attention == "xla"  # this machine is a CPU
+
+
+_TPU_COMPILE = """
+import jax, jax.numpy as jnp, numpy as np
+from jax.experimental import topologies
+from jax.sharding import NamedSharding, PartitionSpec as P
+from configs import common
+from ovenc_jax import attention as attn_lib
+devices = topologies.get_topology_desc(topology_name="v5e:2x2", platform="tpu", chip_config_name="default",
+                                      chips_per_host_bounds=(2, 2, 1), num_slices=1).devices
+mesh = jax.sharding.Mesh(np.asarray(devices).reshape(2, 1, 2), ("data", "fsdp", "tensor"))
+def loss(q, k, v, seg):
+  o = attn_lib.dot_product_attention(q, k, v, seg, seg, impl="splash", axis_rules=common.LOGICAL_AXIS_RULES)
+  return jnp.sum(o.astype(jnp.float32))
+qkv = jax.ShapeDtypeStruct((4, 512, 4, 64), jnp.bfloat16,
+                           sharding=NamedSharding(mesh, P(("data", "fsdp"), None, "tensor", None)))
+seg = jax.ShapeDtypeStruct((4, 512), jnp.int32, sharding=NamedSharding(mesh, P(("data", "fsdp"), None)))
+with jax.set_mesh(mesh):
+  text = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2))).lower(qkv, qkv, qkv, seg).compile().as_text()
+print("MOSAIC_CALLS", text.count('custom_call_target="tpu_custom_call"'))
+"""
+
+
+def test_splash_compiles_for_a_tpu_target_as_mosaic_kernels():
+  """Deviceless compile for a v5e 2x2 slice from this CPU host: forward and fused backward are Mosaic
+  kernels (not the interpreter, although the local backend is the CPU), partitioned by shard_map."""
+  env = dict(os.environ, JAX_PLATFORMS="cpu", TPU_SKIP_MDS_QUERY="1", ALLOW_MULTIPLE_LIBTPU_LOAD="1")
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  out = subprocess.run([sys.executable, "-c", _TPU_COMPILE], env=env, cwd=root, capture_output=True,
+                       text=True, timeout=300)
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert "MOSAIC_CALLS 2" in out.stdout, out.stdout

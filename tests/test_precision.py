@@ -1,0 +1,90 @@
+"""The mixed-precision policy: dense's custom gradient vs autodiff, and dtypes in the lowered train step."""
+import re
+import tempfile
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import pretrain
+from ovenc_jax import precision
+from ovenc_jax import train as train_lib
+
+SPECS = {  # the model's three matmul shapes: Linear, q/k/v projection, output projection
+    "ai,io->ao": ((6, 5), (5, 7), (7,)),
+    "bnd,dhk->bnhk": ((2, 3, 8), (8, 2, 4), (2, 4)),
+    "bnhk,hkd->bnd": ((2, 3, 2, 4), (2, 4, 8), (8,)),
+}
+
+
+@pytest.mark.parametrize("spec", SPECS)
+def test_dense_gradient_matches_autodiff(spec):
+  rng = np.random.default_rng(0)
+  x, w, b = (jnp.asarray(rng.normal(size=s), jnp.float32) for s in SPECS[spec])
+  ct = jnp.asarray(rng.normal(size=jnp.einsum(spec, x, w).shape), jnp.float32)
+  ref = jax.jit(jax.grad(lambda *a: jnp.sum((jnp.einsum(spec, a[0], a[1]) + a[2]) * ct), argnums=(0, 1, 2)))(x, w, b)
+  for cdt, rdt, tol in [("float32", "float32", 1e-6), ("bfloat16", "float32", 2e-2), ("bfloat16", "bfloat16", 2e-2)]:
+    got = jax.jit(jax.grad(lambda *a: jnp.sum(precision.dense(spec, *a, cdt, rdt).astype(jnp.float32) * ct),
+                           argnums=(0, 1, 2)))(x, w, b)
+    for name, g, r in zip("xwb", got, ref):
+      assert g.dtype == jnp.float32, (name, cdt, rdt)  # cotangents come back in the parameters' dtype
+      np.testing.assert_allclose(g, r, rtol=tol, atol=tol * float(np.abs(r).max()), err_msg=f"{name} {cdt} {rdt}")
+  no_bias = jax.jit(jax.grad(lambda x, w: jnp.sum(precision.dense(spec, x, w, None, "float32") * ct),
+                             argnums=(0, 1)))(x, w)
+  np.testing.assert_allclose(no_bias[1], ref[1], rtol=1e-6)
+
+
+def _lowered_train_step(grad_reduce_dtype):
+  cfg = pretrain.get_config("tiny")
+  cfg.model.update(dtype="bfloat16", grad_reduce_dtype=grad_reduce_dtype)
+  cfg.input.update(global_batch_size=8, tokens_per_row=64)
+  trainer = train_lib.Trainer(cfg, tempfile.mkdtemp())
+  assert trainer.mesh.shape["data"] == 8
+  n, s = cfg.input.tokens_per_row, cfg.input.max_segments
+  sds = jax.ShapeDtypeStruct
+  batch = dict(patches=sds((8, n, 14 * 14 * 3), jnp.uint8), positions=sds((8, n, 3), jnp.int32),
+               segment_ids=sds((8, n), jnp.int32), labels=sds((8, s, cfg.input.max_labels), jnp.int32),
+               sample_id=sds((8, s), jnp.int32))
+  with jax.set_mesh(trainer.mesh):
+    text = trainer._step_fn.lower(trainer.abstract_state, batch).as_text()
+  kernels = {tuple(leaf.shape) for path, leaf in jax.tree_util.tree_leaves_with_path(trainer.abstract_state["params"])
+             if "kernel" in jax.tree_util.keystr(path)}
+  return text, kernels
+
+
+def _tensor(t):
+  *dims, dtype = t.split("x")
+  return tuple(int(d) for d in dims), dtype
+
+
+def _dots(text):
+  """(lhs, rhs, result) as ((shape), dtype) for every dot_general in the module."""
+  pattern = r"stablehlo\.dot_general .*: \(tensor<([^>]+)>, tensor<([^>]+)>\) -> tensor<([^>]+)>"
+  return [tuple(map(_tensor, m)) for m in re.findall(pattern, text)]
+
+
+@pytest.mark.parametrize("grad_reduce_dtype", ["float32", "bfloat16"])
+def test_train_step_dtypes_in_lowered_hlo(grad_reduce_dtype):
+  text, kernels = _lowered_train_step(grad_reduce_dtype)
+  mlp_dim = pretrain.get_config("tiny").model.mlp_dim
+  signature = re.search(r"func\.func public @main\((.*)", text).group(1)
+  # Parameters, optimizer state and the metrics (loss included) cross the step boundary in fp32.
+  assert "f32>" in signature and "bf16" not in signature
+  dots = _dots(text)
+  bf16_dots = [d for d in dots if d[0][1] == d[1][1] == "bf16"]
+  for k in kernels:
+    fwd = [r for l, w, r in bf16_dots if w[0] == k]
+    assert fwd and all(r[1] == "bf16" for r in fwd), (k, fwd)  # matmul inputs and outputs in bf16
+    # The weight gradient: a bf16 x bf16 matmul contracting the (sharded) batch and token axes whose
+    # output dtype is the dtype of the sum XLA finishes with the cross-device reduction.
+    grads = [r[1] for l, w, r in bf16_dots if r[0] == k]
+    assert grads and set(grads) == {"f32" if grad_reduce_dtype == "float32" else "bf16"}, (k, grads)
+  # Softmax statistics (attention scores [.., heads, q, k] and the loss), norms and logs are fp32; the
+  # only bf16 exponential is exact GELU's derivative on the [.., mlp_dim] activations.
+  types = {op: [_tensor(t) for t in re.findall(rf"stablehlo\.{op} %\S+ : tensor<([^>]+)>", text)]
+           for op in ("exponential", "rsqrt", "log")}
+  for op, found in types.items():
+    assert {d for shape, d in found if shape[-1] != mlp_dim} == {"f32"}, (op, found)
+  heads, tokens = 4, 64
+  assert ((1, 8, heads, tokens, tokens), "f32") in types["exponential"]  # the self-attention softmax
