@@ -9,6 +9,7 @@ import av
 import numpy as np
 
 from data_prep import records
+from data_prep import selectors
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"})
 FUSIONS = ("mean", "max", "sum", "geomean")
@@ -46,14 +47,17 @@ class PatchifyConfig:
   image_budget: float = 0.0  # 0: images keep the whole grid; (0, 1]: top-K by gradient saliency
   resize_interpolation: str = "AREA"
   max_mv_pixels: int = 64  # motion vectors are clipped to this many pixels when warping
+  selector: str = "codec"  # selection rule for videos: data_prep.selectors.NAMES
 
   @property
   def grid_side(self) -> int:
     return self.image_size // self.patch_size
 
   def num_keep(self, num_frames=None) -> int:
-    """K = round(budget * T*H*W), half rounded up."""
+    """K = round(budget * T*H*W), half rounded up; every patch for the dense selector."""
     t = self.num_frames if num_frames is None else num_frames
+    if self.selector == "dense":
+      return t * self.grid_side**2
     return int(math.floor(self.budget * t * self.grid_side**2 + 0.5))
 
   def validate(self) -> "PatchifyConfig":
@@ -96,6 +100,8 @@ class PatchifyConfig:
       bad("resize_interpolation", f"must be one of {RESIZE_FILTERS}")
     if self.max_mv_pixels < 1:
       bad("max_mv_pixels", "must be >= 1")
+    if self.selector not in selectors.NAMES:
+      bad("selector", f"must be one of {selectors.NAMES}")
     return self
 
 
@@ -559,14 +565,16 @@ def to_rgb(frame, size: int, interpolation: str) -> np.ndarray:
                                  interpolation=interpolation).to_ndarray()
 
 
-def patchify_video(path: str, cfg: PatchifyConfig) -> dict:
-  """Decodes one video and returns its record fields (without class_label/labels)."""
+def patchify_video(path: str, cfg: PatchifyConfig, seed: int = 0) -> dict:
+  """Decodes one video and returns its record fields (without class_label/labels).
+
+  `seed` seeds the random selector (one per video: patchify_file passes the sample_id)."""
   container = _open_video(path)
   try:
     declared = _declared_frames(container, path)
     if declared < 1:
       raise InputError("video stream has no frames")
-    fields, decoded = _patchify_video(container, cfg, declared)
+    fields, decoded = _patchify_video(container, cfg, declared, seed)
   finally:
     container.close()
   if fields is None:
@@ -575,7 +583,7 @@ def patchify_video(path: str, cfg: PatchifyConfig) -> dict:
     # The header over-counted (edit lists, damaged index): plan again on the true count.
     container = _open_video(path)
     try:
-      fields, decoded = _patchify_video(container, cfg, decoded)
+      fields, decoded = _patchify_video(container, cfg, decoded, seed)
     finally:
       container.close()
     if fields is None:
@@ -583,7 +591,7 @@ def patchify_video(path: str, cfg: PatchifyConfig) -> dict:
   return fields
 
 
-def _patchify_video(container, cfg, num_decoded):
+def _patchify_video(container, cfg, num_decoded, seed=0):
   """Returns (fields, frames decoded); fields is None if the stream ended before the plan."""
   t_len, g, p, s = cfg.num_frames, cfg.grid_side, cfg.patch_size, cfg.image_size
   idx = sample_indices(num_decoded, t_len)
@@ -647,7 +655,10 @@ def _patchify_video(container, cfg, num_decoded):
   # to its predecessor is mostly re-encoding noise, not content change.
   basis = scores[has_mvs] if has_mvs.any() else scores
   static = cfg.static_fallback and percentile95(basis) < cfg.static_threshold
-  if static:
+  if cfg.selector != selectors.CODEC:  # a baseline rule: the record's signal names it, not the maps
+    positions = selectors.select(cfg.selector, grid, k, seed, cfg.keep_first_frame)
+    tokens = {cfg.selector}
+  elif static:
     positions = static_selection(grid, k, cfg.keep_first_frame)
     tokens.add("static_fallback")
   else:
@@ -719,9 +730,10 @@ def patchify_file(path: str, cfg: PatchifyConfig, class_label: int = -1,
       raise InputError("empty file (0 bytes)")
   elif not os.path.exists(path):
     raise InputError("file does not exist")
-  fields = patchify_image(path, cfg) if is_image_path(path) else patchify_video(path, cfg)
-  scores = fields.pop("scores")
   source = path if source is None else source
+  fields = (patchify_image(path, cfg) if is_image_path(path)
+            else patchify_video(path, cfg, records.sample_id_for(source)))
+  scores = fields.pop("scores")
   rec = dict(fields, source=source, sample_id=records.sample_id_for(source),
              labels=np.zeros([0], np.int32), class_label=int(class_label))
   rec = records.validate_record(rec)
