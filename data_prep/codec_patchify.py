@@ -22,6 +22,7 @@ from apache_beam.options.pipeline_options import PipelineOptions
 
 from data_prep import codec_signals
 from data_prep import records
+from data_prep import selectors
 
 log = logging.getLogger("codec_patchify")
 
@@ -459,6 +460,9 @@ def build_parser():
                   choices=codec_signals.RESIZE_FILTERS, help="swscale resize filter")
   ap.add_argument("--max_mv_pixels", type=int, default=d.max_mv_pixels,
                   help="vectors are clipped to this length when warping")
+  ap.add_argument("--selector", choices=selectors.NAMES, default=d.selector,
+                  help="video patch rule: codec top-K, or a baseline (random K, uniform whole "
+                  "frames, dense = every patch; see data_prep/selectors.py)")
   ap.add_argument("--class_labels", default=None,
                   help="JSON {input path: int}; fills class_label (-1 when absent)")
   ap.add_argument("--shard_mb", type=float, default=256.0,

@@ -12,6 +12,7 @@ import av
 import numpy as np
 
 from data_prep import records
+from data_prep import selectors
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"})
 FUSIONS = ("mean", "max", "sum", "geomean")
@@ -67,6 +68,7 @@ class PatchifyConfig:
   image_budget: float = 0.0  # 0: images keep the whole grid; (0, 1]: top-K by gradient saliency
   resize_interpolation: str = "AREA"
   max_mv_pixels: int = 64  # motion vectors are clipped to this many pixels when warping
+  selector: str = "codec"  # selection rule for videos: data_prep.selectors.NAMES
 
   @property
   def grid_side(self) -> int:
@@ -79,8 +81,10 @@ class PatchifyConfig:
     return self.iframe == "keep" and self.num_keep() >= 2 * self.grid_side**2
 
   def num_keep(self, num_frames=None) -> int:
-    """K = round(budget * T*H*W), half rounded up."""
+    """K = round(budget * T*H*W), half rounded up; every patch for the dense selector."""
     t = self.num_frames if num_frames is None else num_frames
+    if self.selector == "dense":
+      return t * self.grid_side**2
     return int(math.floor(self.budget * t * self.grid_side**2 + 0.5))
 
   def validate(self) -> "PatchifyConfig":
@@ -132,6 +136,8 @@ class PatchifyConfig:
       bad("resize_interpolation", f"must be one of {RESIZE_FILTERS}")
     if self.max_mv_pixels < 1:
       bad("max_mv_pixels", "must be >= 1")
+    if self.selector not in selectors.NAMES:
+      bad("selector", f"must be one of {selectors.NAMES}")
     return self
 
 
@@ -655,7 +661,8 @@ def to_rgb(frame, size: int, interpolation: str) -> np.ndarray:
 def patchify_video(path: str, cfg: PatchifyConfig, seed=0) -> dict:
   """Decodes one video and returns its record fields (without class_label/labels).
 
-  `seed` seeds the tie-breaking order of the top-K (patchify_file passes (tie_seed, sample_id)).
+  `seed` seeds the tie-breaking order of the top-K and the baseline selectors (patchify_file passes
+  (tie_seed, sample_id); the baselines use the sample_id).
   """
   container = _open_video(path)
   try:
@@ -932,8 +939,15 @@ def _patchify_video(container, cfg, num_decoded, seed=0):
   scores, has_mvs, tokens = scorer.finish()
   if transcode:
     tokens.add("transcode")
-  positions, extra = select_patches(scores, has_mvs, cfg, seed)
-  tokens |= extra
+  if cfg.selector != selectors.CODEC:  # a baseline rule: the record's signal names it, not the maps
+    # Seeded by the video alone (its sample_id), so every budget draws from the same stream.
+    video_seed = seed[-1] if isinstance(seed, tuple) else seed
+    positions = selectors.select(cfg.selector, scores.shape, cfg.num_keep(scores.shape[0]), video_seed,
+                                 cfg.keep_first_frame)
+    tokens = {cfg.selector}
+  else:
+    positions, extra = select_patches(scores, has_mvs, cfg, seed)
+    tokens |= extra
   k = positions.shape[0]
   patches = np.empty((k, p, p, 3), np.uint8)
   for t in np.unique(positions[:, 0]):

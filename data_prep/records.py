@@ -17,7 +17,7 @@ _SHARD_RE = re.compile(r"^data-(\d{5})-of-(\d{5})\.array_record$")
 FRAME_TYPE_CHARS = frozenset("IPB?")
 # Tokens of `signal`, joined by '+' in this canonical order (see docs/data_prep.md).
 SIGNAL_TOKENS = ("transcode", "mv", "residual", "frame_diff", "image", "saliency",
-                 "static_fallback")
+                 "static_fallback", "random", "uniform_frames", "dense")  # last three: data_prep/selectors.py
 
 FIELDS = ("patches", "positions", "grid", "frame_types", "source", "sample_id", "labels",
           "signal", "class_label")

@@ -157,6 +157,14 @@ class Trainer:
     with jax.set_mesh(self.mesh):
       return self._step_fn(state, batch)
 
+  def step_flops(self, host_batch) -> float:
+    """XLA's FLOP count of one compiled train step (forward, backward, update) at this batch's shapes;
+    per device on a multi-device mesh."""
+    batch = input_pipeline.global_batch(host_batch, self.mesh, BATCH_AXES)
+    with jax.set_mesh(self.mesh):
+      cost = self._step_fn.lower(self.abstract_state, batch).compile().cost_analysis()
+    return float((cost[0] if isinstance(cost, (list, tuple)) else cost)["flops"])
+
   # ---- eval --------------------------------------------------------------------------------
   def _embed(self, enc_params, batch):
     out = self.encoder.apply({"params": enc_params}, batch["patches"], batch["positions"], batch["segment_ids"])
