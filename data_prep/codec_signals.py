@@ -942,8 +942,8 @@ def _patchify_video(container, cfg, num_decoded, seed=0):
   if cfg.selector != selectors.CODEC:  # a baseline rule: the record's signal names it, not the maps
     # Seeded by the video alone (its sample_id), so every budget draws from the same stream.
     video_seed = seed[-1] if isinstance(seed, tuple) else seed
-    positions = selectors.select(cfg.selector, scores.shape, cfg.num_keep(scores.shape[0]), video_seed,
-                                 cfg.keep_first_frame)
+    # The baselines are the plain rules (issue 17): --iframe keep does not apply to them.
+    positions = selectors.select(cfg.selector, scores.shape, cfg.num_keep(scores.shape[0]), video_seed)
     tokens = {cfg.selector}
   else:
     positions, extra = select_patches(scores, has_mvs, cfg, seed)

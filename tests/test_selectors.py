@@ -106,7 +106,9 @@ def test_patchify_records_follow_the_rule_and_carry_its_name(clips):
       if rule == "codec":  # unchanged: the codec maps' top-K, signal names the maps
         assert not set(rec["signal"].split("+")) & set(selectors.BASELINES)
         assert "static_fallback" not in rec["signal"]
-        np.testing.assert_array_equal(rec["positions"], cs.select_top_k(rec["scores"], 32))
+        # At K = 2*H*W the default --iframe keep keeps frame 0 whole; ties follow (tie_seed, id).
+        want = cs.select_top_k(rec["grid_scores"], 32, True, (0, rec["sample_id"]))
+        np.testing.assert_array_equal(rec["positions"], want)
       else:
         assert rec["signal"] == rule
         want = getattr(selectors, f"{rule}_selection")((8, 4, 4), 32, records.sample_id_for(p))
