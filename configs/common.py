@@ -58,5 +58,7 @@ def model_config(variant: str) -> ml_collections.ConfigDict:
 
 
 def mesh_config(data=-1, fsdp=1, tensor=1) -> ml_collections.ConfigDict:
-  """Mesh shape; -1 on one axis = fill with the remaining devices."""
-  return ml_collections.ConfigDict(dict(data=data, fsdp=fsdp, tensor=tensor))
+  """Mesh shape; -1 on one axis = fill with the remaining devices. dcn_<axis>: slices that axis spans
+  (multi-slice TPU, or processes on platforms without slices); 1 everywhere = one slice."""
+  return ml_collections.ConfigDict(dict(data=data, fsdp=fsdp, tensor=tensor, dcn_data=1, dcn_fsdp=1,
+                                        dcn_tensor=1))
