@@ -25,6 +25,10 @@ def get_config(arg=None):
 
   c.total_steps = 100_000
   c.log_every, c.ckpt_every, c.keep_ckpts, c.async_ckpt = 50, 1000, 3, True
+  # Steps with a non-finite loss or gradient norm are skipped; this many in a row stop the run.
+  c.max_bad_steps = 5
+  # Metrics reach the host once per log window; True fetches them every step (the old path, slower).
+  c.fetch_metrics_every_step = False
   c.eval_every = 5000
   c.eval = ml_collections.ConfigDict(dict(
       path=a.eval_data, tokens_per_row=1024, batch_size=64, knn_k=10, linear_probe=True))

@@ -332,6 +332,7 @@ def make_loss_fn(mesh, cfg, batch_axes: Sequence[str] = ("data", "fsdp"),
     n_filt = n_usable - n_neg
     metrics = dict(
         num_valid_labels=n_valid.astype(jnp.float32),
+        loss_count=n_valid.astype(jnp.float32),  # the loss's denominator: accumulation weights by it
         negatives_per_sample=jnp.sum(jnp.where(has_label, n_neg, 0)) / n_rows,
         positive_cos=jnp.sum(jnp.where(pos_valid, cos_pos, 0.0)) / denom,
         positive_prob=jnp.sum(jnp.where(pos_valid, jnp.exp(z_pos - lse), 0.0)) / denom,
