@@ -60,6 +60,32 @@ def _positive_int(cfg, key):
   return int(v)
 
 
+def parse_sources(spec: str) -> list[dict[str, Any]]:
+  """'videos/:0.7+images/:0.3' -> [{"path": "videos/", "weight": 0.7}, ...]; no ':w' = weight 1.
+
+  A tail after the last ':' that is not a number belongs to the path (gs://bucket/dir).
+  """
+  out = []
+  for part in str(spec).split("+"):
+    path, sep, tail = part.rpartition(":")
+    try:
+      weight = float(tail) if sep else None
+    except ValueError:
+      weight = None
+    if weight is None:
+      path, weight = part, 1.0
+    if not path:
+      raise ValueError(f"input.sources={spec!r}: empty path in {part!r}; expected "
+                       f"PATH[:WEIGHT]+PATH[:WEIGHT]...")
+    out.append({"path": path, "weight": weight})
+  return out
+
+
+def source_list(sources) -> Any:
+  """input.sources as given in a config file (a list) or on the command line (a spec string)."""
+  return parse_sources(sources) if isinstance(sources, str) else sources
+
+
 def validate_input_config(cfg, process_count: int = 1) -> None:
   """Raises ValueError naming the `input.*` key that is missing, unknown or out of range."""
   known = set(default_input_config().keys())
@@ -68,7 +94,7 @@ def validate_input_config(cfg, process_count: int = 1) -> None:
       raise ValueError(f"input.{key} is missing from the config")
   for key in sorted(set(cfg.keys()) - known):
     raise ValueError(f"input.{key} is not a known key; known: {sorted(known)}")
-  sources = cfg.sources
+  sources = source_list(cfg.sources)
   if not isinstance(sources, (list, tuple)) or not sources:
     raise ValueError(f"input.sources must be a non-empty list of {{'path', 'weight'}} dicts, "
                      f"got {sources!r}")
@@ -314,7 +340,7 @@ def make_train_dataset(cfg, *, process_index=None, process_count=None,
   # every epoch) and repeated, then interleaved by weight; flips and truncation are seeded by the
   # position in this stream. Records are read lazily, so a process reads only its own share.
   parts, weights = [], []
-  for i, src in enumerate(cfg.sources):
+  for i, src in enumerate(source_list(cfg.sources)):
     ds = grain.MapDataset.source(grain.sources.ArrayRecordDataSource(
         shard_paths(src["path"], f"input.sources[{i}].path")))
     if not len(ds):

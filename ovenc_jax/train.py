@@ -42,6 +42,8 @@ def resolve_num_classes(config):
   """loss.num_classes from input.label_table's class count when unset (0); an error when they differ."""
   path = config.input.label_table
   if not path:
+    if not config.loss.num_classes:
+      raise ValueError("loss.num_classes is unset (0) and there is no input.label_table to take it from")
     return config
   n = input_pipeline.load_label_table(path).num_classes
   if not config.loss.num_classes:
