@@ -1,8 +1,12 @@
 """Training input: grain over ArrayRecord codec-patch shards (shuffle, per-process shards, mixing, truncation, flips, packing or padding) and global arrays for the mesh."""
 import atexit
+import fnmatch
 import functools
+import json
+import logging
 import math
 import os
+import threading
 from typing import Any, Iterator, Mapping, Sequence
 import weakref
 
@@ -17,6 +21,7 @@ from ml_collections import config_dict
 from data_prep import label_table as label_table_lib
 from data_prep import records
 
+log = logging.getLogger("ovenc_jax.input_pipeline")
 # Per-row features a batch carries besides the token arrays; fill values mark empty slots.
 _SEGMENT_FILL = {"labels": -1, "class_label": -1, "sample_id": -1}
 _TOKEN_FILL = {"patches": 0, "positions": 0}
@@ -44,6 +49,7 @@ def default_input_config() -> ml_collections.ConfigDict:
       num_epochs=config_dict.placeholder(int),   # None = repeat forever
       worker_count=0,                             # grain multiprocessing workers per process
       patch_size=14,
+      max_bad_record_fraction=0.01,               # unreadable records skipped up to this share
   ))
 
 
@@ -126,6 +132,9 @@ def validate_input_config(cfg, process_count: int = 1) -> None:
   if cfg.global_batch_size % process_count:
     raise ValueError(f"input.global_batch_size={cfg.global_batch_size} is not divisible by the "
                      f"process count {process_count}")
+  f = cfg.max_bad_record_fraction
+  if isinstance(f, bool) or not isinstance(f, (int, float)) or not 0 <= f < 1:
+    raise ValueError(f"input.max_bad_record_fraction must be a number in [0, 1), got {f!r}")
 
 
 def shard_paths(path, what: str) -> list[str]:
@@ -134,9 +143,10 @@ def shard_paths(path, what: str) -> list[str]:
   p = epath.Path(path)
   if p.is_dir():
     try:
-      return records.list_shards(path)
+      found = records.list_shards(path)
     except ValueError as e:
       raise ValueError(f"{what}: {e}") from e
+    return _check_manifest(p, "*", found, what)
   head, pattern = os.path.split(path)
   if not _GLOB_CHARS & set(pattern):
     raise ValueError(f"{what}: shard directory {path} does not exist")
@@ -146,7 +156,89 @@ def shard_paths(path, what: str) -> list[str]:
   found = sorted(str(f) for f in parent.glob(pattern)) if parent.is_dir() else []
   if not found:
     raise ValueError(f"{what}: no shard files match {path}")
+  return _check_manifest(parent, pattern, found, what)
+
+
+def _check_manifest(folder: epath.Path, pattern: str, found: list[str], what: str) -> list[str]:
+  """A folder's manifest.json (data_prep.codec_patchify) lists its shards: none may be missing."""
+  manifest = folder / "manifest.json"
+  if not manifest.exists():
+    return found
+  listed = json.loads(manifest.read_text()).get("shards") or []
+  have = {os.path.basename(f) for f in found}
+  missing = sorted(n for n in listed if fnmatch.fnmatch(n, pattern) and n not in have)
+  if missing:
+    raise ValueError(f"{what}: shard {missing[0]} listed in {manifest} is missing"
+                     + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
   return found
+
+
+class CheckedShards:
+  """Random access to decoded records of ArrayRecord shards; an unreadable or invalid record
+  (bad checksum, bad encoding) reads as None, which grain skips, and is logged with its shard and
+  index. Past `max_bad_fraction` of the records an error stops the input.
+
+  The same records are bad on every pass and after a resume, so skipping keeps runs deterministic.
+  """
+
+  def __init__(self, paths: Sequence[str], what: str, max_bad_fraction: float):
+    self._paths, self._what, self._max_bad = list(paths), what, float(max_bad_fraction)
+    lengths = []
+    for p in self._paths:
+      try:
+        lengths.append(grain.sources.ArrayRecordDataSource([p]).__len__())
+      except RuntimeError as e:  # the shard's footer or index is corrupt: nothing in it is reachable
+        raise ValueError(f"{what}: shard {p} cannot be opened: {e}") from e
+    self._starts = np.cumsum([0] + lengths)
+    self._source = grain.sources.ArrayRecordDataSource(self._paths)
+    self._bad: set[int] = set()
+    self._lock = threading.Lock()
+
+  def __getstate__(self):  # grain workers get a pickled copy; a lock does not pickle
+    return {k: v for k, v in self.__dict__.items() if k != "_lock"}
+
+  def __setstate__(self, state):
+    self.__dict__.update(state)
+    self._lock = threading.Lock()
+
+  def __len__(self) -> int:
+    return int(self._starts[-1])
+
+  def __getitem__(self, index: int):
+    try:
+      return records.decode_record(self._source[index])
+    except (RuntimeError, ValueError, KeyError, TypeError) as e:
+      self._skip(int(index), e)
+      return None
+
+  def _skip(self, index: int, error: Exception) -> None:
+    shard = int(np.searchsorted(self._starts, index, side="right")) - 1
+    where = f"{self._paths[shard]} record {index - self._starts[shard]}"
+    with self._lock:
+      if index in self._bad:
+        return
+      self._bad.add(index)
+      n = len(self._bad)
+    _count_skipped()
+    log.warning("%s: skipping unreadable record %s: %s", self._what, where, error)
+    if n > self._max_bad * len(self):
+      raise ValueError(f"{self._what}: {n} of {len(self)} records are unreadable (last: {where}), more "
+                       f"than input.max_bad_record_fraction={self._max_bad}")
+
+
+_SKIPPED = {"count": 0}
+_SKIPPED_LOCK = threading.Lock()
+
+
+def _count_skipped() -> None:
+  with _SKIPPED_LOCK:
+    _SKIPPED["count"] += 1
+
+
+def skipped_records() -> int:
+  """Distinct unreadable records skipped by this process's input pipelines so far (grain workers,
+  with input.worker_count > 0, count their own and only log them)."""
+  return _SKIPPED["count"]
 
 
 def _resolve_process(process_index, process_count) -> tuple[int, int]:
@@ -233,10 +325,6 @@ def _mirror_index(p: int) -> np.ndarray:
   index = np.arange(p * p * 3).reshape(p, p, 3)[:, ::-1, :].reshape(-1)
   index.setflags(write=False)  # shared by every call through the cache
   return index
-
-
-def _decode_features(data: bytes, rng: np.random.Generator, **kw) -> dict[str, np.ndarray]:
-  return sample_features(records.decode_record(data), rng, **kw)
 
 
 def _decode_features_eval(data: bytes, **kw) -> dict[str, np.ndarray]:
@@ -341,15 +429,16 @@ def make_train_dataset(cfg, *, process_index=None, process_count=None,
   # position in this stream. Records are read lazily, so a process reads only its own share.
   parts, weights = [], []
   for i, src in enumerate(source_list(cfg.sources)):
-    ds = grain.MapDataset.source(grain.sources.ArrayRecordDataSource(
-        shard_paths(src["path"], f"input.sources[{i}].path")))
+    what = f"input.sources[{i}].path"
+    ds = grain.MapDataset.source(CheckedShards(shard_paths(src["path"], what), what,
+                                               cfg.max_bad_record_fraction))
     if not len(ds):
       raise ValueError(f"input.sources[{i}].path={src['path']}: the shards hold no records")
     parts.append(ds.shuffle(seed=_seed(cfg.seed, 1, i)).repeat(cfg.num_epochs))
     weights.append(float(src["weight"]))
   ds = parts[0] if len(parts) == 1 else grain.MapDataset.mix(parts, weights)
   ds = ds.random_map(
-      functools.partial(_decode_features, patch_size=int(cfg.patch_size), tokens_per_row=n_tok,
+      functools.partial(sample_features, patch_size=int(cfg.patch_size), tokens_per_row=n_tok,
                         max_labels=int(cfg.max_labels), hflip=bool(cfg.hflip), label_table=table),
       seed=_seed(cfg.seed, 2))
   blocks = ProcessBlocks(len(ds), rows, pi, pc)

@@ -330,7 +330,8 @@ class Trainer:
     scalars = {k: float(v) for k, v in log_state.metrics.items() if k not in ("tokens", "samples", "stop")}
     # The mean over the window: one step's loss is noisy (labels and negatives are sampled).
     scalars.update(tokens_per_s=log_state.tokens / dt, samples_per_s=log_state.samples / dt,
-                   loss_window_mean=float(np.mean(log_state.window)), skipped_steps=log_state.bad_total)
+                   loss_window_mean=float(np.mean(log_state.window)), skipped_steps=log_state.bad_total,
+                   input_skipped_records=input_pipeline.skipped_records())
     writer.scalars(step, scalars)
     log.info("step %d/%d loss %.4f (mean of last %d: %.4f) lr %.2e grad_norm %.3f %.0f tokens/s "
              "%.1f samples/s", step, c.total_steps, log_state.loss, len(log_state.window),

@@ -50,10 +50,14 @@ def test_accumulation_equals_full_batch_with_uneven_packed_rows(shards):
     loss, grads, count = results[accum]
     assert count == count1
     np.testing.assert_allclose(loss, loss1, rtol=1e-6)
-    for path, (a, b) in zip(jax.tree_util.tree_flatten_with_path(grads1)[0],
-                            zip(jax.tree.leaves(grads1), jax.tree.leaves(grads))):
-      err = np.linalg.norm(b - a) / max(np.linalg.norm(a), 1e-30)
-      assert err < 1e-6, (accum, jax.tree_util.keystr(path[0]), err)
+    # Per leaf, relative to the leaf; leaves whose true gradient is ~0 (the k-projection bias: a
+    # softmax ignores a shift of every key) carry only rounding noise, bounded against the whole.
+    total = np.sqrt(sum(np.sum(a.astype(np.float64) ** 2) for a in jax.tree.leaves(grads1)))
+    errs = {}
+    for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(grads1)[0], jax.tree.leaves(grads)):
+      diff, norm = np.linalg.norm(b - a), np.linalg.norm(a)
+      errs[jax.tree_util.keystr(path)] = (diff / max(norm, 1e-30), norm / total)
+      assert diff <= 1e-6 * max(norm, 1e-3 * total), (accum, errs)
 
 
 # ---- non-finite steps ------------------------------------------------------------------------
