@@ -222,8 +222,8 @@ class CheckedShards:
     _count_skipped()
     log.warning("%s: skipping unreadable record %s: %s", self._what, where, error)
     if n > self._max_bad * len(self):
-      raise ValueError(f"{self._what}: {n} of {len(self)} records are unreadable (last: {where}), more "
-                       f"than input.max_bad_record_fraction={self._max_bad}")
+      raise ValueError(f"{self._what}: {n} of {len(self)} records are unreadable, more than "
+                       f"input.max_bad_record_fraction={self._max_bad}; last: {where}: {error}")
 
 
 _SKIPPED = {"count": 0}

@@ -58,7 +58,7 @@ def device_grid(mesh_cfg, devices) -> np.ndarray:
   A plain reshape in id order makes mesh rows zig-zag across hosts on a pod, where ids go host by
   host; create_device_mesh follows the interconnect (splitting a physical axis only where a mesh
   size needs it), create_hybrid_device_mesh puts the mesh.dcn_*
-  axes across slices (processes where devices carry no slice_index).
+  axes across slices (processes where the devices are all in one slice).
   """
   devices = list(devices)
   shape = mesh_shape(mesh_cfg, len(devices))
@@ -66,7 +66,8 @@ def device_grid(mesh_cfg, devices) -> np.ndarray:
   if math.prod(dcn) == 1:
     return mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
   ici = tuple(s // d for s, d in zip(shape, dcn))
-  by_process = not hasattr(devices[0], "slice_index")
+  # Slices where the devices name more than one (multi-slice TPU), else processes (GPU hosts, CPU).
+  by_process = len({getattr(d, "slice_index", None) for d in devices}) <= 1
   granules = len({getattr(d, "process_index" if by_process else "slice_index") for d in devices})
   if granules != math.prod(dcn):
     raise ValueError(f"mesh: mesh.dcn_data*mesh.dcn_fsdp*mesh.dcn_tensor = {math.prod(dcn)} != the "

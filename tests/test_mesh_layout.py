@@ -78,7 +78,7 @@ def test_host_devices_keep_config_keys_and_match_a_sharded_sum():
   mesh = sharding_lib.make_mesh(cfg)
   assert dict(mesh.shape) == {"data": 2, "fsdp": 2, "tensor": 2}
   assert sorted(d.id for d in mesh.devices.ravel()) == list(range(8))
-  # Without slice_index the dcn axes go over processes: one process here, so only dcn=1 fits.
+  # With one slice the dcn axes go over processes: one process here, so only dcn=1 fits.
   cfg.dcn_fsdp = 2
   with pytest.raises(ValueError, match="!= the 1 processes"):
     sharding_lib.make_mesh(cfg)
