@@ -36,13 +36,20 @@ def _finish(procs, timeout):
   return outs
 
 
+def _reached(workdir, step):
+  try:
+    return any(s >= step for s in losses(str(workdir)))
+  except (OSError, ValueError):  # not written yet, or a line half written
+    return False
+
+
 def test_sigterm_to_one_process_stops_both_at_one_step(shards, tmp_path):
   full, cut = tmp_path / "full", tmp_path / "cut"
   _finish(_start(full, shards, _free_port()), timeout=300)
 
   procs = _start(cut, shards, _free_port())
   deadline = time.time() + 240
-  while not (os.path.exists(cut / "metrics.jsonl") and any(s >= 3 for s in losses(str(cut)))):
+  while not _reached(cut, 3):
     assert time.time() < deadline and all(p.poll() is None for p in procs), "no progress"
     time.sleep(0.05)
   t0 = time.time()
@@ -52,7 +59,8 @@ def test_sigterm_to_one_process_stops_both_at_one_step(shards, tmp_path):
   summary = json.loads(outs[0].split("SUMMARY ")[-1].splitlines()[0])
   k = summary["preempted_at"]
   assert 3 <= k < STEPS
-  assert sorted(os.listdir(cut / "checkpoints")) == [str(k)]  # one checkpoint, the agreed step
+  # One preemption checkpoint, the agreed step (orbax also keeps its initial save of step 1).
+  assert sorted(os.listdir(cut / "checkpoints"), key=int) == sorted({"1", str(k)}, key=int)
 
   _finish(_start(cut, shards, _free_port()), timeout=300)
   a, b = losses(str(full)), losses(str(cut))
