@@ -1,7 +1,8 @@
 """Train-step throughput (tiny, 8 host devices) with the input pipeline, the input pipeline alone, and the
 trainer's loop with metrics fetched per log window (steps_per_s) vs every step (steps_per_s_before).
 
-python benchmarks/bench_train.py [--json PATH] [--steps N] [--loop_steps N] [--variant tiny]
+python benchmarks/bench_train.py [--json PATH] [--steps N] [--loop_steps N] [--variant tiny] [--rows 32]
+    [--tokens_per_row 1024]
 """
 import argparse
 import json
@@ -52,11 +53,13 @@ def main():
   ap.add_argument("--steps", type=int, default=10)
   ap.add_argument("--loop_steps", type=int, default=20, help="timed steps of each Trainer.run()")
   ap.add_argument("--variant", default="tiny")
+  ap.add_argument("--rows", type=int, default=32, help="global batch rows")
+  ap.add_argument("--tokens_per_row", type=int, default=1024)
   args = ap.parse_args()
   tmp = tempfile.mkdtemp(prefix="bench_train_")
   data = write_clip_shards(os.path.join(tmp, "data"))
   cfg = pretrain.get_config(f"variant={args.variant},data={data}")
-  cfg.input.update(global_batch_size=32, tokens_per_row=1024, max_segments=4, max_labels=3)
+  cfg.input.update(global_batch_size=args.rows, tokens_per_row=args.tokens_per_row, max_segments=4, max_labels=3)
   cfg.loss.num_classes = 1000
   cfg.total_steps, cfg.optim.warmup_steps = 10_000, 10
   trainer = train.Trainer(cfg, os.path.join(tmp, "work"))
