@@ -1,5 +1,6 @@
 """Pieces shared by configs: `key=value` arg parsing, model variants, sharding rules."""
 import ml_collections
+from ml_collections import config_dict
 
 # width, depth, heads, mlp_dim
 VARIANTS = {
@@ -40,6 +41,18 @@ def parse_arg(arg, **defaults):
     kind = type(defaults[key])
     out[key] = value.lower() in ("1", "true", "yes") if kind is bool else kind(value)
   return out
+
+
+def allow_none(cfg, *keys) -> None:
+  """Makes `section.key` fields settable to None (and lists, dicts) from the command line.
+
+  A float field's flag parser rejects 'None'; an object-typed field parses Python literals (None,
+  numbers, lists) and keeps anything else as a string.
+  """
+  for key in keys:
+    section, _, name = key.rpartition(".")
+    holder = cfg[section] if section else cfg
+    holder[name] = config_dict.FieldReference(holder[name], field_type=object)
 
 
 def model_config(variant: str) -> ml_collections.ConfigDict:
@@ -96,5 +109,7 @@ def apply_pod_preset(config, pod: str) -> None:
 
 
 def mesh_config(data=-1, fsdp=1, tensor=1) -> ml_collections.ConfigDict:
-  """Mesh shape; -1 on one axis = fill with the remaining devices."""
-  return ml_collections.ConfigDict(dict(data=data, fsdp=fsdp, tensor=tensor))
+  """Mesh shape; -1 on one axis = fill with the remaining devices. dcn_<axis>: slices that axis spans
+  (multi-slice TPU, or processes on platforms without slices); 1 everywhere = one slice."""
+  return ml_collections.ConfigDict(dict(data=data, fsdp=fsdp, tensor=tensor, dcn_data=1, dcn_fsdp=1,
+                                        dcn_tensor=1))

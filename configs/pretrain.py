@@ -1,4 +1,7 @@
-"""Pretraining config: `configs/pretrain.py:variant=tiny[,runlocal][,recipe=official][,pod=v5e-256]`."""
+"""Pretraining config: `configs/pretrain.py:variant=tiny[,runlocal][,data=SOURCES][,recipe=official][,pod=v5e-256]`.
+
+SOURCES is one shard folder or glob, or a weighted mix `videos/:0.7+images/:0.3` (also as `sources=`).
+"""
 import ml_collections
 
 from configs import common
@@ -6,8 +9,10 @@ from ovenc_jax import input_pipeline, loss, optim
 
 
 def get_config(arg=None):
-  a = common.parse_arg(arg, variant="tiny", runlocal=False, data="", eval_data="", recipe="default",
-                       pod="")
+  a = common.parse_arg(arg, variant="tiny", runlocal=False, data="", sources="", eval_data="",
+                       recipe="default", pod="")
+  if a.data and a.sources:
+    raise ValueError("config args data= and sources= name the same thing; give one")
   c = ml_collections.ConfigDict()
   c.seed = 0
   c.model = common.model_config(a.variant)
@@ -15,21 +20,27 @@ def get_config(arg=None):
   c.logical_axis_rules = common.LOGICAL_AXIS_RULES
 
   c.input = input_pipeline.default_input_config()
-  c.input.sources = [{"path": a.data, "weight": 1.0}] if a.data else []
+  c.input.sources = input_pipeline.parse_sources(a.data or a.sources) if a.data or a.sources else []
   c.input.global_batch_size = 256
   c.input.tokens_per_row = 1024
   c.input.max_segments = 4
 
   c.loss = loss.default_loss_config()
-  c.loss.num_classes = 100_000
+  c.loss.num_classes = 0  # 0 = the class count of input.label_table
   c.optim = optim.default_optim_config()
 
   c.total_steps = 100_000
   c.log_every, c.ckpt_every, c.keep_ckpts, c.async_ckpt = 50, 1000, 3, True
+  # Steps with a non-finite loss or gradient norm are skipped; this many in a row stop the run.
+  c.max_bad_steps = 5
+  # Metrics reach the host once per log window; True fetches them every step (the old path, slower).
+  c.fetch_metrics_every_step = False
   c.eval_every = 5000
   c.eval = ml_collections.ConfigDict(dict(
       path=a.eval_data, tokens_per_row=1024, batch_size=64, knn_k=10, linear_probe=True))
   c.init_from = ""  # a workdir (e.g. from import_torch) whose params start training
+  # None is a documented value of these (and sources a list): make them settable by flags.
+  common.allow_none(c, "input.sources", "loss.fn_threshold", "optim.clip_norm")
 
   if a.variant == "tiny" or a.runlocal:  # laptop / CPU / tests
     c.input.update(global_batch_size=16, tokens_per_row=256, max_segments=2)

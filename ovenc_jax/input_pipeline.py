@@ -1,8 +1,12 @@
 """Training input: grain over ArrayRecord codec-patch shards (shuffle, per-process shards, mixing, truncation, flips, packing or padding) and global arrays for the mesh."""
 import atexit
+import fnmatch
 import functools
+import json
+import logging
 import math
 import os
+import threading
 from typing import Any, Iterator, Mapping, Sequence
 import weakref
 
@@ -18,6 +22,7 @@ from data_prep import label_table as label_table_lib
 from data_prep import records
 from ovenc_jax import torch_layout
 
+log = logging.getLogger("ovenc_jax.input_pipeline")
 # Per-row features a batch carries besides the token arrays; fill values mark empty slots.
 _SEGMENT_FILL = {"labels": -1, "class_label": -1, "sample_id": -1}
 _TOKEN_FILL = {"patches": 0, "positions": 0}
@@ -47,6 +52,7 @@ def default_input_config() -> ml_collections.ConfigDict:
       patch_size=14,
       max_tokens_per_sample=config_dict.placeholder(int),  # keep this many highest-scored tokens
       temporal_positions="sample_index",          # t as "sample_index" or on the 64-frame "timeline64"
+      max_bad_record_fraction=0.01,               # unreadable records skipped up to this share
   ))
 
 
@@ -67,6 +73,32 @@ def _positive_int(cfg, key):
   return int(v)
 
 
+def parse_sources(spec: str) -> list[dict[str, Any]]:
+  """'videos/:0.7+images/:0.3' -> [{"path": "videos/", "weight": 0.7}, ...]; no ':w' = weight 1.
+
+  A tail after the last ':' that is not a number belongs to the path (gs://bucket/dir).
+  """
+  out = []
+  for part in str(spec).split("+"):
+    path, sep, tail = part.rpartition(":")
+    try:
+      weight = float(tail) if sep else None
+    except ValueError:
+      weight = None
+    if weight is None:
+      path, weight = part, 1.0
+    if not path:
+      raise ValueError(f"input.sources={spec!r}: empty path in {part!r}; expected "
+                       f"PATH[:WEIGHT]+PATH[:WEIGHT]...")
+    out.append({"path": path, "weight": weight})
+  return out
+
+
+def source_list(sources) -> Any:
+  """input.sources as given in a config file (a list) or on the command line (a spec string)."""
+  return parse_sources(sources) if isinstance(sources, str) else sources
+
+
 def validate_input_config(cfg, process_count: int = 1) -> None:
   """Raises ValueError naming the `input.*` key that is missing, unknown or out of range."""
   known = set(default_input_config().keys())
@@ -75,7 +107,7 @@ def validate_input_config(cfg, process_count: int = 1) -> None:
       raise ValueError(f"input.{key} is missing from the config")
   for key in sorted(set(cfg.keys()) - known):
     raise ValueError(f"input.{key} is not a known key; known: {sorted(known)}")
-  sources = cfg.sources
+  sources = source_list(cfg.sources)
   if not isinstance(sources, (list, tuple)) or not sources:
     raise ValueError(f"input.sources must be a non-empty list of {{'path', 'weight'}} dicts, "
                      f"got {sources!r}")
@@ -115,6 +147,9 @@ def validate_input_config(cfg, process_count: int = 1) -> None:
   if cfg.global_batch_size % process_count:
     raise ValueError(f"input.global_batch_size={cfg.global_batch_size} is not divisible by the "
                      f"process count {process_count}")
+  f = cfg.max_bad_record_fraction
+  if isinstance(f, bool) or not isinstance(f, (int, float)) or not 0 <= f < 1:
+    raise ValueError(f"input.max_bad_record_fraction must be a number in [0, 1), got {f!r}")
 
 
 def shard_paths(path, what: str) -> list[str]:
@@ -126,9 +161,9 @@ def shard_paths(path, what: str) -> list[str]:
       found = records.list_shards(path)
       if not (p / "manifest.json").exists():  # data_prep.codec_patchify writes it last
         raise ValueError(f"no manifest.json in {path}: the job writing it did not finish")
-      return found
     except ValueError as e:
       raise ValueError(f"{what}: {e}") from e
+    return _check_manifest(p, "*", found, what)
   head, pattern = os.path.split(path)
   if not _GLOB_CHARS & set(pattern):
     raise ValueError(f"{what}: shard directory {path} does not exist")
@@ -138,7 +173,89 @@ def shard_paths(path, what: str) -> list[str]:
   found = sorted(str(f) for f in parent.glob(pattern)) if parent.is_dir() else []
   if not found:
     raise ValueError(f"{what}: no shard files match {path}")
+  return _check_manifest(parent, pattern, found, what)
+
+
+def _check_manifest(folder: epath.Path, pattern: str, found: list[str], what: str) -> list[str]:
+  """A folder's manifest.json (data_prep.codec_patchify) lists its shards: none may be missing."""
+  manifest = folder / "manifest.json"
+  if not manifest.exists():
+    return found
+  listed = json.loads(manifest.read_text()).get("shards") or []
+  have = {os.path.basename(f) for f in found}
+  missing = sorted(n for n in listed if fnmatch.fnmatch(n, pattern) and n not in have)
+  if missing:
+    raise ValueError(f"{what}: shard {missing[0]} listed in {manifest} is missing"
+                     + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
   return found
+
+
+class CheckedShards:
+  """Random access to decoded records of ArrayRecord shards; an unreadable or invalid record
+  (bad checksum, bad encoding) reads as None, which grain skips, and is logged with its shard and
+  index. Past `max_bad_fraction` of the records an error stops the input.
+
+  The same records are bad on every pass and after a resume, so skipping keeps runs deterministic.
+  """
+
+  def __init__(self, paths: Sequence[str], what: str, max_bad_fraction: float):
+    self._paths, self._what, self._max_bad = list(paths), what, float(max_bad_fraction)
+    lengths = []
+    for p in self._paths:
+      try:
+        lengths.append(grain.sources.ArrayRecordDataSource([p]).__len__())
+      except RuntimeError as e:  # the shard's footer or index is corrupt: nothing in it is reachable
+        raise ValueError(f"{what}: shard {p} cannot be opened: {e}") from e
+    self._starts = np.cumsum([0] + lengths)
+    self._source = grain.sources.ArrayRecordDataSource(self._paths)
+    self._bad: set[int] = set()
+    self._lock = threading.Lock()
+
+  def __getstate__(self):  # grain workers get a pickled copy; a lock does not pickle
+    return {k: v for k, v in self.__dict__.items() if k != "_lock"}
+
+  def __setstate__(self, state):
+    self.__dict__.update(state)
+    self._lock = threading.Lock()
+
+  def __len__(self) -> int:
+    return int(self._starts[-1])
+
+  def __getitem__(self, index: int):
+    try:
+      return records.decode_record(self._source[index])
+    except (RuntimeError, ValueError, KeyError, TypeError) as e:
+      self._skip(int(index), e)
+      return None
+
+  def _skip(self, index: int, error: Exception) -> None:
+    shard = int(np.searchsorted(self._starts, index, side="right")) - 1
+    where = f"{self._paths[shard]} record {index - self._starts[shard]}"
+    with self._lock:
+      if index in self._bad:
+        return
+      self._bad.add(index)
+      n = len(self._bad)
+    _count_skipped()
+    log.warning("%s: skipping unreadable record %s: %s", self._what, where, error)
+    if n > self._max_bad * len(self):
+      raise ValueError(f"{self._what}: {n} of {len(self)} records are unreadable, more than "
+                       f"input.max_bad_record_fraction={self._max_bad}; last: {where}: {error}")
+
+
+_SKIPPED = {"count": 0}
+_SKIPPED_LOCK = threading.Lock()
+
+
+def _count_skipped() -> None:
+  with _SKIPPED_LOCK:
+    _SKIPPED["count"] += 1
+
+
+def skipped_records() -> int:
+  """Distinct unreadable records skipped by this process's input pipelines so far (grain workers,
+  with input.worker_count > 0, count their own and only log them)."""
+  return _SKIPPED["count"]
 
 
 def _resolve_process(process_index, process_count) -> tuple[int, int]:
@@ -257,20 +374,16 @@ def _mirror_index(p: int) -> np.ndarray:
   return index
 
 
-def _decode_features(data: bytes, rng: np.random.Generator, **kw) -> dict[str, np.ndarray]:
-  return sample_features(records.decode_record(data), rng, **kw)
-
-
 def _decode_bank_features(tagged, rng: np.random.Generator, *, tables, offsets, **kw):
   """A record of source i, labelled from its bank's table and shifted into the bank's id range."""
-  i, data = tagged
-  out = sample_features(records.decode_record(data), rng, label_table=tables[i], **kw)
+  i, rec = tagged
+  out = sample_features(rec, rng, label_table=tables[i], **kw)
   out["labels"] = np.where(out["labels"] >= 0, out["labels"] + offsets[i], -1).astype(np.int32)
   return out
 
 
-def _tag_source(i: int, data: bytes):
-  return i, data
+def _tag_source(i: int, rec):
+  return None if rec is None else (i, rec)  # None: a skipped record (CheckedShards) stays skipped
 
 
 def _source_banks(cfg, banks):
@@ -394,9 +507,10 @@ def make_train_dataset(cfg, *, process_index=None, process_count=None,
   # every epoch) and repeated, then interleaved by weight; flips and truncation are seeded by the
   # position in this stream. Records are read lazily, so a process reads only its own share.
   parts, weights = [], []
-  for i, src in enumerate(cfg.sources):
-    ds = grain.MapDataset.source(grain.sources.ArrayRecordDataSource(
-        shard_paths(src["path"], f"input.sources[{i}].path")))
+  for i, src in enumerate(source_list(cfg.sources)):
+    what = f"input.sources[{i}].path"
+    ds = grain.MapDataset.source(CheckedShards(shard_paths(src["path"], what), what,
+                                               cfg.max_bad_record_fraction))
     if not len(ds):
       raise ValueError(f"input.sources[{i}].path={src['path']}: the shards hold no records")
     parts.append(ds.shuffle(seed=_seed(cfg.seed, 1, i)).repeat(cfg.num_epochs))

@@ -14,6 +14,7 @@ _DISTRIBUTED = flags.DEFINE_enum(
 _COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (GPU clusters, tests)")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "total processes (with --coordinator_address)")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "this process's index (with --coordinator_address)")
+_PRINT_CONFIG = flags.DEFINE_bool("print_config", False, "print the config after all overrides as JSON and exit")
 
 
 def _want_distributed() -> bool:
@@ -42,6 +43,9 @@ def initialize_distributed() -> None:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if _PRINT_CONFIG.value:
+    print(_CONFIG.value.to_json(sort_keys=True), flush=True)
+    return
   if _WORKDIR.value is None:
     raise app.UsageError("--workdir is required")
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

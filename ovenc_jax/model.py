@@ -181,7 +181,7 @@ class EncoderLayer(_Module):
 
 
 class ProbeHead(_Module):
-  """SigLIP2-style attention pooling: one probe query per segment -> RMSNorm -> MLP residual."""
+  """SigLIP2-style attention pooling: one probe query per segment -> RMSNorm -> MLP residual; empty slots are 0."""
   num_heads: int = 1
   mlp_dim: int = 0
 
@@ -196,7 +196,10 @@ class ProbeHead(_Module):
     h = Attention(name="attention", num_heads=self.num_heads, impl="xla", **kw)(
         queries, x, q_segments, segments)
     y = RMSNorm(name="norm", **kw)(h)
-    return h + Mlp(name="mlp", mlp_dim=self.mlp_dim, **kw)(y)
+    out = h + Mlp(name="mlp", mlp_dim=self.mlp_dim, **kw)(y)
+    # An empty slot's probe sees no token (its softmax spreads over the whole row): zeros instead.
+    present = jnp.any(q_segments[:, :, None] == segments[:, None, :], axis=-1)
+    return jnp.where(present[..., None], out, jnp.zeros_like(out))
 
 
 class Encoder(_Module):

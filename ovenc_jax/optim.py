@@ -38,10 +38,17 @@ def schedule(o, total_steps: int, lr_mult: float = 1.0) -> optax.Schedule:
   return optax.join_schedules([warmup, decay], [o.warmup_steps])
 
 
+DECAYED_LEAVES = ("kernel",)
+
+
 def _decay_mask(params):
-  # Decay only matrices (kernels): norms, biases and the pooling probe are left alone.
-  return jax.tree_util.tree_map_with_path(
-      lambda path, x: x.ndim >= 2 and getattr(path[-1], "key", None) != "probe", params)
+  # By name, not by rank: the q/k/v biases are [heads, head_dim] matrices, yet biases; norms and
+  # the pooling probe are not decayed either. Only the layers' kernels are.
+  # The last dict key names the leaf (a boxed, logically partitioned leaf adds a `.value` step).
+  def decayed(path, _):
+    keys = [k.key for k in path if isinstance(k, jax.tree_util.DictKey)]
+    return bool(keys) and keys[-1] in DECAYED_LEAVES
+  return jax.tree_util.tree_map_with_path(decayed, params)
 
 
 def make_optimizer(o, loss_cfg, total_steps: int) -> optax.GradientTransformation:

@@ -5,8 +5,12 @@ from typing import Any, Callable
 import flax.linen as nn
 import jax
 import numpy as np
+from jax.experimental import mesh_utils
 
 MESH_AXES = ("data", "fsdp", "tensor")
+# mesh.dcn_<axis>: how many slices (granules: TPU slices, else processes) the axis spans; the
+# axis's size within a slice is mesh.<axis> / mesh.dcn_<axis>.
+DCN_KEYS = tuple(f"dcn_{a}" for a in MESH_AXES)
 
 
 def mesh_shape(mesh_cfg, num_devices: int) -> tuple[int, ...]:
@@ -35,10 +39,45 @@ def mesh_shape(mesh_cfg, num_devices: int) -> tuple[int, ...]:
   return tuple(sizes[a] for a in MESH_AXES)
 
 
+def dcn_shape(mesh_cfg, shape: tuple[int, ...]) -> tuple[int, ...]:
+  """mesh.dcn_* (absent = 1); each must divide its axis's size."""
+  out = []
+  for axis, key, size in zip(MESH_AXES, DCN_KEYS, shape):
+    v = mesh_cfg.get(key, 1)
+    if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
+      raise ValueError(f"mesh.{key}={v!r}: must be a positive int (slices spanned by mesh.{axis})")
+    if size % v:
+      raise ValueError(f"mesh.{key}={v} does not divide mesh.{axis}={size}")
+    out.append(int(v))
+  return tuple(out)
+
+
+def device_grid(mesh_cfg, devices) -> np.ndarray:
+  """Devices arranged for the mesh: along the physical torus (mesh_utils), slices outermost.
+
+  A plain reshape in id order makes mesh rows zig-zag across hosts on a pod, where ids go host by
+  host; create_device_mesh follows the interconnect (splitting a physical axis only where a mesh
+  size needs it), create_hybrid_device_mesh puts the mesh.dcn_*
+  axes across slices (processes where the devices are all in one slice).
+  """
+  devices = list(devices)
+  shape = mesh_shape(mesh_cfg, len(devices))
+  dcn = dcn_shape(mesh_cfg, shape)
+  if math.prod(dcn) == 1:
+    return mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
+  ici = tuple(s // d for s, d in zip(shape, dcn))
+  # Slices where the devices name more than one (multi-slice TPU), else processes (GPU hosts, CPU).
+  by_process = len({getattr(d, "slice_index", None) for d in devices}) <= 1
+  granules = len({getattr(d, "process_index" if by_process else "slice_index") for d in devices})
+  if granules != math.prod(dcn):
+    raise ValueError(f"mesh: mesh.dcn_data*mesh.dcn_fsdp*mesh.dcn_tensor = {math.prod(dcn)} != the "
+                     f"{granules} {'processes' if by_process else 'slices'} the devices belong to")
+  return mesh_utils.create_hybrid_device_mesh(ici, dcn, devices, process_is_granule=by_process,
+                                              allow_split_physical_axes=True)
+
+
 def make_mesh(mesh_cfg, devices=None) -> jax.sharding.Mesh:
-  devices = np.asarray(jax.devices() if devices is None else devices)
-  shape = mesh_shape(mesh_cfg, devices.size)
-  return jax.sharding.Mesh(devices.reshape(shape), MESH_AXES)
+  return jax.sharding.Mesh(device_grid(mesh_cfg, jax.devices() if devices is None else devices), MESH_AXES)
 
 
 def validate_divisibility(model_cfg, mesh: jax.sharding.Mesh) -> None:

@@ -110,7 +110,8 @@ class Embeddings(nn.Module):
 class PoolingHead(nn.Module):
   """SigLIP2-style probe pooling with the release's modules: nn.MultiheadAttention, nn.RMSNorm, MLP.
 
-  One probe query per segment; probe k attends only to tokens with segment id k.
+  One probe query per segment; probe k attends only to tokens with segment id k; a slot with no
+  token returns zeros.
   """
 
   def __init__(self, width, num_heads, mlp_dim):
@@ -131,7 +132,8 @@ class PoolingHead(nn.Module):
     # nn.MultiheadAttention takes a per-(batch, head) additive mask [B*H, S, N].
     bias = bias.repeat_interleave(self.num_heads, dim=0)
     h, _ = self.attention(queries, x, x, attn_mask=bias, need_weights=False)
-    return h + self.mlp(self.norm(h))
+    # An empty slot (no token of that segment) pools to zeros, as in the JAX model.
+    return (h + self.mlp(self.norm(h))) * visible.any(-1, keepdim=True).to(h.dtype)
 
 
 class OVEncoder(nn.Module):

@@ -30,15 +30,39 @@ CLASS_AXES = ("data", "fsdp", "tensor")
 CENTER_ROW_MULTIPLE = 128
 
 
+# Metrics that are counts: summed over microbatches; the others are means weighted by loss_count.
+SUMMED_METRICS = ("loss_count", "num_valid_labels", "labels_out_of_range", "valid_labels")
+
+
 class NonFiniteLossError(RuntimeError):
   pass
 
 
+def resolve_num_classes(config):
+  """loss.num_classes from input.label_table's class count when unset (0); an error when they differ."""
+  path = config.input.label_table
+  if not path:
+    if not config.loss.num_classes:
+      raise ValueError("loss.num_classes is unset (0) and there is no input.label_table to take it from")
+    return config
+  n = input_pipeline.load_label_table(path).num_classes
+  if not config.loss.num_classes:
+    config = config.copy_and_resolve_references()
+    config.loss.num_classes = n
+  elif int(config.loss.num_classes) != n:
+    raise ValueError(f"loss.num_classes={config.loss.num_classes} != the {n} classes of "
+                     f"input.label_table={path}")
+  return config
+
+
 def validate_config(config) -> None:
   """Cross-section checks; each section validates its own keys too."""
-  for key in ("total_steps", "log_every", "ckpt_every"):
+  for key in ("total_steps", "log_every", "ckpt_every", "max_bad_steps"):
     if int(config[key]) <= 0:
       raise ValueError(f"config.{key}={config[key]} must be a positive integer")
+  if config.model.patch_size != config.input.patch_size:
+    raise ValueError(f"model.patch_size={config.model.patch_size} != input.patch_size="
+                     f"{config.input.patch_size}: the encoder would read patches of the wrong size")
   if config.eval_every < 0:
     raise ValueError(f"config.eval_every={config.eval_every} must be >= 0 (0 = only at start and end)")
   if config.input.global_batch_size % config.optim.grad_accum_steps:
@@ -51,6 +75,7 @@ class Trainer:
   """Owns the mesh, the jitted step and the state layout; `run()` is the loop."""
 
   def __init__(self, config, workdir: str, devices=None):
+    config = resolve_num_classes(config)
     validate_config(config)
     self.config, self.workdir = config, workdir
     self.mesh = sharding_lib.make_mesh(config.mesh, devices)
@@ -126,33 +151,67 @@ class Trainer:
     loss, metrics = self.loss_fn(emb, params["centers"], labels, rng)
     return loss, metrics
 
-  def _train_step(self, state, batch):
-    rng = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
+  def _loss_and_grads(self, params, batch, rng):
+    """(loss, metrics, grads) of the whole batch, also under gradient accumulation.
+
+    Each microbatch's loss, gradients and mean metrics are weighted by its loss_count (the number of
+    terms its loss averages) and the sums divided once by the total: with packing, microbatches hold
+    different numbers of labels, and a mean of their means is not the full batch's mean.
+    """
     grad_fn = jax.value_and_grad(self._loss, has_aux=True)
     accum = int(self.config.optim.grad_accum_steps)
     if accum == 1:
-      (loss, aux), grads = grad_fn(state["params"], batch, rng)
-    else:
-      # Microbatch i takes rows i, i+accum, ... so every microbatch spans all data shards.
-      micro = jax.tree.map(lambda x: x.reshape(x.shape[0] // accum, accum, *x.shape[1:]).swapaxes(0, 1), batch)
+      (loss, aux), grads = grad_fn(params, batch, rng)
+      return loss, aux, grads
+    # Microbatch i takes rows i, i+accum, ... so every microbatch spans all data shards.
+    micro = jax.tree.map(lambda x: x.reshape(x.shape[0] // accum, accum, *x.shape[1:]).swapaxes(0, 1), batch)
 
-      def body(carry, xs):
-        mb, idx = xs
-        (l, a), g = grad_fn(state["params"], mb, jax.random.fold_in(rng, idx))
-        return jax.tree.map(jnp.add, carry, (l, a, g)), None
+    def weigh(aux, w):
+      return {k: v if k in SUMMED_METRICS else v * w for k, v in aux.items()}
 
-      (l0, a0), g0 = jax.eval_shape(grad_fn, state["params"], jax.tree.map(lambda x: x[0], micro), rng)
-      zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), (l0, a0, g0))
-      (loss, aux, grads), _ = jax.lax.scan(body, zeros, (micro, jnp.arange(accum)))
-      loss, aux, grads = jax.tree.map(lambda x: x / accum, (loss, aux, grads))
+    def body(carry, xs):
+      mb, idx = xs
+      (l, a), g = grad_fn(params, mb, jax.random.fold_in(rng, idx))
+      w = a["loss_count"]
+      return jax.tree.map(jnp.add, carry, (l * w, weigh(a, w), jax.tree.map(lambda x: x * w, g))), None
+
+    (l0, a0), g0 = jax.eval_shape(grad_fn, params, jax.tree.map(lambda x: x[0], micro), rng)
+    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), (l0, a0, g0))
+    (loss, aux, grads), _ = jax.lax.scan(body, zeros, (micro, jnp.arange(accum)))
+    inv = 1.0 / jnp.maximum(aux["loss_count"], 1.0)
+    return loss * inv, weigh(aux, inv), jax.tree.map(lambda x: x * inv, grads)
+
+  def _train_step(self, state, batch):
+    batch = dict(batch)
+    stop = batch.pop("stop", None)
+    rng = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
+    loss, aux, grads = self._loss_and_grads(state["params"], batch, rng)
+    grad_norm = optax.tree.norm(grads)
     updates, opt_state = self.tx.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
-    metrics = dict(aux, loss=loss, grad_norm=optax.tree.norm(grads), lr=self.lr_schedule(state["step"]),
-                   tokens=jnp.sum(batch["segment_ids"] > 0), samples=jnp.sum(batch["sample_id"] >= 0))
+    # A step with a non-finite loss or gradient is not applied (a finite loss can hide NaN
+    # gradients): params and optimizer state stay as they were, so no NaN can reach a checkpoint.
+    ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
+    params, opt_state = keep(params, state["params"]), keep(opt_state, state["opt_state"])
+    labels, num_classes = batch["labels"], int(self.config.loss.num_classes)
+    metrics = dict(aux, loss=loss, grad_norm=grad_norm, lr=self.lr_schedule(state["step"]),
+                   tokens=jnp.sum(batch["segment_ids"] > 0), samples=jnp.sum(batch["sample_id"] >= 0),
+                   skipped_step=1.0 - ok.astype(jnp.float32),
+                   valid_labels=jnp.sum((labels >= 0) & (labels < num_classes)).astype(jnp.float32),
+                   labels_out_of_range=jnp.sum((labels < -1) | (labels >= num_classes)).astype(jnp.float32))
+    if stop is not None:
+      # Any process's stop request, seen identically by all: they agree on the step to stop at.
+      metrics["stop"] = jnp.max(stop)
     new_state = dict(state, step=state["step"] + 1, params=params, opt_state=opt_state)
     return new_state, metrics
 
-  def train_step(self, state, host_batch):
+  def train_step(self, state, host_batch, stop: bool | None = None):
+    """Dispatches one step (returns at once). With `stop`, this process's stop request rides along
+    and metrics["stop"] is the OR over all processes."""
+    if stop is not None:
+      rows = next(iter(host_batch.values())).shape[0]
+      host_batch = dict(host_batch, stop=np.full((rows,), int(stop), np.int32))
     batch = input_pipeline.global_batch(host_batch, self.mesh, BATCH_AXES)
     with jax.set_mesh(self.mesh):
       return self._step_fn(state, batch)
@@ -208,50 +267,47 @@ class Trainer:
                                  save_interval_steps=c.ckpt_every, async_save=c.async_ckpt)
     state, start = self._restore_or_init(mngr, data_iter)
     writer = MetricsWriter(self.workdir, enabled=jax.process_index() == 0)
-    stop = {"sigterm": False}
-    previous = signal.signal(signal.SIGTERM, lambda *_: stop.__setitem__("sigterm", True))
+    sigterm = {"seen": False}
+    previous = signal.signal(signal.SIGTERM, lambda *_: sigterm.__setitem__("seen", True))
     summary: dict[str, Any] = {"start_step": start}
     try:
       if start == 0:
         summary["initial_eval"] = self._log_eval(writer, state, start)
-      t_last, tokens, samples, window = time.perf_counter(), 0, 0, []
-      step, loss = start, None
+      log_state = _LogState(mngr.latest_step)
+      window: list[tuple[int, Any]] = []  # (step, device metrics) not fetched yet
+      step, previous_metrics, stopping, t_start = start, None, False, None
       while step < c.total_steps:
-        state, metrics = self.train_step(state, next(data_iter))
-        metrics = jax.device_get(metrics)  # blocking per step avoids the CPU collective deadlock
+        state, metrics = self.train_step(state, next(data_iter), stop=sigterm["seen"])
         step += 1
-        loss = float(metrics["loss"])
-        if not np.isfinite(loss):
-          raise NonFiniteLossError(
-              f"non-finite loss {loss} at step {step}; stopping. The last good checkpoint "
-              f"(step {mngr.latest_step()}) in {ckpt_lib.checkpoint_dir(self.workdir)} is kept.")
-        tokens += int(metrics["tokens"])
-        samples += int(metrics["samples"])
-        writer.step_loss(step, loss)
-        window.append(loss)
-        if step % c.log_every == 0 or step == c.total_steps:
-          dt = time.perf_counter() - t_last
-          scalars = {k: float(v) for k, v in metrics.items() if k not in ("tokens", "samples")}
-          # The mean over the window: one step's loss is noisy (labels and negatives are sampled).
-          scalars.update(tokens_per_s=tokens / dt, samples_per_s=samples / dt,
-                         loss_window_mean=float(np.mean(window)))
-          writer.scalars(step, scalars)
-          log.info("step %d/%d loss %.4f (mean of last %d: %.4f) lr %.2e grad_norm %.3f %.0f tokens/s "
-                   "%.1f samples/s", step, c.total_steps, loss, len(window), scalars["loss_window_mean"],
-                   scalars["lr"], scalars["grad_norm"], scalars["tokens_per_s"], scalars["samples_per_s"])
-          summary.setdefault("first_window_mean_loss", scalars["loss_window_mean"])
-          summary["last_window_mean_loss"] = scalars["loss_window_mean"]
-          t_last, tokens, samples, window = time.perf_counter(), 0, 0, []
-        self._save(mngr, step, state, data_iter, force=stop["sigterm"] or step == c.total_steps)
+        window.append((step, metrics))
+        # Two steps in flight at most: waiting for step N-1 after dispatching step N keeps the
+        # device busy and avoids XLA's CPU collective rendezvous hang with many queued steps.
+        if previous_metrics is not None:
+          jax.block_until_ready(previous_metrics)
+          # Step N-1's stop flag is the OR over processes: every process stops after step N.
+          stopping = bool(previous_metrics["stop"])
+        previous_metrics = metrics
+        last = step == c.total_steps or stopping
+        if c.fetch_metrics_every_step or step == start + 1 or step % c.log_every == 0 or last:
+          self._fetch(window, log_state, writer, first_step=start + 1)
+          window = []
+        if step == start + 1:
+          t_start = time.perf_counter()  # after compilation
+        if step % c.log_every == 0 or last:
+          self._log_window(step, log_state, writer, summary)
+        if last:
+          summary["steps_per_s"] = (step - start - 1) / max(time.perf_counter() - t_start, 1e-9)
+        self._save(mngr, step, state, data_iter, force=last)
         if c.eval_every and step % c.eval_every == 0 and step != c.total_steps:
           self._log_eval(writer, state, step)
-        if stop["sigterm"]:
-          log.warning("SIGTERM: saved step %d to %s; exiting for preemption", step, self.workdir)
+        if stopping and step < c.total_steps:
+          log.warning("SIGTERM (here: %s): all processes saved step %d to %s; exiting for preemption",
+                      sigterm["seen"], step, self.workdir)
           summary["preempted_at"] = step
           break
       else:
         summary["final_eval"] = self._log_eval(writer, state, step)
-      summary.update(final_step=step, final_loss=loss)
+      summary.update(final_step=step, final_loss=log_state.loss, skipped_steps=log_state.bad_total)
     finally:
       mngr.wait_until_finished()
       mngr.close()
@@ -259,6 +315,41 @@ class Trainer:
       signal.signal(signal.SIGTERM, previous)
     self.state = state
     return summary
+
+  def _fetch(self, window, log_state, writer, first_step):
+    """One host transfer for a window of steps: per-step losses, label and non-finite checks."""
+    c = self.config
+    for step, m in zip([s for s, _ in window], jax.device_get([m for _, m in window])):
+      loss = float(m["loss"])
+      if step == first_step and m["valid_labels"] == 0:
+        raise ValueError(
+            f"step {step}: the batch holds no valid label (every label is -1), so the loss and its "
+            f"gradients are 0. Shards from data_prep.codec_patchify carry no labels: set "
+            f"input.label_table to the cluster label table (data_prep.label_table).")
+      if m["labels_out_of_range"]:
+        raise ValueError(
+            f"step {step}: {int(m['labels_out_of_range'])} label(s) outside [0, loss.num_classes="
+            f"{c.loss.num_classes}): loss.num_classes does not match the labels of input.sources / "
+            f"input.label_table")
+      log_state.add(step, m, loss, c.max_bad_steps)
+      writer.step_loss(step, loss)
+
+  def _log_window(self, step, log_state, writer, summary):
+    c = self.config
+    dt = time.perf_counter() - log_state.t_last
+    scalars = {k: float(v) for k, v in log_state.metrics.items() if k not in ("tokens", "samples", "stop")}
+    # The mean over the window: one step's loss is noisy (labels and negatives are sampled).
+    scalars.update(tokens_per_s=log_state.tokens / dt, samples_per_s=log_state.samples / dt,
+                   loss_window_mean=float(np.mean(log_state.window)), skipped_steps=log_state.bad_total,
+                   input_skipped_records=input_pipeline.skipped_records())
+    writer.scalars(step, scalars)
+    log.info("step %d/%d loss %.4f (mean of last %d: %.4f) lr %.2e grad_norm %.3f %.0f tokens/s "
+             "%.1f samples/s", step, c.total_steps, log_state.loss, len(log_state.window),
+             scalars["loss_window_mean"], scalars["lr"], scalars["grad_norm"], scalars["tokens_per_s"],
+             scalars["samples_per_s"])
+    summary.setdefault("first_window_mean_loss", scalars["loss_window_mean"])
+    summary["last_window_mean_loss"] = scalars["loss_window_mean"]
+    log_state.reset()
 
   def _log_eval(self, writer, state, step):
     result = self.evaluate(state["params"]["encoder"])
@@ -286,6 +377,35 @@ class Trainer:
         state=ocp.args.StandardRestore(self.abstract_state),
         ds=grain.checkpoint.CheckpointRestore(data_iter)))
     return restored["state"], int(step)
+
+
+class _LogState:
+  """Host-side running values between log steps, and the run of consecutive skipped steps."""
+
+  def __init__(self, latest_step):
+    self.latest_step, self.bad_run, self.bad_total, self.loss = latest_step, 0, 0, None
+    self.reset()
+
+  def reset(self):
+    self.t_last, self.tokens, self.samples, self.window, self.metrics = time.perf_counter(), 0, 0, [], {}
+
+  def add(self, step, m, loss, max_bad_steps):
+    self.loss, self.metrics = loss, m
+    self.tokens += int(m["tokens"])
+    self.samples += int(m["samples"])
+    self.window.append(loss)
+    if not m["skipped_step"]:
+      self.bad_run = 0
+      return
+    self.bad_run += 1
+    self.bad_total += 1
+    log.warning("step %d: non-finite loss %s or gradient norm %s; the update was not applied (%d in a row)",
+                step, loss, float(m["grad_norm"]), self.bad_run)
+    if self.bad_run >= max_bad_steps:
+      raise NonFiniteLossError(
+          f"non-finite loss or gradient norm (loss {loss}) at step {step}, {self.bad_run} steps in a "
+          f"row (max_bad_steps={max_bad_steps}); stopping. None of these updates was applied or "
+          f"saved; the last checkpoint is step {self.latest_step()}.")
 
 
 class MetricsWriter:

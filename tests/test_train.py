@@ -147,7 +147,7 @@ def test_two_processes_match_one_process(data, tmp_path):
 
 
 def test_nan_stops_with_message(data, tmp_path):
-  cfg = make_config(data[0], total_steps=6, **{"optim.lr": 1e30, "optim.clip_norm": None,
+  cfg = make_config(data[0], total_steps=6, max_bad_steps=2, **{"optim.lr": 1e30, "optim.clip_norm": None,
                                                "optim.warmup_steps": 0})
   with pytest.raises(train.NonFiniteLossError, match=r"non-finite loss .* at step \d"):
     train.Trainer(cfg, str(tmp_path)).run()

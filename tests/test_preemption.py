@@ -1,0 +1,69 @@
+"""Preemption on 2 processes: SIGTERM to one process only; both agree on the stop step, save it, resume bitwise."""
+import json
+import os
+import signal
+import subprocess
+import time
+
+import pytest
+
+import digit_shards
+from test_train import ROOT, _free_port, cli, losses
+
+STEPS = 30
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+  return digit_shards.write_digit_shards(str(tmp_path_factory.mktemp("digits") / "train"), 0, 400, num_shards=4)
+
+
+def _start(workdir, data, port):
+  # The mesh's data axis spans the two processes as its dcn part (create_hybrid_device_mesh).
+  kw = {"total_steps": STEPS, "log_every": 2, "ckpt_every": 1000, "input.tokens_per_row": 32,
+        "mesh.dcn_data": 2}
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4")
+  return [subprocess.Popen(
+      cli(workdir, data, extra=[f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
+                                f"--process_id={i}"], **kw),
+      cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
+
+
+def _finish(procs, timeout):
+  outs = [p.communicate(timeout=timeout)[0] for p in procs]
+  for p, out in zip(procs, outs):
+    assert p.returncode == 0, out[-3000:]
+  return outs
+
+
+def _reached(workdir, step):
+  try:
+    return any(s >= step for s in losses(str(workdir)))
+  except (OSError, ValueError):  # not written yet, or a line half written
+    return False
+
+
+def test_sigterm_to_one_process_stops_both_at_one_step(shards, tmp_path):
+  full, cut = tmp_path / "full", tmp_path / "cut"
+  _finish(_start(full, shards, _free_port()), timeout=300)
+
+  procs = _start(cut, shards, _free_port())
+  deadline = time.time() + 240
+  while not _reached(cut, 3):
+    assert time.time() < deadline and all(p.poll() is None for p in procs), "no progress"
+    time.sleep(0.05)
+  t0 = time.time()
+  procs[1].send_signal(signal.SIGTERM)  # the other process gets no signal
+  outs = _finish(procs, timeout=60)
+  assert time.time() - t0 < 60
+  summary = json.loads(outs[0].split("SUMMARY ")[-1].splitlines()[0])
+  k = summary["preempted_at"]
+  assert 3 <= k < STEPS
+  # One preemption checkpoint, the agreed step (orbax also keeps its initial save of step 1).
+  assert sorted(os.listdir(cut / "checkpoints"), key=int) == sorted({"1", str(k)}, key=int)
+
+  _finish(_start(cut, shards, _free_port()), timeout=300)
+  a, b = losses(str(full)), losses(str(cut))
+  assert sorted(b) == list(range(1, STEPS + 1))
+  for s in range(k + 1, STEPS + 1):
+    assert a[s] == b[s], (s, a[s], b[s])
