@@ -528,7 +528,7 @@ def make_train_dataset(cfg, *, process_index=None, process_count=None,
     tables, offsets = _source_banks(cfg, banks)
     decode = functools.partial(_decode_bank_features, tables=tables, offsets=offsets, **features)
   else:
-    decode = functools.partial(_decode_features, label_table=table, **features)
+    decode = functools.partial(sample_features, label_table=table, **features)
   ds = ds.random_map(decode, seed=_seed(cfg.seed, 2))
   blocks = ProcessBlocks(len(ds), rows, pi, pc)
   if not len(blocks):
