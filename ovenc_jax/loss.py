@@ -529,6 +529,12 @@ def bank_specs(cfg) -> list[BankSpec] | None:
   return specs
 
 
+def label_space_size(cfg) -> int:
+  """Size of the batch's label id space: loss.num_classes, or the banks' classes added up."""
+  specs = bank_specs(cfg)
+  return int(cfg.num_classes) if specs is None else specs[-1].offset + int(specs[-1].cfg.num_classes)
+
+
 def source_banks(cfg) -> dict[str, tuple[int, str | None]] | None:
   """{bank name: (label id offset, label table)} for the input pipeline; None without loss.heads."""
   specs = bank_specs(cfg)

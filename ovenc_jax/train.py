@@ -39,8 +39,19 @@ class NonFiniteLossError(RuntimeError):
 
 
 def resolve_num_classes(config):
-  """loss.num_classes from input.label_table's class count when unset (0); an error when they differ."""
+  """loss.num_classes from input.label_table's class count when unset (0); an error when they differ.
+
+  With loss.heads each bank's num_classes is checked against its own table (or input.label_table)."""
   path = config.input.label_table
+  specs = loss_lib.bank_specs(config.loss)
+  if specs is not None:
+    for i, spec in enumerate(specs):
+      table = spec.label_table or path
+      n = input_pipeline.load_label_table(table).num_classes if table else None
+      if n is not None and n != int(spec.cfg.num_classes):
+        raise ValueError(f"loss.heads[{i}].num_classes={spec.cfg.num_classes} != the {n} classes of "
+                         f"its label table {table}")
+    return config
   if not path:
     if not config.loss.num_classes:
       raise ValueError("loss.num_classes is unset (0) and there is no input.label_table to take it from")
@@ -194,7 +205,7 @@ class Trainer:
     ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
     params, opt_state = keep(params, state["params"]), keep(opt_state, state["opt_state"])
-    labels, num_classes = batch["labels"], int(self.config.loss.num_classes)
+    labels, num_classes = batch["labels"], loss_lib.label_space_size(self.config.loss)
     metrics = dict(aux, loss=loss, grad_norm=grad_norm, lr=self.lr_schedule(state["step"]),
                    tokens=jnp.sum(batch["segment_ids"] > 0), samples=jnp.sum(batch["sample_id"] >= 0),
                    skipped_step=1.0 - ok.astype(jnp.float32),
@@ -328,8 +339,9 @@ class Trainer:
             f"input.label_table to the cluster label table (data_prep.label_table).")
       if m["labels_out_of_range"]:
         raise ValueError(
-            f"step {step}: {int(m['labels_out_of_range'])} label(s) outside [0, loss.num_classes="
-            f"{c.loss.num_classes}): loss.num_classes does not match the labels of input.sources / "
+            f"step {step}: {int(m['labels_out_of_range'])} label(s) outside [0, "
+            f"{loss_lib.label_space_size(c.loss)}): loss.num_classes (loss.heads[*].num_classes with "
+            f"banks) does not match the labels of input.sources / "
             f"input.label_table")
       log_state.add(step, m, loss, c.max_bad_steps)
       writer.step_loss(step, loss)
