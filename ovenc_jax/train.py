@@ -338,11 +338,12 @@ class Trainer:
             f"gradients are 0. Shards from data_prep.codec_patchify carry no labels: set "
             f"input.label_table to the cluster label table (data_prep.label_table).")
       if m["labels_out_of_range"]:
+        n = loss_lib.label_space_size(c.loss)
+        space = (f"{n}) (the loss.heads banks' num_classes added up" if c.loss.get("heads")
+                 else f"loss.num_classes={n}")
         raise ValueError(
-            f"step {step}: {int(m['labels_out_of_range'])} label(s) outside [0, "
-            f"{loss_lib.label_space_size(c.loss)}): loss.num_classes (loss.heads[*].num_classes with "
-            f"banks) does not match the labels of input.sources / "
-            f"input.label_table")
+            f"step {step}: {int(m['labels_out_of_range'])} label(s) outside [0, {space}): the classes "
+            f"do not match the labels of input.sources / input.label_table")
       log_state.add(step, m, loss, c.max_bad_steps)
       writer.step_loss(step, loss)
 
