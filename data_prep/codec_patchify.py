@@ -161,6 +161,7 @@ class PatchifyFn(beam.DoFn):
         raise RuntimeError(DAEMON_WORKER_ERROR)
       self.worker = (_IDLE_DECODERS.pop(self._decoder_key(), None)
                      or codec_signals.DecodeWorker(self.cfg, self.timeout))
+      self.worker.prestart()  # the child's imports overlap with the runner's own start-up
     self.done = self.n_failed = self.n_tokens = 0
     self.started = self.last_log = time.time()
 

@@ -2,8 +2,10 @@
 import collections
 import dataclasses
 import math
-import multiprocessing
 import os
+import socket
+import subprocess
+import sys
 import threading
 import time
 from fractions import Fraction
@@ -1072,8 +1074,9 @@ def patchify_file(path: str, cfg: PatchifyConfig, class_label: int = -1,
 # ----------------------------------------------------------------------------------------------
 # Decode worker: one child process per DoFn instance, so a hung or crashing decoder is cut off.
 
-def _worker_loop(conn, cfg_dict):
-  cfg = PatchifyConfig(**cfg_dict)
+def _worker_loop(conn):
+  """The decoder child's loop: a PatchifyConfig dict first, then (path, label, source) requests."""
+  cfg = PatchifyConfig(**conn.recv())
   conn.send(("ready",))  # imports are done: from here on only decoding counts against timeouts
   while True:
     try:
@@ -1085,6 +1088,26 @@ def _worker_loop(conn, cfg_dict):
     path, label, source = msg
     conn.send(("duration", media_duration(path)))  # the parent scales its timeout by it
     conn.send(process_path(path, label, cfg, source))
+
+
+def child_main(fd: int):
+  """Entry point of the decoder child (`python -c ... FD`): serves requests on socket FD."""
+  from multiprocessing.connection import Connection
+  conn = Connection(fd)
+  try:
+    _worker_loop(conn)
+  except (BrokenPipeError, ConnectionResetError):
+    pass  # the parent went away; nothing is left to answer
+  finally:
+    conn.close()
+
+
+# The child imports only this module (av, numpy, records): neither multiprocessing's spawn, which
+# re-imports the parent's __main__ (in Beam's SDK workers sdk_worker_main, about 3 s), nor fork,
+# which is unsafe in threaded Beam workers.
+_CHILD_CODE = ("import sys; from data_prep import codec_signals; "
+               "codec_signals.child_main(int(sys.argv[1]))")
+_PROJECT_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def media_duration(path: str) -> float:
@@ -1122,7 +1145,11 @@ def process_path(path: str, label: int, cfg, source: str = None) -> tuple:
 
 
 class DecodeWorker:
-  """A child process that runs process_path; killed and replaced when it exceeds the timeout."""
+  """A child process that runs process_path; killed and replaced when it exceeds the timeout.
+
+  The child is a fresh interpreter (subprocess) talking over a socket pair; `prestart()` launches
+  it without waiting, so its imports overlap with the caller's own start-up.
+  """
 
   startup_timeout = 120.0
 
@@ -1131,34 +1158,62 @@ class DecodeWorker:
     self.timeout = timeout
     self.proc = None
     self.conn = None
+    self.ready = False
+
+  def prestart(self):
+    """Launches the child if none is running; returns at once (run() waits for it)."""
+    if self.proc is None or self.proc.poll() is not None:
+      self.close()
+      self._launch()
+
+  def _launch(self):
+    from multiprocessing.connection import Connection
+    ours, theirs = socket.socketpair()
+    try:
+      env = dict(os.environ)
+      env["PYTHONPATH"] = os.pathsep.join(
+          [_PROJECT_ROOT] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
+      self.proc = subprocess.Popen([sys.executable, "-c", _CHILD_CODE, str(theirs.fileno())],
+                                   pass_fds=(theirs.fileno(),), env=env, stdin=subprocess.DEVNULL,
+                                   close_fds=True)
+    except BaseException:
+      ours.close()
+      raise
+    finally:
+      theirs.close()
+    self.conn = Connection(ours.detach())
+    self.ready = False
+    self.conn.send(self.cfg_dict)
 
   def _start(self):
-    ctx = multiprocessing.get_context("spawn")  # fork is unsafe in threaded Beam workers
-    parent, child = ctx.Pipe()
-    self.proc = ctx.Process(target=_worker_loop, args=(child, self.cfg_dict), daemon=True)
-    self.proc.start()
-    child.close()
-    self.conn = parent
+    """Launches the child (unless prestart() did) and waits until its imports are done."""
+    self.prestart()
     try:
-      ready = parent.poll(self.startup_timeout) and parent.recv() == ("ready",)
+      ready = self.conn.poll(self.startup_timeout) and self.conn.recv() == ("ready",)
     except (EOFError, OSError):
       ready = False
     if not ready:
       self.close()
       raise RuntimeError(f"decode worker did not start within {self.startup_timeout}s")
+    self.ready = True
 
   def run(self, path: str, label: int, source: str = None) -> tuple:
-    if self.proc is None or not self.proc.is_alive():
+    if not self.ready or self.proc.poll() is not None:
       self._start()
-    self.conn.send((path, label, source))
+    try:
+      self.conn.send((path, label, source))
+    except OSError:  # the child died since the check above: the receive below reports it
+      pass
     start = time.monotonic()
     limit = self.timeout
     while self.conn.poll(max(0.0, start + limit - time.monotonic())):
       try:
         msg = self.conn.recv()
       except (EOFError, OSError):
-        self.proc.join(5)
-        code = self.proc.exitcode
+        try:
+          code = self.proc.wait(5)
+        except subprocess.TimeoutExpired:
+          code = None
         self.close()
         return ("fail", f"decoder process died (exit code {code})")
       if msg[0] != "duration":
@@ -1171,9 +1226,13 @@ class DecodeWorker:
     """Safe in every state: never started, start failed half-way, child died, already closed."""
     proc, conn = self.proc, self.conn
     self.proc = self.conn = None
-    if proc is not None and proc.pid is not None:  # no pid: the child was never started
-      if proc.is_alive():
+    self.ready = False
+    if proc is not None:
+      if proc.poll() is None:
         proc.kill()
-      proc.join(5)
+      try:
+        proc.wait(5)
+      except subprocess.TimeoutExpired:
+        pass
     if conn is not None:
       conn.close()
