@@ -226,8 +226,16 @@ def percentile95(values: np.ndarray, weights=None) -> float:
     weights = None  # equal weights (the usual case: whole cells) need no sort
   if weights is None:
     if values.dtype == np.uint8:
-      cum = np.cumsum(np.bincount(values, minlength=256))
-      return float(np.searchsorted(cum, 0.95 * cum[-1]))
+      # Bisection over the 256 levels: eight counting passes beat a bincount, which widens
+      # every value to intp first.
+      need, lo, hi = 0.95 * values.size, 0, 255
+      while lo < hi:
+        mid = (lo + hi) // 2
+        if np.count_nonzero(values <= mid) >= need:
+          hi = mid
+        else:
+          lo = mid + 1
+      return float(lo)
     rank = min(int(math.ceil(0.95 * values.size)), values.size) - 1
     return float(np.partition(values, rank)[rank])
   order = np.argsort(values, kind="stable")
@@ -846,6 +854,7 @@ def _decoded_frames(container, stream, idx, fps, cfg, seek):
   """
   it = container.decode(stream)
   n, t0 = -1, None
+  tb = float(stream.time_base or 0)  # float, not Fraction, arithmetic per frame
   gap = max(1, int(round(cfg.seek_min_gap * fps)))
   for target in sorted(set(idx.tolist())):
     if seek and n >= 0 and target - n > gap:
@@ -865,11 +874,11 @@ def _decoded_frames(container, stream, idx, fps, cfg, seek):
           raise _SeekFailed("stream ended after a seek")
         return
       if t0 is None:
-        t0 = 0.0 if frame.pts is None else float(frame.pts * stream.time_base)
+        t0 = 0.0 if frame.pts is None else frame.pts * tb
       if seek:
         if frame.pts is None:
           raise _SeekFailed("frame without a timestamp")
-        x = (float(frame.pts * stream.time_base) - t0) * fps
+        x = (frame.pts * tb - t0) * fps
         m = int(round(x))
         if abs(x - m) > 0.05 or (not restarted and m != n + 1):
           raise _SeekFailed(f"timestamp {x:.3f} frames is not the next frame index")
