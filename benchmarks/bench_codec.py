@@ -231,9 +231,104 @@ def bench_transcode(args, paths, cfg, tmp):
                f"{'':>18}{fig['transcode_over_patchify']:>8.2f} of (c): --transcode always, CPU time"]
 
 
+def motion_case_clip(path: str, interval: int, num_frames: int, objects, size: int = 112) -> list:
+  """The issue's two motion cases on a textured background, `interval` decoded frames per
+  sampling interval: 'travel', a square that moves 18 px during each interval but stands still at
+  the sampled frames, and 'jitter', one that moves 4 px only at the sampled frames. Returns each
+  frame's boxes {name: (y0, x0, y1, x1)}."""
+  import numpy as np
+  rng = np.random.default_rng(0)
+  n = interval * num_frames
+  sampled = set(codec_signals.sample_indices(n, num_frames).tolist())
+  idx = codec_signals.sample_indices(n, num_frames)
+  bg = make_demo_data.textured_background(rng, size, size)
+  tex = [rng.uniform(0, 255, (6, 6, 3)).repeat(4, 0).repeat(4, 1) for _ in range(2)]
+  x, trav = 0.0, []
+  for i in range(n):
+    if i > 0 and i not in sampled:  # back and forth, 18 px per interval
+      x += (1 if np.searchsorted(idx, i) % 2 else -1) * 18 / (interval - 1)
+    trav.append(x)
+  trav = np.asarray(trav) - min(trav)
+  frames, boxes = [], []
+  for i in range(n):
+    f, b = bg.copy(), {}
+    if "travel" in objects:
+      x0 = int(round(8 + trav[i]))
+      f[10:34, x0:x0 + 24] = tex[0]
+      b["travel"] = (10, x0, 34, x0 + 24)
+    if "jitter" in objects:
+      x0 = 60 + (4 if i in sampled else 0)
+      f[70:94, x0:x0 + 24] = tex[1]
+      b["jitter"] = (70, x0, 94, x0 + 24)
+    frames.append(f)
+    boxes.append(b)
+  make_demo_data.encode_clip(path, np.clip(np.rint(np.stack(frames)), 0, 255).astype(np.uint8),
+                             gop=n)
+  return boxes
+
+
+def kept_on(positions, boxes, idx, name: str, patch: int) -> int:
+  """Kept patches that overlap the object anywhere in their slot's sampling interval."""
+  count = 0
+  for t, h, w in positions:
+    lo = idx[t - 1] + 1 if t else 0
+    count += any(h * patch < y1 and (h + 1) * patch > y0 and w * patch < x1
+                 and (w + 1) * patch > x0
+                 for y0, x0, y1, x1 in (boxes[i][name] for i in range(lo, idx[t] + 1)))
+  return count
+
+
+INTERVAL_VALUES = (0, 1, 2, 4, 8)
+
+
+def bench_interval(args, paths, cfg, tmp):
+  """--interval_frames M: kept patches on the two motion cases (T=8, 112 px, K=64; intervals of 6
+  and 16 decoded frames) and the CPU cost of (c) on the benchmark clips, per M."""
+  import dataclasses
+  fig, lines = {}, []
+  cases = {}
+  for interval in (6, 16):
+    for objects in (("travel",), ("travel", "jitter")):
+      path = os.path.join(tmp, f"motion_{interval}_{'_'.join(objects)}.mp4")
+      cases[(interval, objects)] = (path, motion_case_clip(path, interval, 8, objects))
+  head = f"{'M':>4}{'c/a CPU':>9}" + "".join(
+      f"{f'L={i} ' + ('alone' if len(o) == 1 else 'both t/j'):>14}" for i, o in cases)
+  lines += ["--interval_frames M: (c)/(a) CPU time on the clips above; kept of 64 on the travelling "
+            "(t) and jittering (j) square, intervals of L decoded frames", head]
+  for m in INTERVAL_VALUES:
+    mcfg = dataclasses.replace(cfg, interval_frames=m)
+    cpu_a, cpu_c = [], []
+    for _ in range(args.interval_rounds):
+      c0 = time.process_time()
+      for p in paths:
+        decode_all(p, False)
+      cpu_a.append(time.process_time() - c0)
+      c0 = time.process_time()
+      for p in paths:
+        patchify(p, mcfg)
+      cpu_c.append(time.process_time() - c0)
+    ratio = min(cpu_a) / min(cpu_c)
+    fig[f"interval_{m}_patchify_over_decode"] = ratio
+    row = f"{m:>4}{ratio:>9.2f}"
+    for (interval, objects), (path, boxes) in cases.items():
+      small = codec_signals.PatchifyConfig(budget=0.125, num_frames=8, image_size=112,
+                                           patch_size=14, iframe="scored",
+                                           interval_frames=m).validate()
+      rec = codec_signals.patchify_file(path, small)
+      idx = rec["frame_indices"]
+      got = [kept_on(rec["positions"], boxes, idx, o, 14) for o in objects]
+      key = f"interval_{m}_L{interval}_{'both' if len(objects) > 1 else 'alone'}"
+      fig[key + "_travel"] = got[0]
+      if len(objects) > 1:
+        fig[key + "_jitter"] = got[1]
+      row += f"{'/'.join(map(str, got)):>14}"
+    lines.append(row)
+  return fig, lines
+
+
 # Each section: (args, clip paths, cfg, temp dir) -> (figures for --json, table lines).
-SECTIONS = {"codec": bench_codec_modes, "transcode": bench_transcode, "beam": bench_beam,
-            "rss": bench_rss}
+SECTIONS = {"codec": bench_codec_modes, "transcode": bench_transcode,
+            "interval": bench_interval, "beam": bench_beam, "rss": bench_rss}
 
 
 def make_clips(out_dir, count, size, frames, background, noise, seed):
@@ -271,6 +366,8 @@ def main(argv=None):
   ap.add_argument("--beam_copies", type=int, default=25, help="beam: job input = clips x this")
   ap.add_argument("--rss_videos", type=int, default=20, help="rss: videos at 1x (10x: ten times)")
   ap.add_argument("--json", default=None, help="write the figures to this path")
+  ap.add_argument("--interval_rounds", type=int, default=2,
+                  help="interval: rounds of (a) and (c) per --interval_frames value")
   ap.add_argument("--transcode_rounds", type=int, default=2,
                   help="rounds of (d), patchify with --transcode always; 0 skips it")
   args = ap.parse_args(argv)
