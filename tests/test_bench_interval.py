@@ -33,7 +33,8 @@ def test_interval_section_figures(tmp_path):
                     "--json", path])
   saved = json.load(open(path))
   for m in bench.INTERVAL_VALUES:
-    assert saved[f"interval_{m}_patchify_over_decode"] == fig[f"interval_{m}_patchify_over_decode"] > 0
+    key = f"interval_{m}_patchify_over_decode"
+    assert saved[key] == fig[key] > 0
   # Every decoded frame scored: the traveller is found alone and beats the jitterer together;
   # only the sampled frames scored (M=1, the version-1 rule): it is missed (issue 14, item 3).
   assert saved["interval_0_L6_alone_travel"] >= 0.9 * 64
