@@ -323,12 +323,18 @@ class _Lattice:
     self.padded_w = width + 2 * pad + cell
     self.padded = np.empty((height + 2 * pad + cell, self.padded_w), np.uint8)
     if stride == 1:
-      # Gather indices shaped [cells_h, cell, cells_w, cell]: adding one offset per cell is a
+      # A cell's row is `cell` contiguous bytes in both frames, so the warp gathers words of up
+      # to 8 bytes (an unaligned view of the padded frame) instead of single pixels. Indices are
+      # shaped [cells_h, cell, cells_w, words per cell row]: adding one offset per cell is a
       # broadcast, not a per-pixel lookup of the cell's vector.
+      word = min(cell & -cell, 8)
+      per_row = cell // word
+      self.words = np.ndarray(shape=(self.padded.size - word + 1,), buffer=self.padded,
+                              dtype=np.dtype(f"u{word}"), strides=(1,))
       rows = np.arange(self.cells_h * cell) + pad
-      cols = np.arange(self.cells_w * cell) + pad
+      cols = np.arange(self.cells_w * per_row) * word + pad
       self.base = (rows[:, None] * self.padded_w + cols[None, :]).reshape(
-          self.cells_h, cell, self.cells_w, cell).astype(np.intp)
+          self.cells_h, cell, self.cells_w, per_row).astype(np.intp)
     else:
       self.base = ((ys + pad)[:, None] * self.padded_w + (xs + pad)[None, :]).astype(np.intp)
     # Patch pooling of a per-cell map, in display orientation: pooled = A @ rot(cells) @ B.T.
@@ -345,7 +351,7 @@ class _Lattice:
     self.pool_area = self.pool_rows.sum(1)[:, None] * self.pool_cols.sum(1)[None, :]
     # Reused work buffers: fresh multi-100-KB arrays per frame cost page faults every time.
     self._idx = np.empty(self.base.shape, np.intp)
-    self._pred = np.empty(self.base.shape, np.uint8)
+    self._pred = np.empty(self.base.shape, np.uint8) if stride > 1 else None
     self._hi = np.empty(self.shape, np.uint8)
     self._lo = np.empty(self.shape, np.uint8)
 
@@ -362,13 +368,14 @@ class _Lattice:
   def warp(self, prev_luma: np.ndarray, off: np.ndarray) -> np.ndarray:
     """Previous frame moved by one flat offset per cell, sampled on the lattice.
 
-    Returns a view of a reused buffer, valid until the next call.
+    May return a view of a reused buffer, valid until the next call.
     """
     flat = self.pad_into(prev_luma)
     if self.stride == 1:
       np.add(self.base, off.reshape(self.cells_h, 1, self.cells_w, 1), out=self._idx)
-      np.take(flat, self._idx, out=self._pred)
-      pred = self._pred.reshape(self.cells_h * self.cell, self.cells_w * self.cell)
+      # Indexing, not np.take: take would first copy the whole (non-contiguous) word view.
+      pred = self.words[self._idx].view(np.uint8).reshape(
+          self.cells_h * self.cell, self.cells_w * self.cell)
       return pred[: self.height, : self.width]
     np.add(self.base, off[self.cell_index], out=self._idx)
     return np.take(flat, self._idx, out=self._pred)
