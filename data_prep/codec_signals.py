@@ -427,30 +427,34 @@ def motion_fields(mvs, height, width, cell=None):
   dy = np.zeros(cells_h * cells_w, np.float64)
   if len(mvs) == 0:
     return cell, dx, dy, np.zeros(0, np.intp)
+  # Run once per decoded frame on a few hundred blocks: the cost is the number of numpy calls,
+  # so every step below is one call on all blocks (cell is a power of two: shifts, not divisions).
+  shift = cell.bit_length() - 1
   w = mvs["w"].astype(np.intp)
   h = mvs["h"].astype(np.intp)
-  x0 = mvs["dst_x"] - (w >> 1)
-  y0 = mvs["dst_y"] - (h >> 1)
-  scale = np.maximum(mvs["motion_scale"].astype(np.float64), 1.0)
-  mx = mvs["motion_x"] / scale
-  my = mvs["motion_y"] / scale
-  # Block -> covered cells, fully vectorised: repeat each block id once per cell it spans.
-  ncx, ncy = w // cell, h // cell
-  n_cells = ncx * ncy
+  ncx = w >> shift
+  n_cells = ncx * (h >> shift)
+  # Block -> covered cells, fully vectorised: repeat each block id once per cell it spans; a
+  # cell's rank inside its block gives its row (rank // ncx) and column (rank % ncx).
   block = np.repeat(np.arange(len(w)), n_cells)
-  offset = np.arange(block.size) - np.repeat(np.cumsum(n_cells) - n_cells, n_cells)
-  cy = y0[block] // cell + offset // ncx[block]
-  cx = x0[block] // cell + offset % ncx[block]
-  inside = (cy >= 0) & (cy < cells_h) & (cx >= 0) & (cx < cells_w)
-  block, flat = block[inside], (cy * cells_w + cx)[inside]
-  if (mvs["source"] > 0).any():
+  rank = np.arange(block.size) - np.repeat(np.cumsum(n_cells) - n_cells, n_cells)
+  across = ncx[block]
+  cy = ((mvs["dst_y"] - (h >> 1)) >> shift)[block] + rank // across
+  cx = ((mvs["dst_x"] - (w >> 1)) >> shift)[block] + rank % across
+  if (cy.min() < 0 or cx.min() < 0 or cy.max() >= cells_h or cx.max() >= cells_w):
+    inside = (cy >= 0) & (cy < cells_h) & (cx >= 0) & (cx < cells_w)
+    block, cy, cx = block[inside], cy[inside], cx[inside]
+  flat = cy * cells_w + cx
+  source = mvs["source"]
+  if (source > 0).any():
     # Bi-prediction: keep one vector per cell, past references (source < 0) first.
-    pref = np.lexsort((np.arange(flat.size), mvs["source"][block] > 0, flat))
+    pref = np.lexsort((np.arange(flat.size), source[block] > 0, flat))
     flat, block = flat[pref], block[pref]
     first = np.concatenate([[True], flat[1:] != flat[:-1]])
     flat, block = flat[first], block[first]
-  dx[flat] = mx[block]
-  dy[flat] = my[block]
+  scale = np.maximum(mvs["motion_scale"].astype(np.float64), 1.0)
+  dx[flat] = (mvs["motion_x"] / scale)[block]
+  dy[flat] = (mvs["motion_y"] / scale)[block]
   return cell, dx, dy, flat
 
 
