@@ -1,6 +1,8 @@
 """Codec patchify throughput vs bare PyAV decode on one set of clips (videos/s, frames/s, c/a), the
-whole Beam job on the DirectRunner and on a Dask cluster, and the job's peak RSS at 1x and 10x."""
+cost and accuracy of --interval_frames, the whole Beam job on the DirectRunner and on a Dask
+cluster, and the job's peak RSS at 1x and 10x."""
 import argparse
+import functools
 import glob
 import json
 import multiprocessing
@@ -84,7 +86,8 @@ def make_copies(paths, count: int, out_dir: str) -> list:
 def job_flags(args, paths_glob: str, output_dir: str) -> list:
   return ["--input", paths_glob, "--output_dir", output_dir, "--budget", str(args.budget),
           "--num_frames", str(args.num_frames), "--image_size", str(args.image_size),
-          "--patch_size", str(args.patch_size), "--log_every_s", "1e9"]
+          "--patch_size", str(args.patch_size), "--interval_frames", str(args.interval_frames),
+          "--log_every_s", "1e9"]
 
 
 def timed_job(flags) -> float:
@@ -106,12 +109,16 @@ def bench_beam(args, paths, cfg, tmp):
   n = len(videos)
   pattern = os.path.join(tmp, "beam_in", "*")
   ctx = multiprocessing.get_context("spawn")
+  secs = {}
   with ctx.Pool(w) as pool:
     pool.map(_decode_plain, videos[:w])  # workers up and imports done
     t0 = time.perf_counter()
     pool.map(_decode_plain, videos, chunksize=1)
-    decode_s = time.perf_counter() - t0
-  secs = {"decode": decode_s}
+    secs["decode"] = time.perf_counter() - t0
+    # The job's own work without a runner: what Beam adds is direct vs this.
+    t0 = time.perf_counter()
+    pool.map(functools.partial(patchify, cfg=cfg), videos, chunksize=1)
+    secs["patchify"] = time.perf_counter() - t0
   out = lambda name: os.path.join(tmp, "beam_out", name)  # noqa: E731
   secs["direct"] = timed_job(job_flags(args, pattern, out("direct")) + [
       f"--direct_num_workers={w}", "--direct_running_mode=multi_processing"])
@@ -127,9 +134,11 @@ def bench_beam(args, paths, cfg, tmp):
   fig = {"beam_videos": n, "beam_workers": w}
   fig.update({f"beam_{k}_videos_per_s": v for k, v in vps.items()})
   fig["beam_over_decode"] = vps["direct"] / vps["decode"]
+  fig["beam_over_patchify_pool"] = vps["direct"] / vps["patchify"]
   fig["dask_over_direct"] = vps["dask"] / vps["direct"]
   fig["dask_cold_over_direct"] = vps["dask_cold"] / vps["direct"]
   names = {"decode": f"bare decode, pool of {w}",
+           "patchify": f"patchify (c), pool of {w}, no runner",
            "direct": f"Beam DirectRunner, {w} mp workers",
            "dask": f"Beam DaskRunner, {w} workers (up)",
            "dask_cold": f"Beam DaskRunner, {w} workers (started by job)"}
@@ -139,7 +148,9 @@ def bench_beam(args, paths, cfg, tmp):
     lines.append(f"{name:<44}{vps[k]:>10.2f}{vps[k] / vps['decode']:>11.2f}"
                  f"{vps[k] / vps['direct']:>11.2f}")
   lines.append(f"beam_over_decode = {fig['beam_over_decode']:.2f} (goal >= 0.6); "
-               f"dask_over_direct = {fig['dask_over_direct']:.2f} (goal >= 0.9)")
+               f"dask_over_direct = {fig['dask_over_direct']:.2f} (goal >= 0.9); "
+               f"beam_over_patchify_pool = {fig['beam_over_patchify_pool']:.2f} (the runner's "
+               f"share)")
   return fig, lines
 
 
@@ -231,9 +242,104 @@ def bench_transcode(args, paths, cfg, tmp):
                f"{'':>18}{fig['transcode_over_patchify']:>8.2f} of (c): --transcode always, CPU time"]
 
 
+def motion_case_clip(path: str, interval: int, num_frames: int, objects, size: int = 112) -> list:
+  """The issue's two motion cases on a textured background, `interval` decoded frames per
+  sampling interval: 'travel', a square that moves 18 px during each interval but stands still at
+  the sampled frames, and 'jitter', one that moves 4 px only at the sampled frames. Returns each
+  frame's boxes {name: (y0, x0, y1, x1)}."""
+  import numpy as np
+  rng = np.random.default_rng(0)
+  n = interval * num_frames
+  sampled = set(codec_signals.sample_indices(n, num_frames).tolist())
+  idx = codec_signals.sample_indices(n, num_frames)
+  bg = make_demo_data.textured_background(rng, size, size)
+  tex = [rng.uniform(0, 255, (6, 6, 3)).repeat(4, 0).repeat(4, 1) for _ in range(2)]
+  x, trav = 0.0, []
+  for i in range(n):
+    if i > 0 and i not in sampled:  # back and forth, 18 px per interval
+      x += (1 if np.searchsorted(idx, i) % 2 else -1) * 18 / (interval - 1)
+    trav.append(x)
+  trav = np.asarray(trav) - min(trav)
+  frames, boxes = [], []
+  for i in range(n):
+    f, b = bg.copy(), {}
+    if "travel" in objects:
+      x0 = int(round(8 + trav[i]))
+      f[10:34, x0:x0 + 24] = tex[0]
+      b["travel"] = (10, x0, 34, x0 + 24)
+    if "jitter" in objects:
+      x0 = 60 + (4 if i in sampled else 0)
+      f[70:94, x0:x0 + 24] = tex[1]
+      b["jitter"] = (70, x0, 94, x0 + 24)
+    frames.append(f)
+    boxes.append(b)
+  make_demo_data.encode_clip(path, np.clip(np.rint(np.stack(frames)), 0, 255).astype(np.uint8),
+                             gop=n)
+  return boxes
+
+
+def kept_on(positions, boxes, idx, name: str, patch: int) -> int:
+  """Kept patches that overlap the object anywhere in their slot's sampling interval."""
+  count = 0
+  for t, h, w in positions:
+    lo = idx[t - 1] + 1 if t else 0
+    count += any(h * patch < y1 and (h + 1) * patch > y0 and w * patch < x1
+                 and (w + 1) * patch > x0
+                 for y0, x0, y1, x1 in (boxes[i][name] for i in range(lo, idx[t] + 1)))
+  return count
+
+
+INTERVAL_VALUES = (0, 1, 2, 4, 8)
+
+
+def bench_interval(args, paths, cfg, tmp):
+  """--interval_frames M: kept patches on the two motion cases (T=8, 112 px, K=64; intervals of 6
+  and 16 decoded frames) and the CPU cost of (c) on the benchmark clips, per M."""
+  import dataclasses
+  fig, lines = {}, []
+  cases = {}
+  for interval in (6, 16):
+    for objects in (("travel",), ("travel", "jitter")):
+      path = os.path.join(tmp, f"motion_{interval}_{'_'.join(objects)}.mp4")
+      cases[(interval, objects)] = (path, motion_case_clip(path, interval, 8, objects))
+  head = f"{'M':>4}{'c/a CPU':>9}" + "".join(
+      f"{f'L={i} ' + ('alone' if len(o) == 1 else 'both t/j'):>14}" for i, o in cases)
+  lines += ["--interval_frames M: (c)/(a) CPU time on the clips above; kept of 64 on the "
+            "travelling (t) and jittering (j) square, intervals of L decoded frames", head]
+  for m in INTERVAL_VALUES:
+    mcfg = dataclasses.replace(cfg, interval_frames=m)
+    cpu_a, cpu_c = [], []
+    for _ in range(args.interval_rounds):
+      c0 = time.process_time()
+      for p in paths:
+        decode_all(p, False)
+      cpu_a.append(time.process_time() - c0)
+      c0 = time.process_time()
+      for p in paths:
+        patchify(p, mcfg)
+      cpu_c.append(time.process_time() - c0)
+    ratio = min(cpu_a) / min(cpu_c)
+    fig[f"interval_{m}_patchify_over_decode"] = ratio
+    row = f"{m:>4}{ratio:>9.2f}"
+    for (interval, objects), (path, boxes) in cases.items():
+      small = codec_signals.PatchifyConfig(budget=0.125, num_frames=8, image_size=112,
+                                           patch_size=14, iframe="scored",
+                                           interval_frames=m).validate()
+      rec = codec_signals.patchify_file(path, small)
+      idx = rec["frame_indices"]
+      got = [kept_on(rec["positions"], boxes, idx, o, 14) for o in objects]
+      key = f"interval_{m}_L{interval}_{'both' if len(objects) > 1 else 'alone'}"
+      fig[key + "_travel"] = got[0]
+      if len(objects) > 1:
+        fig[key + "_jitter"] = got[1]
+      row += f"{'/'.join(map(str, got)):>14}"
+    lines.append(row)
+  return fig, lines
+
+
 # Each section: (args, clip paths, cfg, temp dir) -> (figures for --json, table lines).
-SECTIONS = {"codec": bench_codec_modes, "transcode": bench_transcode, "beam": bench_beam,
-            "rss": bench_rss}
+SECTIONS = {"codec": bench_codec_modes, "transcode": bench_transcode,
+            "interval": bench_interval, "beam": bench_beam, "rss": bench_rss}
 
 
 def make_clips(out_dir, count, size, frames, background, noise, seed):
@@ -271,6 +377,8 @@ def main(argv=None):
   ap.add_argument("--beam_copies", type=int, default=25, help="beam: job input = clips x this")
   ap.add_argument("--rss_videos", type=int, default=20, help="rss: videos at 1x (10x: ten times)")
   ap.add_argument("--json", default=None, help="write the figures to this path")
+  ap.add_argument("--interval_rounds", type=int, default=2,
+                  help="interval: rounds of (a) and (c) per --interval_frames value")
   ap.add_argument("--transcode_rounds", type=int, default=2,
                   help="rounds of (d), patchify with --transcode always; 0 skips it")
   args = ap.parse_args(argv)

@@ -162,6 +162,11 @@ class PatchifyFn(beam.DoFn):
         raise RuntimeError(DAEMON_WORKER_ERROR)
       self.worker = (_IDLE_DECODERS.pop(self._decoder_key(), None)
                      or codec_signals.DecodeWorker(self.cfg, self.timeout))
+      try:
+        self.worker.prestart()  # the child's imports overlap with the runner's own start-up
+      except OSError as e:  # run() starts it again and reports per file if it still fails
+        log.warning("decoder child did not start in setup: %s", e)
+        self.worker.close()
     self.done = self.n_failed = self.n_tokens = 0
     self.started = self.last_log = time.time()
 

@@ -2,8 +2,10 @@
 import collections
 import dataclasses
 import math
-import multiprocessing
 import os
+import socket
+import subprocess
+import sys
 import threading
 import time
 from fractions import Fraction
@@ -230,8 +232,16 @@ def percentile95(values: np.ndarray, weights=None) -> float:
     weights = None  # equal weights (the usual case: whole cells) need no sort
   if weights is None:
     if values.dtype == np.uint8:
-      cum = np.cumsum(np.bincount(values, minlength=256))
-      return float(np.searchsorted(cum, 0.95 * cum[-1]))
+      # Bisection over the 256 levels: eight counting passes beat a bincount, which widens
+      # every value to intp first.
+      need, lo, hi = 0.95 * values.size, 0, 255
+      while lo < hi:
+        mid = (lo + hi) // 2
+        if np.count_nonzero(values <= mid) >= need:
+          hi = mid
+        else:
+          lo = mid + 1
+      return float(lo)
     rank = min(int(math.ceil(0.95 * values.size)), values.size) - 1
     return float(np.partition(values, rank)[rank])
   order = np.argsort(values, kind="stable")
@@ -319,12 +329,18 @@ class _Lattice:
     self.padded_w = width + 2 * pad + cell
     self.padded = np.empty((height + 2 * pad + cell, self.padded_w), np.uint8)
     if stride == 1:
-      # Gather indices shaped [cells_h, cell, cells_w, cell]: adding one offset per cell is a
+      # A cell's row is `cell` contiguous bytes in both frames, so the warp gathers words of up
+      # to 8 bytes (an unaligned view of the padded frame) instead of single pixels. Indices are
+      # shaped [cells_h, cell, cells_w, words per cell row]: adding one offset per cell is a
       # broadcast, not a per-pixel lookup of the cell's vector.
+      word = min(cell & -cell, 8)
+      per_row = cell // word
+      self.words = np.ndarray(shape=(self.padded.size - word + 1,), buffer=self.padded,
+                              dtype=np.dtype(f"u{word}"), strides=(1,))
       rows = np.arange(self.cells_h * cell) + pad
-      cols = np.arange(self.cells_w * cell) + pad
+      cols = np.arange(self.cells_w * per_row) * word + pad
       self.base = (rows[:, None] * self.padded_w + cols[None, :]).reshape(
-          self.cells_h, cell, self.cells_w, cell).astype(np.intp)
+          self.cells_h, cell, self.cells_w, per_row).astype(np.intp)
     else:
       self.base = ((ys + pad)[:, None] * self.padded_w + (xs + pad)[None, :]).astype(np.intp)
     # Patch pooling of a per-cell map, in display orientation: pooled = A @ rot(cells) @ B.T.
@@ -341,7 +357,7 @@ class _Lattice:
     self.pool_area = self.pool_rows.sum(1)[:, None] * self.pool_cols.sum(1)[None, :]
     # Reused work buffers: fresh multi-100-KB arrays per frame cost page faults every time.
     self._idx = np.empty(self.base.shape, np.intp)
-    self._pred = np.empty(self.base.shape, np.uint8)
+    self._pred = np.empty(self.base.shape, np.uint8) if stride > 1 else None
     self._hi = np.empty(self.shape, np.uint8)
     self._lo = np.empty(self.shape, np.uint8)
 
@@ -358,13 +374,14 @@ class _Lattice:
   def warp(self, prev_luma: np.ndarray, off: np.ndarray) -> np.ndarray:
     """Previous frame moved by one flat offset per cell, sampled on the lattice.
 
-    Returns a view of a reused buffer, valid until the next call.
+    May return a view of a reused buffer, valid until the next call.
     """
     flat = self.pad_into(prev_luma)
     if self.stride == 1:
       np.add(self.base, off.reshape(self.cells_h, 1, self.cells_w, 1), out=self._idx)
-      np.take(flat, self._idx, out=self._pred)
-      pred = self._pred.reshape(self.cells_h * self.cell, self.cells_w * self.cell)
+      # Indexing, not np.take: take would first copy the whole (non-contiguous) word view.
+      pred = self.words[self._idx].view(np.uint8).reshape(
+          self.cells_h * self.cell, self.cells_w * self.cell)
       return pred[: self.height, : self.width]
     np.add(self.base, off[self.cell_index], out=self._idx)
     return np.take(flat, self._idx, out=self._pred)
@@ -416,30 +433,34 @@ def motion_fields(mvs, height, width, cell=None):
   dy = np.zeros(cells_h * cells_w, np.float64)
   if len(mvs) == 0:
     return cell, dx, dy, np.zeros(0, np.intp)
+  # Run once per decoded frame on a few hundred blocks: the cost is the number of numpy calls,
+  # so every step below is one call on all blocks (cell is a power of two: shifts, not divisions).
+  shift = cell.bit_length() - 1
   w = mvs["w"].astype(np.intp)
   h = mvs["h"].astype(np.intp)
-  x0 = mvs["dst_x"] - (w >> 1)
-  y0 = mvs["dst_y"] - (h >> 1)
-  scale = np.maximum(mvs["motion_scale"].astype(np.float64), 1.0)
-  mx = mvs["motion_x"] / scale
-  my = mvs["motion_y"] / scale
-  # Block -> covered cells, fully vectorised: repeat each block id once per cell it spans.
-  ncx, ncy = w // cell, h // cell
-  n_cells = ncx * ncy
+  ncx = w >> shift
+  n_cells = ncx * (h >> shift)
+  # Block -> covered cells, fully vectorised: repeat each block id once per cell it spans; a
+  # cell's rank inside its block gives its row (rank // ncx) and column (rank % ncx).
   block = np.repeat(np.arange(len(w)), n_cells)
-  offset = np.arange(block.size) - np.repeat(np.cumsum(n_cells) - n_cells, n_cells)
-  cy = y0[block] // cell + offset // ncx[block]
-  cx = x0[block] // cell + offset % ncx[block]
-  inside = (cy >= 0) & (cy < cells_h) & (cx >= 0) & (cx < cells_w)
-  block, flat = block[inside], (cy * cells_w + cx)[inside]
-  if (mvs["source"] > 0).any():
+  rank = np.arange(block.size) - np.repeat(np.cumsum(n_cells) - n_cells, n_cells)
+  across = ncx[block]
+  cy = ((mvs["dst_y"] - (h >> 1)) >> shift)[block] + rank // across
+  cx = ((mvs["dst_x"] - (w >> 1)) >> shift)[block] + rank % across
+  if (cy.min() < 0 or cx.min() < 0 or cy.max() >= cells_h or cx.max() >= cells_w):
+    inside = (cy >= 0) & (cy < cells_h) & (cx >= 0) & (cx < cells_w)
+    block, cy, cx = block[inside], cy[inside], cx[inside]
+  flat = cy * cells_w + cx
+  source = mvs["source"]
+  if (source > 0).any():
     # Bi-prediction: keep one vector per cell, past references (source < 0) first.
-    pref = np.lexsort((np.arange(flat.size), mvs["source"][block] > 0, flat))
+    pref = np.lexsort((np.arange(flat.size), source[block] > 0, flat))
     flat, block = flat[pref], block[pref]
     first = np.concatenate([[True], flat[1:] != flat[:-1]])
     flat, block = flat[first], block[first]
-  dx[flat] = mx[block]
-  dy[flat] = my[block]
+  scale = np.maximum(mvs["motion_scale"].astype(np.float64), 1.0)
+  dx[flat] = (mvs["motion_x"] / scale)[block]
+  dy[flat] = (mvs["motion_y"] / scale)[block]
   return cell, dx, dy, flat
 
 
@@ -851,6 +872,7 @@ def _decoded_frames(container, stream, idx, fps, cfg, seek):
   """
   it = container.decode(stream)
   n, t0 = -1, None
+  tb = float(stream.time_base or 0)  # float, not Fraction, arithmetic per frame
   gap = max(1, int(round(cfg.seek_min_gap * fps)))
   for target in sorted(set(idx.tolist())):
     if seek and n >= 0 and target - n > gap:
@@ -870,11 +892,11 @@ def _decoded_frames(container, stream, idx, fps, cfg, seek):
           raise _SeekFailed("stream ended after a seek")
         return
       if t0 is None:
-        t0 = 0.0 if frame.pts is None else float(frame.pts * stream.time_base)
+        t0 = 0.0 if frame.pts is None else frame.pts * tb
       if seek:
         if frame.pts is None:
           raise _SeekFailed("frame without a timestamp")
-        x = (float(frame.pts * stream.time_base) - t0) * fps
+        x = (frame.pts * tb - t0) * fps
         m = int(round(x))
         if abs(x - m) > 0.05 or (not restarted and m != n + 1):
           raise _SeekFailed(f"timestamp {x:.3f} frames is not the next frame index")
@@ -1086,8 +1108,9 @@ def patchify_file(path: str, cfg: PatchifyConfig, class_label: int = -1,
 # ----------------------------------------------------------------------------------------------
 # Decode worker: one child process per DoFn instance, so a hung or crashing decoder is cut off.
 
-def _worker_loop(conn, cfg_dict):
-  cfg = PatchifyConfig(**cfg_dict)
+def _worker_loop(conn):
+  """The decoder child's loop: a PatchifyConfig dict first, then (path, label, source) requests."""
+  cfg = PatchifyConfig(**conn.recv())
   conn.send(("ready",))  # imports are done: from here on only decoding counts against timeouts
   while True:
     try:
@@ -1099,6 +1122,26 @@ def _worker_loop(conn, cfg_dict):
     path, label, source = msg
     conn.send(("duration", media_duration(path)))  # the parent scales its timeout by it
     conn.send(process_path(path, label, cfg, source))
+
+
+def child_main(fd: int):
+  """Entry point of the decoder child (`python -c ... FD`): serves requests on socket FD."""
+  from multiprocessing.connection import Connection
+  conn = Connection(fd)
+  try:
+    _worker_loop(conn)
+  except (BrokenPipeError, ConnectionResetError):
+    pass  # the parent went away; nothing is left to answer
+  finally:
+    conn.close()
+
+
+# The child imports only this module (av, numpy, records): neither multiprocessing's spawn, which
+# re-imports the parent's __main__ (in Beam's SDK workers sdk_worker_main, about 3 s), nor fork,
+# which is unsafe in threaded Beam workers.
+_CHILD_CODE = ("import sys; from data_prep import codec_signals; "
+               "codec_signals.child_main(int(sys.argv[1]))")
+_PROJECT_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def media_duration(path: str) -> float:
@@ -1136,7 +1179,11 @@ def process_path(path: str, label: int, cfg, source: str = None) -> tuple:
 
 
 class DecodeWorker:
-  """A child process that runs process_path; killed and replaced when it exceeds the timeout."""
+  """A child process that runs process_path; killed and replaced when it exceeds the timeout.
+
+  The child is a fresh interpreter (subprocess) talking over a socket pair; `prestart()` launches
+  it without waiting, so its imports overlap with the caller's own start-up.
+  """
 
   startup_timeout = 120.0
 
@@ -1145,34 +1192,62 @@ class DecodeWorker:
     self.timeout = timeout
     self.proc = None
     self.conn = None
+    self.ready = False
+
+  def prestart(self):
+    """Launches the child if none is running; returns at once (run() waits for it)."""
+    if self.proc is None or self.proc.poll() is not None:
+      self.close()
+      self._launch()
+
+  def _launch(self):
+    from multiprocessing.connection import Connection
+    ours, theirs = socket.socketpair()
+    try:
+      env = dict(os.environ)
+      env["PYTHONPATH"] = os.pathsep.join(
+          [_PROJECT_ROOT] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
+      self.proc = subprocess.Popen([sys.executable, "-c", _CHILD_CODE, str(theirs.fileno())],
+                                   pass_fds=(theirs.fileno(),), env=env, stdin=subprocess.DEVNULL,
+                                   close_fds=True)
+    except BaseException:
+      ours.close()
+      raise
+    finally:
+      theirs.close()
+    self.conn = Connection(ours.detach())
+    self.ready = False
+    self.conn.send(self.cfg_dict)
 
   def _start(self):
-    ctx = multiprocessing.get_context("spawn")  # fork is unsafe in threaded Beam workers
-    parent, child = ctx.Pipe()
-    self.proc = ctx.Process(target=_worker_loop, args=(child, self.cfg_dict), daemon=True)
-    self.proc.start()
-    child.close()
-    self.conn = parent
+    """Launches the child (unless prestart() did) and waits until its imports are done."""
+    self.prestart()
     try:
-      ready = parent.poll(self.startup_timeout) and parent.recv() == ("ready",)
+      ready = self.conn.poll(self.startup_timeout) and self.conn.recv() == ("ready",)
     except (EOFError, OSError):
       ready = False
     if not ready:
       self.close()
       raise RuntimeError(f"decode worker did not start within {self.startup_timeout}s")
+    self.ready = True
 
   def run(self, path: str, label: int, source: str = None) -> tuple:
-    if self.proc is None or not self.proc.is_alive():
+    if not self.ready or self.proc.poll() is not None:
       self._start()
-    self.conn.send((path, label, source))
+    try:
+      self.conn.send((path, label, source))
+    except OSError:  # the child died since the check above: the receive below reports it
+      pass
     start = time.monotonic()
     limit = self.timeout
     while self.conn.poll(max(0.0, start + limit - time.monotonic())):
       try:
         msg = self.conn.recv()
       except (EOFError, OSError):
-        self.proc.join(5)
-        code = self.proc.exitcode
+        try:
+          code = self.proc.wait(5)
+        except subprocess.TimeoutExpired:
+          code = None
         self.close()
         return ("fail", f"decoder process died (exit code {code})")
       if msg[0] != "duration":
@@ -1185,9 +1260,13 @@ class DecodeWorker:
     """Safe in every state: never started, start failed half-way, child died, already closed."""
     proc, conn = self.proc, self.conn
     self.proc = self.conn = None
-    if proc is not None and proc.pid is not None:  # no pid: the child was never started
-      if proc.is_alive():
+    self.ready = False
+    if proc is not None:
+      if proc.poll() is None:
         proc.kill()
-      proc.join(5)
+      try:
+        proc.wait(5)
+      except subprocess.TimeoutExpired:
+        pass
     if conn is not None:
       conn.close()

@@ -190,8 +190,12 @@ def test_runner_shorthand_and_partition_size():
 
 
 def test_local_cluster_is_started_and_stopped_by_the_job(inputs, direct, tmp_path):
+  import multiprocessing.resource_tracker
   import psutil
   list_file, valid, _ = inputs
+  # multiprocessing's resource tracker belongs to this process (started by its first spawn, it
+  # lives until the process exits); start it now so it is not counted as left by the job.
+  multiprocessing.resource_tracker.ensure_running()
   before = {p.pid for p in psutil.Process().children(recursive=True)}
   out = str(tmp_path / "ds")
   manifest = codec_patchify.run(["--input", valid[0], "--input", valid[-1], "--output_dir", out,
