@@ -63,8 +63,8 @@ def main():
   os.makedirs(args.out, exist_ok=True)
   rows = {}
   for inp in INPUTS:
-    for target in args.targets.split(","):
-      for variant in VARIANTS:
+    for variant in VARIANTS:
+      for target in args.targets.split(","):
         rows[(variant, inp, target)] = run_row(args.out, variant, inp, target)
         print(table({k: v for k, v in rows.items() if k == (variant, inp, target)}).splitlines()[-1], flush=True)
   print(table(rows))

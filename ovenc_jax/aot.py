@@ -26,7 +26,6 @@ class Chip:
   """Per-device figures of one accelerator (datasheet values; a GPU's HBM and bandwidth come from its
   target description). peak_flops per compute dtype: on TPU a float32 matmul at default precision is
   one bfloat16 pass, on GPU it runs as TF32."""
-  kind: str
   hbm_bytes: float
   hbm_bandwidth: float
   peak_flops: dict
@@ -34,10 +33,10 @@ class Chip:
 
 TPU_GENERATIONS = {
     # name: (chip, topology dims, megacore: `<gen>-N` counts TensorCores, two per chip)
-    "v4": (Chip("TPU v4", 32 * GiB, 1.2e12, {"bfloat16": 275e12, "float32": 275e12}), 3, True),
-    "v5e": (Chip("TPU v5 lite", 16 * GiB, 819e9, {"bfloat16": 197e12, "float32": 197e12}), 2, False),
-    "v5p": (Chip("TPU v5p", 95 * GiB, 2765e9, {"bfloat16": 459e12, "float32": 459e12}), 3, True),
-    "v6e": (Chip("TPU v6 lite", 32 * GiB, 1640e9, {"bfloat16": 918e12, "float32": 918e12}), 2, False),
+    "v4": (Chip(32 * GiB, 1.2e12, {"bfloat16": 275e12, "float32": 275e12}), 3, True),
+    "v5e": (Chip(16 * GiB, 819e9, {"bfloat16": 197e12, "float32": 197e12}), 2, False),
+    "v5p": (Chip(95 * GiB, 2765e9, {"bfloat16": 459e12, "float32": 459e12}), 3, True),
+    "v6e": (Chip(32 * GiB, 1640e9, {"bfloat16": 918e12, "float32": 918e12}), 2, False),
 }
 GPU_MODELS = {
     # name: (target description file, dense tensor-core peaks)
@@ -91,8 +90,7 @@ def parse_topology(name: str) -> dict:
     with open(path) as f:
       text = f.read()
     fields = dict(re.findall(r"^\s*(device_memory_size|memory_bandwidth):\s*(\d+)", text, re.M))
-    chip = Chip(re.search(r'device_description_str:\s*"([^"]+)"', text).group(1),
-                float(fields["device_memory_size"]), float(fields["memory_bandwidth"]), GPU_MODELS[model][1])
+    chip = Chip(float(fields["device_memory_size"]), float(fields["memory_bandwidth"]), GPU_MODELS[model][1])
     return dict(platform="cuda", chip=chip, target_config=text, topology=f"1x{hosts}x{per_host}")
   known = sorted([f"{g}-N" for g in TPU_GENERATIONS] + [f"{g}:AxB[xC]" for g in TPU_GENERATIONS] +
                  [f"{g}x8[xHOSTS]" for g in GPU_MODELS])
@@ -225,7 +223,7 @@ def analyse(config, target: Target, dump_dir: str | None = None, save_path: str 
   batch_shards = math.prod(mesh[a] for a in train.BATCH_AXES)
   flops_model = model_flops(config, trainer.num_shards)
   dtype = str(config.model.dtype)
-  r = dict(topology=target.name, device_kind=target.chip.kind, num_devices=n_dev, mesh=mesh,
+  r = dict(topology=target.name, device_kind=target.devices[0].device_kind, num_devices=n_dev, mesh=mesh,
            global_batch=int(config.input.global_batch_size),
            per_device_batch=int(config.input.global_batch_size) // batch_shards,
            tokens_per_row=int(config.input.tokens_per_row), compute_dtype=dtype,
@@ -314,13 +312,16 @@ def format_report(r: dict) -> str:
     lines.append("collectives   " + (", ".join(f"{k} {v['count']} ({_b(v['bytes'])})"
                                                for k, v in c["by_kind"].items()) or "none"))
     for op in c["largest"]:
-      lines.append(f"  {op['kind']:<19} {_b(op['bytes']):>11}  {' '.join(op['shapes'])}")
+      more = f" ... ({len(op['shapes'])} arrays)" if len(op["shapes"]) > 4 else ""
+      lines.append(f"  {op['kind']:<19} {_b(op['bytes']):>11}  {' '.join(op['shapes'][:4])}{more}")
   for group, rows in r["shardings"]["tensors"].items():
     lines.append(f"shardings     {group}: {len(rows)} tensors, "
                  f"{_b(sum(t['bytes_per_device'] for t in rows.values()))} per device")
-    if group != "opt_state":
-      for key, t in list(rows.items())[:40]:
-        lines.append(f"  {key:<58} {str(t['shape']):<18} {t['spec']}")
+    by_spec = {}
+    for key, t in rows.items():
+      by_spec.setdefault(str(t["spec"]), []).append(key)
+    for spec, keys in sorted(by_spec.items(), key=lambda kv: -len(kv[1])):
+      lines.append(f"  {spec:<40} {len(keys):>4} tensors, e.g. {keys[0]}")
   for w in r["shardings"]["warnings"]:
     lines.append(f"WARNING       {w}")
   lines.append(f"compile time  {r['compile_s']:.1f} s")
