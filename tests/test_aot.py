@@ -171,3 +171,9 @@ def test_collectives_from_hlo_text():
   assert c["by_kind"] == {"all-reduce": {"count": 1, "bytes": 128 * 4 * 4 + 20},
                           "all-gather": {"count": 2, "bytes": 32 * 128 * 4 + 64 * 128 * 4}}
   assert [o["name"] for o in c["largest"]] == ["ags", "ag", "all-reduce.1"]
+
+
+def test_two_slices_double_the_devices():
+  target = aot.get_target("v5e:2x2", num_slices=2)
+  assert len(target.devices) == 8
+  assert sorted(d.slice_index for d in target.devices) == [0] * 4 + [1] * 4
