@@ -119,7 +119,7 @@ def get_target(name: str, num_slices: int = 1) -> Target:
 
 # ---- the model's own FLOP count ------------------------------------------------------------------
 
-def model_flops(config, num_shards: int) -> dict[str, float]:
+def model_flops(config, class_shards: int, padded_classes: int) -> dict[str, float]:
   """Matmul FLOPs of one train step over all devices (fwd + bwd, no recompute).
 
   Backward costs twice the forward (grads of both operands) except for the patch embedding, whose
@@ -131,14 +131,14 @@ def model_flops(config, num_shards: int) -> dict[str, float]:
   patch = 2 * b * n * p * d
   layers = depth * (2 * b * n * (4 * d * d + 2 * d * f) + 4 * b * n * n * d)
   head = 2 * b * (2 * n * d * d + 2 * s * d * d + 2 * s * n * d + 2 * s * d * f)
-  # The loss: every device scores all B*S embeddings against its columns of the centers. The column
-  # count follows loss.make_loss_fn: all local rows, or the static Partial-FC selection.
+  # The loss: each of the class shards scores all B*S embeddings against its columns of the centers.
+  # The column count follows loss.make_loss_fn: all local rows, or the static Partial-FC selection.
   e = b * s
-  c_local = -(-int(lc.num_classes) // num_shards)
+  c_local = padded_classes // class_shards
   cols = c_local
   if math.ceil(lc.sample_rate * c_local) < c_local:
     cols = min(c_local, max(math.ceil(lc.sample_rate * c_local), e * min(int(lc.labels_per_step), int(i.max_labels))))
-  loss = 3 * num_shards * 2 * e * d * cols
+  loss = 3 * class_shards * 2 * e * d * cols
   out = dict(patch_embed=2 * patch, encoder_layers=3 * layers, head=3 * head, loss=loss)
   out["total"] = sum(out.values())
   return out
@@ -221,7 +221,8 @@ def analyse(config, target: Target, dump_dir: str | None = None, save_path: str 
   mesh = dict(trainer.mesh.shape)
   n_dev = len(target.devices)
   batch_shards = math.prod(mesh[a] for a in train.BATCH_AXES)
-  flops_model = model_flops(config, trainer.num_shards)
+  flops_model = model_flops(config, math.prod(mesh[a] for a in train.CLASS_AXES),
+                            trainer.abstract_state["params"]["centers"].shape[0])
   dtype = str(config.model.dtype)
   r = dict(topology=target.name, device_kind=target.devices[0].device_kind, num_devices=n_dev, mesh=mesh,
            global_batch=int(config.input.global_batch_size),
