@@ -177,3 +177,21 @@ def test_two_slices_double_the_devices():
   target = aot.get_target("v5e:2x2", num_slices=2)
   assert len(target.devices) == 8
   assert sorted(d.slice_index for d in target.devices) == [0] * 4 + [1] * 4
+
+
+def test_replicated_tensors_over_64_mib_are_flagged():
+  from jax.sharding import NamedSharding, PartitionSpec as P
+  mesh = jax.sharding.Mesh(np.array(jax.devices()).reshape(8), ("data",))
+
+  def leaf(shape, spec):
+    return jax.ShapeDtypeStruct(shape, np.float32, sharding=NamedSharding(mesh, spec))
+
+  state = {"params": {"encoder": {"big": leaf((4096, 4097), P()), "small": leaf((1024, 1024), P()),
+                                  "split": leaf((8192, 4096), P("data"))},
+                      "centers": leaf((1024, 64), P("data"))},
+           "opt_state": {"mu": leaf((4096, 4097), P())}}
+  report = aot.sharding_report(state)
+  assert report["tensors"]["params"]["['split']"] == dict(shape=[8192, 4096], spec=["data"],
+                                                          bytes_per_device=8192 * 4096 * 4 // 8)
+  assert len(report["warnings"]) == 2
+  assert all("['big']" in w or "['mu']" in w for w in report["warnings"])
