@@ -41,7 +41,7 @@ def run_row(out_dir, variant, inp, target, compile_missing=True):
 
 def table(rows) -> str:
   out = ["| model | input | target | global batch | memory/device (of HBM) | fits | roofline step | "
-         "largest collective |",
+         "largest collective (all, per device) |",
          "|---|---|---|---|---|---|---|---|"]
   for (variant, inp, target), r in rows.items():
     if r is None:
@@ -51,8 +51,10 @@ def table(rows) -> str:
     mem_s = "compiler: out of HBM" if mem is None else f"{mem / 2 ** 30:.1f} GiB ({r['hbm_bytes'] / 2 ** 30:.0f})"
     step = r.get("step_s_roofline")
     step_s = "" if step is None else f"{step * 1e3:.0f} ms ({r['bound']})"
-    big = (r.get("collectives") or {}).get("largest") or []
-    big_s = f"{big[0]['kind']} {big[0]['bytes'] / 2 ** 20:.0f} MiB" if big else ""
+    coll = r.get("collectives") or {}
+    big = coll.get("largest") or []
+    total = sum(v["bytes"] for v in coll.get("by_kind", {}).values())
+    big_s = f"{big[0]['kind']} {big[0]['bytes'] / 2 ** 20:.0f} MiB (all: {total / 2 ** 20:.0f} MiB)" if big else ""
     out.append(f"| {variant} | {inp} {r['tokens_per_row']} tok | {target} ({r['num_devices']}) | "
                f"{r['global_batch']} | {mem_s} | {'yes' if r['fits'] else 'NO'} | {step_s} | {big_s} |")
   return "\n".join(out)
