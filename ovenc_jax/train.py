@@ -109,7 +109,9 @@ class Trainer:
         positions=jnp.zeros((1, i.tokens_per_row, 3), jnp.int32),
         segment_ids=jnp.ones((1, i.tokens_per_row), jnp.int32))
     with jax.set_mesh(self.mesh):
-      abstract = jax.eval_shape(self._init_state, jax.random.key(0))
+      # The key is made inside the trace: nothing may run eagerly on the mesh, whose devices can be
+      # compile-only (ovenc_jax.aot).
+      abstract = jax.eval_shape(lambda: self._init_state(jax.random.key(0)))
       self.state_shardings = nn.meta.unbox(sharding_lib.logical_shardings(abstract, self.mesh, self.rules))
     self.abstract_state = jax.tree.map(
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), nn.meta.unbox(abstract),
@@ -266,6 +268,23 @@ class Trainer:
     if e.linear_probe:
       out["linear_probe"] = eval_lib.linear_probe_accuracy(emb[keep], labels[keep])
     return out
+
+  # ---- ahead-of-time compile (ovenc_jax.aot) ---------------------------------------------------
+  def abstract_batch(self) -> dict[str, jax.ShapeDtypeStruct]:
+    """The global batch's shapes, dtypes and shardings as the input config produces it."""
+    i = self.config.input
+    b, n, s = int(i.global_batch_size), int(i.tokens_per_row), int(i.max_segments)
+    sharding = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec(BATCH_AXES))
+    shapes = dict(patches=((b, n, i.patch_size ** 2 * 3), jnp.uint8), positions=((b, n, 3), jnp.int32),
+                  segment_ids=((b, n), jnp.int32), labels=((b, s, int(i.max_labels)), jnp.int32),
+                  class_label=((b, s), jnp.int32),
+                  sample_id=((b, s), jnp.int64 if jax.config.jax_enable_x64 else jnp.int32))
+    return {k: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding) for k, (shape, dtype) in shapes.items()}
+
+  def lower(self, batch=None) -> jax.stages.Lowered:
+    """The jitted train step lowered against the abstract state and `batch` (default: abstract_batch())."""
+    with jax.set_mesh(self.mesh):
+      return self._step_fn.lower(self.abstract_state, self.abstract_batch() if batch is None else batch)
 
   # ---- loop --------------------------------------------------------------------------------
   def run(self) -> dict[str, Any]:

@@ -1,0 +1,197 @@
+"""ovenc_jax.aot: the real train step compiled for compile-only TPU / GPU devices, run as the CLI in subprocesses."""
+import contextlib
+import fcntl
+import importlib.util
+import json
+import os
+import pickle
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+import digit_shards
+from configs import pretrain
+from ovenc_jax import aot, input_pipeline, train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# One compile at a time across test processes: each takes a core and up to a few GB.
+LOCK_PATH = os.path.join(os.environ.get("TMPDIR", "/tmp"), "ovenc_aot_tests.lock")
+
+# base widths at depth 1 (elementwise work is small next to its matmuls), a 2x2x2 mesh, no remat.
+SHARDED_OVERRIDES = {"model.depth": 1, "mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2,
+                     "input.global_batch_size": 8, "input.tokens_per_row": 256, "input.max_segments": 1,
+                     "loss.num_classes": 1000}
+
+
+@contextlib.contextmanager
+def _compile_slot():
+  with open(LOCK_PATH, "w") as f:
+    fcntl.flock(f, fcntl.LOCK_EX)
+    try:
+      yield
+    finally:
+      fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def run_aot(tmp_path, variant, topology, overrides=(), extra=()):
+  out = tmp_path / "report.json"
+  cmd = [sys.executable, "-m", "ovenc_jax.aot", f"--config=configs/pretrain.py:variant={variant}",
+         f"--topology={topology}", f"--json={out}", *[f"--config.{k}={v}" for k, v in dict(overrides).items()],
+         *extra]
+  with _compile_slot():
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+  assert proc.returncode in (0, 1), proc.stderr[-4000:]
+  return proc, json.loads(out.read_text())
+
+
+def _tree_bytes_per_device(tree):
+  return sum(t["bytes_per_device"] for t in tree.values())
+
+
+def test_tiny_on_v5e_2x2_compiles_and_reports(tmp_path):
+  proc, r = run_aot(tmp_path, "tiny", "v5e:2x2",
+                    extra=[f"--dump={tmp_path / 'hlo'}", f"--save={tmp_path / 'step.pkl'}"])
+  assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
+  assert "FITS" in proc.stdout and "DOES NOT FIT" not in proc.stdout
+  assert r["num_devices"] == 4 and "v5" in r["device_kind"].lower()
+  assert r["mesh"] == {"data": 4, "fsdp": 1, "tensor": 1} and r["per_device_batch"] == 16 // 4
+  m = r["memory"]
+  assert 0 < m["total"] < r["hbm_bytes"] and r["fits"]
+  # The step's arguments are the state shards plus the batch shard; the donated state is aliased.
+  t = r["shardings"]["tensors"]
+  state = sum(_tree_bytes_per_device(t[g]) for g in ("params", "centers", "opt_state"))
+  batch = sum(int(np.prod(s.shape)) * s.dtype.itemsize for s in _tiny_trainer().abstract_batch().values()) // 4
+  np.testing.assert_allclose(m["arguments"], state + batch, rtol=0.05)
+  np.testing.assert_allclose(m["aliased"], state, rtol=0.05)
+  assert r["xla_flops_per_device"] > r["model_flops_per_device"] > 0
+  assert r["step_s_roofline"] == max(r["step_s_compute"], r["step_s_memory"]) > 0
+  # Data parallel: the gradients are summed over the 4 devices.
+  assert r["collectives"]["by_kind"]["all-reduce"]["count"] >= 1
+  assert r["collectives"]["largest"][0]["bytes"] >= _tree_bytes_per_device(t["params"]) * 0.9
+  hlo = (tmp_path / "hlo" / "train_step.hlo.txt").read_text()
+  assert aot.collectives(hlo) == r["collectives"]
+  assert "stablehlo" in (tmp_path / "hlo" / "train_step.stablehlo.mlir").read_text()
+  with open(tmp_path / "step.pkl", "rb") as f:
+    payload, in_tree, out_tree = pickle.load(f)
+  assert len(payload) > 1000 and in_tree.num_leaves == len(jax.tree.leaves(_tiny_trainer().abstract_state)) + 6
+
+
+def _tiny_trainer():
+  return train.Trainer(pretrain.get_config("tiny"), workdir="")
+
+
+def test_base_with_1024_clips_on_v5e_2x2_does_not_fit(tmp_path):
+  proc, r = run_aot(tmp_path, "base", "v5e:2x2", {"input.global_batch_size": 1024,
+                                                  "input.tokens_per_row": 512, "input.max_segments": 1})
+  assert proc.returncode == 1
+  assert "DOES NOT FIT" in proc.stdout
+  assert r["fits"] is False
+  if "memory" in r:
+    assert r["memory"]["total"] > r["hbm_bytes"]
+  else:
+    assert "HBM" in r["compiler_message"] or "RESOURCE_EXHAUSTED" in r["compiler_message"]
+
+
+def test_shardings_match_the_trainer_and_model_flops_match_xla(tmp_path):
+  proc, r = run_aot(tmp_path, "base", "v5e:2x4", SHARDED_OVERRIDES)
+  assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
+  assert r["mesh"] == {"data": 2, "fsdp": 2, "tensor": 2}
+  config = pretrain.get_config("base")
+  for key, value in SHARDED_OVERRIDES.items():
+    section, name = key.split(".")
+    config[section][name] = value
+  trainer = train.Trainer(config, workdir="", devices=jax.devices())  # the 8 host devices
+  groups = {"params": trainer.state_shardings["params"]["encoder"],
+            "centers": trainer.state_shardings["params"]["centers"],
+            "opt_state": trainer.state_shardings["opt_state"]}
+  for group, tree in groups.items():
+    expect = {jax.tree_util.keystr(p) or "[]": [list(a) if isinstance(a, tuple) else a for a in s.spec]
+              for p, s in jax.tree_util.tree_flatten_with_path(tree)[0]}
+    got = {k: v["spec"] for k, v in r["shardings"]["tensors"][group].items()}
+    assert got == expect, group
+  sharded = [v for v in r["shardings"]["tensors"]["params"].values() if any(v["spec"])]
+  assert len(sharded) > 10
+  # No remat: XLA's count is the model's matmuls plus elementwise work (norms, GELU, softmax, Adam).
+  np.testing.assert_allclose(r["xla_flops_per_device"], r["model_flops_per_device"], rtol=0.05)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("jax_plugins.xla_cuda12") is None,
+                    reason="GPU targets need requirements-aot-gpu.txt (jax-cuda12-plugin)")
+def test_tiny_on_h100x8_compiles(tmp_path):
+  proc, r = run_aot(tmp_path, "tiny", "h100x8")
+  assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
+  assert r["num_devices"] == 8 and "H100" in r["device_kind"] and r["fits"]
+  assert r["hbm_bytes"] == 84978434048  # the target description's device_memory_size
+  assert r["collectives"]["by_kind"]
+
+
+def test_abstract_batch_matches_the_input_pipeline(tmp_path):
+  config = pretrain.get_config("tiny")
+  path = digit_shards.write_digit_shards(str(tmp_path / "shards"), 0, 64, num_shards=2)
+  config.input.sources = [{"path": path, "weight": 1.0}]
+  trainer = train.Trainer(config, workdir=str(tmp_path / "w"))
+  batch = input_pipeline.global_batch(next(input_pipeline.make_train_iterator(config.input)), trainer.mesh)
+  abstract = trainer.abstract_batch()
+  assert set(abstract) == set(batch)
+  for key, a in abstract.items():
+    assert (a.shape, a.dtype, a.sharding) == (batch[key].shape, batch[key].dtype, batch[key].sharding), key
+
+
+@pytest.mark.parametrize("name, expect", [
+    ("v5e-256", dict(topology_name="v5e:16x16", chip_config_name="default")),
+    ("v5p-128", dict(topology_name="v5p:4x4x4", chip_config_name="megacore")),
+    ("v4-16", dict(topology_name="v4:2x2x2", chip_config_name="megacore")),
+    ("v6e-8", dict(topology_name="v6e:2x4", chip_config_name="default")),
+    ("v5e:2x2", dict(topology_name="v5e:2x2", chip_config_name="default")),
+    ("h100x8x2", dict(platform="cuda", topology="1x2x8")),
+])
+def test_topology_names(name, expect):
+  spec = aot.parse_topology(name)
+  assert {k: spec[k] for k in expect} == expect
+
+
+@pytest.mark.parametrize("name", ["v5e-100", "v7-8", "v5p-7", "v5e:2x2x2", "h200x8"])
+def test_bad_topology_names_the_flag(name):
+  with pytest.raises(ValueError, match="--topology"):
+    aot.parse_topology(name)
+
+
+def test_collectives_from_hlo_text():
+  hlo = "\n".join([
+      "  %all-reduce.1 = (f32[128,4]{1,0}, bf16[10]{0}) all-reduce(%a, %b), channel_id=1",
+      "  %ag = f32[32,128]{1,0:T(8,128)} all-gather(%c), dimensions={0}",
+      "  %ags = (f32[8,128]{1,0}, f32[64,128]{1,0}) all-gather-start(%d), dimensions={0}",
+      "  %agd = f32[64,128]{1,0} all-gather-done(%ags)",
+      "  %fusion = f32[32,128]{1,0} fusion(%ag), kind=kLoop",
+  ])
+  c = aot.collectives(hlo)
+  assert c["by_kind"] == {"all-reduce": {"count": 1, "bytes": 128 * 4 * 4 + 20},
+                          "all-gather": {"count": 2, "bytes": 32 * 128 * 4 + 64 * 128 * 4}}
+  assert [o["name"] for o in c["largest"]] == ["ags", "ag", "all-reduce.1"]
+
+
+def test_two_slices_double_the_devices():
+  target = aot.get_target("v5e:2x2", num_slices=2)
+  assert len(target.devices) == 8
+  assert sorted(d.slice_index for d in target.devices) == [0] * 4 + [1] * 4
+
+
+def test_replicated_tensors_over_64_mib_are_flagged():
+  from jax.sharding import NamedSharding, PartitionSpec as P
+  mesh = jax.sharding.Mesh(np.array(jax.devices()).reshape(8), ("data",))
+
+  def leaf(shape, spec):
+    return jax.ShapeDtypeStruct(shape, np.float32, sharding=NamedSharding(mesh, spec))
+
+  state = {"params": {"encoder": {"big": leaf((4096, 4097), P()), "small": leaf((1024, 1024), P()),
+                                  "split": leaf((8192, 4096), P("data"))},
+                      "centers": leaf((1024, 64), P("data"))},
+           "opt_state": {"mu": leaf((4096, 4097), P())}}
+  report = aot.sharding_report(state)
+  assert report["tensors"]["params"]["['split']"] == dict(shape=[8192, 4096], spec=["data"],
+                                                          bytes_per_device=8192 * 4096 * 4 // 8)
+  assert len(report["warnings"]) == 2
+  assert all("['big']" in w or "['mu']" in w for w in report["warnings"])
