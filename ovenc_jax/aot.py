@@ -132,12 +132,16 @@ def model_flops(config, class_shards: int, padded_classes: int) -> dict[str, flo
   layers = depth * (2 * b * n * (4 * d * d + 2 * d * f) + 4 * b * n * n * d)
   head = 2 * b * (2 * n * d * d + 2 * s * d * d + 2 * s * n * d + 2 * s * d * f)
   # The loss: each of the class shards scores all B*S embeddings against its columns of the centers.
-  # The column count follows loss.make_loss_fn: all local rows, or the static Partial-FC selection.
+  # The column count is loss.make_loss_fn's own: all local rows, or the static Partial-FC selection
+  # (loss.selection_size); the official recipe draws one selection per label slot.
+  from ovenc_jax import loss as loss_lib
   e = b * s
   c_local = padded_classes // class_shards
-  cols = c_local
-  if math.ceil(lc.sample_rate * c_local) < c_local:
-    cols = min(c_local, max(math.ceil(lc.sample_rate * c_local), e * min(int(lc.labels_per_step), int(i.max_labels))))
+  k = min(int(lc.labels_per_step), int(i.max_labels))
+  official = lc.get("recipe", "default") == "official"
+  _, n_sel = loss_lib.selection_size(c_local, lc.sample_rate, e if official else e * k, class_shards,
+                                     lc.get("pfc_positive_slack", 2.0))
+  cols = (c_local if n_sel is None else n_sel) * (k if official else 1)
   loss = 3 * class_shards * 2 * e * d * cols
   out = dict(patch_embed=2 * patch, encoder_layers=3 * layers, head=3 * head, loss=loss)
   out["total"] = sum(out.values())
