@@ -30,7 +30,12 @@ def _start(workdir, data, port):
 
 
 def _finish(procs, timeout):
-  outs = [p.communicate(timeout=timeout)[0] for p in procs]
+  try:
+    outs = [p.communicate(timeout=timeout)[0] for p in procs]
+  except subprocess.TimeoutExpired:
+    for p in procs:  # a hung trainer ignores SIGTERM (it only flags it): kill, so the suite goes on
+      p.kill()
+    raise
   for p, out in zip(procs, outs):
     assert p.returncode == 0, out[-3000:]
   return outs
