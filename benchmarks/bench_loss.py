@@ -62,21 +62,31 @@ def _time(steps, iters):
   return [float(np.median(t)) for t in times], times
 
 
-def run(classes, dim, batch, labels_per_sample, iters, pfc_rate):
+def _class_mesh():
+  """Every device on the data axis: the centers shard over all of them, as in training."""
   devices = np.array(jax.devices())
-  n = devices.size
-  mesh = Mesh(devices.reshape(n, 1, 1), ("data", "fsdp", "tensor"))
+  return Mesh(devices.reshape(devices.size, 1, 1), ("data", "fsdp", "tensor"))
+
+
+def _problem(mesh, c, dim, batch, labels_per_sample):
+  """(embeddings, labels, centers, key) of one benchmark case, sharded like the trainer's."""
+  rng = np.random.default_rng(0)
+  emb = jax.device_put(rng.normal(size=(batch, dim)).astype(np.float32),
+                       NamedSharding(mesh, P(BATCH_AXES, None)))
+  labels = jax.device_put(rng.integers(0, c, (batch, labels_per_sample)).astype(np.int32),
+                          NamedSharding(mesh, P(BATCH_AXES, None)))
+  centers = loss_lib.init_centers(jax.random.key(0), c, dim, mesh.size,
+                                  sharding=loss_lib.centers_sharding(mesh, CLASS_AXES))
+  return emb, labels, centers, jax.random.key(1)
+
+
+def run(classes, dim, batch, labels_per_sample, iters, pfc_rate):
+  mesh = _class_mesh()
+  n = mesh.size
   rows = []
   for c in classes:
     c_pad = loss_lib.padded_num_classes(c, n)
-    rng = np.random.default_rng(0)
-    emb = jax.device_put(rng.normal(size=(batch, dim)).astype(np.float32),
-                         NamedSharding(mesh, P(BATCH_AXES, None)))
-    labels = jax.device_put(rng.integers(0, c, (batch, labels_per_sample)).astype(np.int32),
-                            NamedSharding(mesh, P(BATCH_AXES, None)))
-    centers = loss_lib.init_centers(jax.random.key(0), c, dim, n,
-                                    sharding=loss_lib.centers_sharding(mesh, CLASS_AXES))
-    key = jax.random.key(1)
+    emb, labels, centers, key = _problem(mesh, c, dim, batch, labels_per_sample)
     loss_step = _loss_step(mesh, c, 1.0)
     compiled = loss_step.lower(emb, centers, labels, key).compile()
     mem = compiled.memory_analysis()
@@ -106,19 +116,11 @@ def run(classes, dim, batch, labels_per_sample, iters, pfc_rate):
 
 def run_pfc(classes, dim, batch, labels_per_sample, iters, pfc_rate):
   """Dense vs Partial-FC step time at a large batch, where sizing the selection by B*K went dense."""
-  devices = np.array(jax.devices())
-  n = devices.size
-  mesh = Mesh(devices.reshape(n, 1, 1), ("data", "fsdp", "tensor"))
+  mesh = _class_mesh()
+  n = mesh.size
   rows = []
   for c in classes:
-    rng = np.random.default_rng(0)
-    emb = jax.device_put(rng.normal(size=(batch, dim)).astype(np.float32),
-                         NamedSharding(mesh, P(BATCH_AXES, None)))
-    labels = jax.device_put(rng.integers(0, c, (batch, labels_per_sample)).astype(np.int32),
-                            NamedSharding(mesh, P(BATCH_AXES, None)))
-    centers = loss_lib.init_centers(jax.random.key(0), c, dim, n,
-                                    sharding=loss_lib.centers_sharding(mesh, CLASS_AXES))
-    key = jax.random.key(1)
+    emb, labels, centers, key = _problem(mesh, c, dim, batch, labels_per_sample)
     dense, pfc = _loss_step(mesh, c, 1.0), _loss_step(mesh, c, pfc_rate)
     args = (emb, centers, labels, key)
     _, metrics = pfc(*args)[0]

@@ -9,6 +9,7 @@ import pytest
 
 import digit_shards
 from test_train import ROOT, _free_port, cli, losses
+from test_train import finish as _finish
 
 STEPS = 30
 
@@ -27,18 +28,6 @@ def _start(workdir, data, port):
       cli(workdir, data, extra=[f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
                                 f"--process_id={i}"], **kw),
       cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
-
-
-def _finish(procs, timeout):
-  try:
-    outs = [p.communicate(timeout=timeout)[0] for p in procs]
-  except subprocess.TimeoutExpired:
-    for p in procs:  # a hung trainer ignores SIGTERM (it only flags it): kill, so the suite goes on
-      p.kill()
-    raise
-  for p, out in zip(procs, outs):
-    assert p.returncode == 0, out[-3000:]
-  return outs
 
 
 def _reached(workdir, step):

@@ -127,6 +127,19 @@ def _free_port():
     return s.getsockname()[1]
 
 
+def finish(procs, timeout):
+  """Outputs of trainer processes that must all exit 0 within `timeout` seconds each."""
+  try:
+    outs = [p.communicate(timeout=timeout)[0] for p in procs]
+  except subprocess.TimeoutExpired:
+    for p in procs:  # a hung trainer ignores SIGTERM (it only flags it): kill, so the suite goes on
+      p.kill()
+    raise
+  for p, out in zip(procs, outs):
+    assert p.returncode == 0, out[-3000:]
+  return outs
+
+
 def test_two_processes_match_one_process(data, tmp_path):
   kw = dict(total_steps=4, **{"input.pack": False, "input.max_segments": 1})
   one = tmp_path / "one"
@@ -137,14 +150,7 @@ def test_two_processes_match_one_process(data, tmp_path):
       cli(tmp_path / "two", data[0], extra=[f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
                                             f"--process_id={i}"], **kw),
       cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
-  try:
-    outs = [p.communicate(timeout=300)[0] for p in procs]
-  except subprocess.TimeoutExpired:
-    for p in procs:  # a hung trainer ignores SIGTERM (it only flags it): kill, so the suite goes on
-      p.kill()
-    raise
-  for p, out in zip(procs, outs):
-    assert p.returncode == 0, out[-3000:]
+  outs = finish(procs, timeout=300)
   assert "process 1/2" in outs[1] or "process 1/2" in outs[0]
   a, b = losses(str(one)), losses(str(tmp_path / "two"))
   for s in range(1, 5):  # 2 processes x 4 devices vs 1 x 8: another reduction order
