@@ -6,6 +6,7 @@ import pytest
 
 from data_prep import codec_signals as cs
 from data_prep import make_demo_data as md
+from conftest import keep_scheduling_policy
 from tests.test_codec_signals import _real_frames
 
 S, P, G = 112, 14, 8
@@ -13,7 +14,7 @@ N, T = 48, 8  # 48 frames sampled at 8: intervals of 6 decoded frames
 
 
 def _encode(path, frames, codec="libx264", options=None, rate=25):
-  with av.open(path, "w") as c:
+  with keep_scheduling_policy(), av.open(path, "w") as c:
     s = c.add_stream(codec, rate=rate)
     s.height, s.width = frames.shape[1:3]
     s.pix_fmt = "yuv420p"
