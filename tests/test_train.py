@@ -1,11 +1,9 @@
-"""Trainer tests: learning + kNN, SIGTERM resume (bitwise), cross-mesh restore, 2 processes, NaN, config errors."""
+"""Trainer tests: learning + kNN, cross-mesh restore, 2 processes vs 1, NaN, config errors (SIGTERM: test_preemption)."""
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
-import time
 
 import jax
 import numpy as np
@@ -61,46 +59,16 @@ def cli(workdir, train_dir, eval_dir="", extra=(), **kw):
 
 
 def test_short_run_lowers_loss_and_lifts_knn(data, tmp_path):
-  cfg = make_config(*data, total_steps=300, ckpt_every=100, **{"input.global_batch_size": 16, "optim.warmup_steps": 20})
+  cfg = make_config(*data, total_steps=300, ckpt_every=300, log_every=50,
+                    **{"input.global_batch_size": 16, "optim.warmup_steps": 20})
   summary = train.Trainer(cfg, str(tmp_path)).run()
   loss = losses(str(tmp_path))
   first, last = np.mean([loss[s] for s in range(1, 11)]), np.mean([loss[s] for s in range(291, 301)])
-  assert last < 0.5 * first, (first, last)
   init_knn, final_knn = summary["initial_eval"]["knn_top1"], summary["final_eval"]["knn_top1"]
+  print(f"loss {first:.3f} -> {last:.3f}, kNN {init_knn:.3f} -> {final_knn:.3f}")
+  assert last < 0.5 * first, (first, last)
   assert final_knn > init_knn + 0.1, (init_knn, final_knn)
   assert os.path.isdir(os.path.join(tmp_path, "tensorboard"))
-
-
-def _wait_for_step(workdir, step, proc, timeout=120):
-  path = os.path.join(workdir, "metrics.jsonl")
-  deadline = time.time() + timeout
-  while time.time() < deadline:
-    if proc.poll() is not None:
-      raise AssertionError(f"trainer exited early: {proc.stdout.read()}")
-    if os.path.exists(path) and any(s >= step for s in losses(workdir)):
-      return
-    time.sleep(0.02)
-  raise AssertionError("trainer made no progress")
-
-
-def test_sigterm_resume_is_bitwise_identical(data, tmp_path):
-  full, cut = tmp_path / "full", tmp_path / "cut"
-  steps = 40
-  subprocess.run(cli(full, data[0], total_steps=steps), cwd=ROOT, check=True, capture_output=True)
-  proc = subprocess.Popen(cli(cut, data[0], total_steps=steps), cwd=ROOT, stdout=subprocess.PIPE,
-                          stderr=subprocess.STDOUT, text=True)
-  _wait_for_step(str(cut), 3, proc)
-  proc.send_signal(signal.SIGTERM)
-  out, _ = proc.communicate(timeout=120)
-  assert proc.returncode == 0, out
-  summary = json.loads(out.split("SUMMARY ")[-1].splitlines()[0])
-  k = summary["preempted_at"]
-  assert 3 <= k < steps
-  subprocess.run(cli(cut, data[0], total_steps=steps), cwd=ROOT, check=True, capture_output=True)
-  a, b = losses(str(full)), losses(str(cut))
-  assert sorted(b) == list(range(1, steps + 1))
-  for s in range(k + 1, steps + 1):
-    assert a[s] == b[s], (s, a[s], b[s])
 
 
 def test_checkpoint_restores_on_fewer_devices(data, tmp_path):
@@ -184,20 +152,6 @@ def test_unknown_config_key_on_command_line(data, tmp_path):
                      capture_output=True, text=True)
   assert r.returncode != 0
   assert "learning_rate" in r.stderr
-
-
-def test_gradient_accumulation_matches_full_batch(data, tmp_path):
-  ref = make_config(data[0], total_steps=2, **{"input.pack": False, "input.max_segments": 1,
-                                               "input.global_batch_size": 16})
-  acc = make_config(data[0], total_steps=2, **{"input.pack": False, "input.max_segments": 1,
-                                               "optim.grad_accum_steps": 2, "loss.sample_rate": 1.0,
-                                               "input.global_batch_size": 16})
-  train.Trainer(ref, str(tmp_path / "ref")).run()
-  train.Trainer(acc, str(tmp_path / "acc")).run()
-  a, b = losses(str(tmp_path / "ref")), losses(str(tmp_path / "acc"))
-  # labels_per_step=1 of 1 label: no label sampling, so the averaged microbatch loss equals the full one.
-  assert_reorder_close(b[1], a[1], err_msg="step 1")
-  assert_reorder_close(b[2], a[2], err_msg="step 2")
 
 
 def test_embed_from_workdir_feeds_clustering(data, tmp_path):
