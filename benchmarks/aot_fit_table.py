@@ -18,7 +18,9 @@ INPUTS = {
 }
 VARIANTS = ("base", "large")
 TARGETS = ("v5e-256", "v5p-128", "h100x8")
-COMMON = ["--config.model.dtype=bfloat16", "--config.loss.num_classes=1000000", "--config.input.max_labels=10"]
+# XLA attention: these rows are the baseline that bench_aot.py's pod presets (splash / cuDNN, FSDP) are read against.
+COMMON = ["--config.model.dtype=bfloat16", "--config.loss.num_classes=1000000", "--config.input.max_labels=10",
+          "--config.model.attention=xla"]
 
 
 def run_row(out_dir, variant, inp, target, compile_missing=True):

@@ -153,12 +153,16 @@ mesh = jax.sharding.Mesh(np.asarray(devices).reshape(2, 1, 2), ("data", "fsdp", 
 def loss(q, k, v, seg):
   o = attn_lib.dot_product_attention(q, k, v, seg, seg, impl="splash", axis_rules=common.LOGICAL_AXIS_RULES)
   return jnp.sum(o.astype(jnp.float32))
-qkv = jax.ShapeDtypeStruct((4, 512, 4, 64), jnp.bfloat16,
+qkv = jax.ShapeDtypeStruct((4, 1024, 4, 64), jnp.bfloat16,
                            sharding=NamedSharding(mesh, P(("data", "fsdp"), None, "tensor", None)))
-seg = jax.ShapeDtypeStruct((4, 512), jnp.int32, sharding=NamedSharding(mesh, P(("data", "fsdp"), None)))
+seg = jax.ShapeDtypeStruct((4, 1024), jnp.int32, sharding=NamedSharding(mesh, P(("data", "fsdp"), None)))
 with jax.set_mesh(mesh):
-  text = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2))).lower(qkv, qkv, qkv, seg).compile().as_text()
+  compiled = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2))).lower(qkv, qkv, qkv, seg).compile()
+text = compiled.as_text()
 print("MOSAIC_CALLS", text.count('custom_call_target="tpu_custom_call"'))
+cost = compiled.cost_analysis()
+cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+print("COST", cost["flops"], cost["bytes accessed"])
 """
 
 
@@ -171,3 +175,11 @@ def test_splash_compiles_for_a_tpu_target_as_mosaic_kernels():
                        text=True, timeout=300)
   assert out.returncode == 0, out.stderr[-3000:]
   assert "MOSAIC_CALLS 2" in out.stdout, out.stdout
+  # Each device runs 2 rows x 2 heads of 1,024 tokens, blocks of 512: the kernels declare their work.
+  flops, accessed = map(float, out.stdout.split("COST")[1].split())
+  rows_heads, n, d, e = 2 * 2, 1024, 64, 2
+  kernel_flops = rows_heads * (4 + 10) * n * n * d
+  assert kernel_flops <= flops <= 1.2 * kernel_flops, (flops, kernel_flops)
+  # K/V re-read per query block (2) in the forward, q/dO per key block in the backward, dq in fp32.
+  streamed = rows_heads * n * d * (e * (1 + 2 * 2 + 1) + e * (2 + 2 * 2 + 2) + 4 * 2)
+  assert accessed >= streamed, (accessed, streamed)

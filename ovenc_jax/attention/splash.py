@@ -4,13 +4,18 @@ The kernel never scales q (we do), needs block sizes that are multiples of 128 d
 (rows are padded up to a multiple of 128 with a segment id of their own), and is a Mosaic custom call
 that XLA cannot partition, so it runs inside `jax.shard_map` over the batch and heads mesh axes. Off
 TPU it runs in Pallas interpret mode (tests on CPU). `make_splash_mha` has no way to pass a
-`pallas_call(cost_estimate=...)`, so XLA's cost analysis counts these kernels as 0 FLOPs.
+`pallas_call(cost_estimate=...)`, without which XLA's cost analysis counts these kernels as 0 FLOPs
+and their operands once; `_CostedPallas` gives each kernel its FLOPs and HBM traffic.
 """
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import pallas as pl
 from jax.experimental.pallas.ops.tpu import splash_attention as splash
+from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as _kernel_module
 
 LANES = 128
 BLOCK_CANDIDATES = (512, 256, 128)
@@ -18,6 +23,70 @@ BLOCK_CANDIDATES = (512, 256, 128)
 # row is fully masked and no real (or padding, 0) token sees them.
 PAD_SEGMENT = -1
 ACTIVATION_NAMES = ("batch", "length", "act_heads", "kv")
+
+
+def kernel_cost(phase: str, q, k, v, num_q_blocks: int, num_kv_blocks: int) -> pl.CostEstimate:
+  """FLOPs, exponentials and HBM bytes of one splash kernel call on q [H, Sq, d], k/v [H, Sk, d].
+
+  A flash kernel streams blocks: the forward reads q once and k, v once per query block; the fused
+  backward (dkv) reads k, v once and q, dO once per key block, and writes dq per key block in fp32
+  (XLA sums them afterwards). The segment mask is applied inside each block (no block is skipped),
+  so every score is computed: forward 2 matmuls over Sq x Sk, backward 4 plus the recomputed scores.
+  """
+  h, sq, d = q.shape
+  sk = k.shape[1]
+  e = q.dtype.itemsize
+  qo = h * sq * d * e          # q, o, dO or dq in the compute dtype
+  kv = h * sk * d * e          # k or v
+  seg = 4 * (sq + sk)
+  if phase == "fwd":
+    # q, k and v re-read per query block, o written, logsumexp (fp32) kept for the backward.
+    nbytes = qo + 2 * num_q_blocks * kv + qo + 4 * h * sq + seg * num_q_blocks
+    flops = 4 * h * sq * sk * d
+  elif phase == "dkv":
+    # k, v once; q, dO, logsumexp and di per key block; dk, dv written; dq partials in fp32.
+    nbytes = (2 * kv + num_kv_blocks * (2 * qo + 8 * h * sq + seg) + 2 * kv
+              + num_kv_blocks * h * sq * d * 4)
+    flops = 10 * h * sq * sk * d
+  else:  # dq-only backward (unfused): q, dO once, k, v per query block, dq written.
+    nbytes = 2 * qo + num_q_blocks * (2 * kv + seg) + qo + 8 * h * sq
+    flops = 8 * h * sq * sk * d
+  return pl.CostEstimate(flops=int(flops), transcendentals=int(h * sq * sk), bytes_accessed=int(nbytes))
+
+
+class _CostedPallas:
+  """The `pl` module as the splash kernel module sees it, with every `pallas_call` given a cost estimate.
+
+  The kernel module builds its three pallas_calls (fwd, dq, dkv) internally and takes no estimate;
+  this wraps the one name it calls through (`pl.pallas_call`) and forwards everything else. The
+  kernel name (`splash_mha_<phase>...`) says which phase; q/k/v follow the three scalar-prefetch
+  operands; the grid gives the block counts.
+  """
+
+  def __init__(self, module):
+    self._module = module
+
+  def __getattr__(self, name):
+    return getattr(self._module, name)
+
+  def pallas_call(self, kernel, *args, name: str = "", grid_spec=None, cost_estimate=None, **kw):
+    call = functools.partial(self._module.pallas_call, kernel, *args, name=name, grid_spec=grid_spec, **kw)
+    phase = next((p for p in ("fwd", "dkv", "dq") if f"_{p}" in name), None)
+    if cost_estimate is not None or phase is None or grid_spec is None:
+      return call(cost_estimate=cost_estimate)
+
+    def with_cost(*operands):
+      q, k, v = operands[3:6]
+      # fwd/dq grid: (heads, query blocks, key blocks); dkv grid: (heads, key blocks, query blocks).
+      _, a, b = grid_spec.grid
+      nq, nk = (b, a) if phase == "dkv" else (a, b)
+      return call(cost_estimate=kernel_cost(phase, q, k, v, nq, nk))(*operands)
+
+    return with_cost
+
+
+if not isinstance(_kernel_module.pl, _CostedPallas):
+  _kernel_module.pl = _CostedPallas(_kernel_module.pl)
 
 
 def block_size(seq_len: int) -> int:
