@@ -119,11 +119,12 @@ def get_target(name: str, num_slices: int = 1) -> Target:
 
 # ---- the model's own FLOP count ------------------------------------------------------------------
 
-def model_flops(config, class_shards: int, padded_classes: int) -> dict[str, float]:
+def model_flops(config, class_shards: int, padded_classes: int, tensor: int = 1) -> dict[str, float]:
   """Matmul FLOPs of one train step over all devices (fwd + bwd, no recompute).
 
   Backward costs twice the forward (grads of both operands) except for the patch embedding, whose
-  input (pixels) needs no gradient. Elementwise work (norms, GELU, softmax) is not counted.
+  input (pixels) needs no gradient. Elementwise work (norms, GELU, softmax) is not counted. The patch
+  embedding has no tensor-parallel axis, so each of the `tensor` ranks of a batch shard repeats it.
   """
   i, m, lc = config.input, config.model, config.loss
   b, n, s = int(i.global_batch_size), int(i.tokens_per_row), int(i.max_segments)
@@ -143,7 +144,7 @@ def model_flops(config, class_shards: int, padded_classes: int) -> dict[str, flo
                                      lc.get("pfc_positive_slack", 2.0))
   cols = (c_local if n_sel is None else n_sel) * (k if official else 1)
   loss = 3 * class_shards * 2 * e * d * cols
-  out = dict(patch_embed=2 * patch, encoder_layers=3 * layers, head=3 * head, loss=loss)
+  out = dict(patch_embed=2 * patch * tensor, encoder_layers=3 * layers, head=3 * head, loss=loss)
   out["total"] = sum(out.values())
   return out
 
@@ -158,10 +159,33 @@ def _shape_bytes(type_str: str) -> list[tuple[str, int]]:
   return out
 
 
+def _tuple_elements(type_str: str) -> list[str]:
+  """'(a, (b, c), d)' -> ['a', '(b, c)', 'd']; a non-tuple type is its own single element."""
+  t = type_str.strip()
+  if not t.startswith("("):
+    return [t]
+  out, depth, cur = [], 0, ""
+  for ch in t[1:-1]:
+    if ch in "([{":
+      depth += 1
+    elif ch in ")]}":
+      depth -= 1
+    if ch == "," and depth == 0:
+      out.append(cur.strip())
+      cur = ""
+    else:
+      cur += ch
+  if cur.strip():
+    out.append(cur.strip())
+  return [re.sub(r"/\*.*?\*/", "", e).strip() for e in out]
+
+
 def collectives(hlo_text: str) -> dict:
   """Collective ops of the optimised HLO: count and result bytes per device, by kind, and the largest.
 
-  Counted statically: an op inside a loop body counts once.
+  Async starts (`all-gather-start`, ...) type as ((operands), (results), context...), and XLA combines
+  many tensors into one of them: their results are summed. Counted statically: an op inside a loop
+  body counts once.
   """
   pat = re.compile(r"^\s*(?:ROOT )?%?([\w.\-]+) = (.+?) (" + "|".join(COLLECTIVES) + r")(-start)?\(")
   by_kind = {k: {"count": 0, "bytes": 0} for k in COLLECTIVES}
@@ -171,12 +195,13 @@ def collectives(hlo_text: str) -> dict:
     if not mt:
       continue
     name, type_str, kind, start = mt.groups()
-    shapes = _shape_bytes(type_str)
+    if start and kind != "all-reduce":
+      parts = _tuple_elements(type_str)
+      shapes = _shape_bytes(parts[1]) if len(parts) >= 2 else []
+    else:
+      shapes = _shape_bytes(type_str)
     if not shapes:
       continue
-    if start and kind != "all-reduce":
-      # Async starts return (operands, results, ...): the result is the largest buffer.
-      shapes = [max(shapes, key=lambda t: t[1])]
     nbytes = sum(b for _, b in shapes)
     by_kind[kind]["count"] += 1
     by_kind[kind]["bytes"] += nbytes
@@ -226,7 +251,7 @@ def analyse(config, target: Target, dump_dir: str | None = None, save_path: str 
   n_dev = len(target.devices)
   batch_shards = math.prod(mesh[a] for a in train.BATCH_AXES)
   flops_model = model_flops(config, math.prod(mesh[a] for a in train.CLASS_AXES),
-                            trainer.abstract_state["params"]["centers"].shape[0])
+                            trainer.abstract_state["params"]["centers"].shape[0], mesh["tensor"])
   dtype = str(config.model.dtype)
   r = dict(topology=target.name, device_kind=target.devices[0].device_kind, num_devices=n_dev, mesh=mesh,
            global_batch=int(config.input.global_batch_size),

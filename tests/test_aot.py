@@ -120,6 +120,14 @@ def test_shardings_match_the_trainer_and_model_flops_match_xla(tmp_path):
   assert len(sharded) > 10
   # No remat: XLA's count is the model's matmuls plus elementwise work (norms, GELU, softmax, Adam).
   np.testing.assert_allclose(r["xla_flops_per_device"], r["model_flops_per_device"], rtol=0.05)
+  # FSDP: the weights sharded over fsdp are gathered before use and their gradients reduce-scattered
+  # into their shards; what is all-reduced (over data) is no more than the per-device shards.
+  params = r["shardings"]["tensors"]["params"]
+  fsdp_bytes = sum(v["bytes_per_device"] for v in params.values() if "fsdp" in str(v["spec"]))
+  c = r["collectives"]["by_kind"]
+  assert c["reduce-scatter"]["bytes"] >= 0.95 * fsdp_bytes, (c, fsdp_bytes)
+  assert c["all-gather"]["bytes"] >= 2 * 2 * fsdp_bytes * 0.5 * 0.95  # bf16 copies, forward and backward
+  assert c["all-reduce"]["bytes"] <= 1.6 * _tree_bytes_per_device(params), c
 
 
 def _has_cuda_plugin() -> bool:
@@ -177,11 +185,16 @@ def test_collectives_from_hlo_text():
       "  %ags = (f32[8,128]{1,0}, f32[64,128]{1,0}) all-gather-start(%d), dimensions={0}",
       "  %agd = f32[64,128]{1,0} all-gather-done(%ags)",
       "  %fusion = f32[32,128]{1,0} fusion(%ag), kind=kLoop",
+      # XLA combines tensors into one async op typed ((operands), (results), ...): results count.
+      "  %rss = ((f32[64,8]{1,0}, f32[16]{0}), (f32[8,8]{1,0}, /*index=2*/f32[2]{0}), u32[]) reduce-scatter-start(%e)",
+      "  %agc = ((bf16[2,4]{1,0:T(8,128)}, bf16[3]{0}), (bf16[16,4]{1,0:T(8,128)}, bf16[24]{0})) all-gather-start(%g, %h)",
   ])
   c = aot.collectives(hlo)
   assert c["by_kind"] == {"all-reduce": {"count": 1, "bytes": 128 * 4 * 4 + 20},
-                          "all-gather": {"count": 2, "bytes": 32 * 128 * 4 + 64 * 128 * 4}}
-  assert [o["name"] for o in c["largest"]] == ["ags", "ag", "all-reduce.1"]
+                          "all-gather": {"count": 3, "bytes": 32 * 128 * 4 + 64 * 128 * 4 + 2 * (64 + 24)},
+                          "reduce-scatter": {"count": 1, "bytes": 4 * (8 * 8 + 2)}}
+  assert [o["name"] for o in c["largest"]] == ["ags", "ag", "all-reduce.1", "rss", "agc"]
+  assert c["largest"][4]["shapes"] == ["bf16[16,4]", "bf16[24]"]
 
 
 def test_two_slices_double_the_devices():
