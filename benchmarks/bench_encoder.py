@@ -1,6 +1,21 @@
-"""Encoder forward+backward time vs token budget (sparse codec tokens vs the dense grid), and memory.
+"""Encoder forward+backward time vs token budget (sparse codec tokens vs the dense grid), memory, and
+JAX vs PyTorch eager on CPU.
 
-python benchmarks/bench_encoder.py [--json PATH] [--quick] [--gpu]
+python benchmarks/bench_encoder.py [--json PATH] [--quick] [--gpu] [--torch_compare] [--reps N]
+
+Default: tiny and base budget tables, the dense 16-frame memory run, then the PyTorch comparison.
+--quick: the tiny table only (smoke run, no PyTorch). --torch_compare: only the PyTorch comparison.
+
+PyTorch comparison: base, one 16-frame 224x224 clip (4,096-token grid) at budgets 12.5% (512 tokens),
+25% and 6.25%, fp32, batch 1, loss = mean(pooled^2). The same tokens go through the JAX encoder
+(jit, `model.attention=auto` -> xla on CPU) and `ovenc_jax.torch_model.OVEncoder` in eager mode
+(random weights; timing only), forward alone (torch under no_grad) and forward+backward (all
+parameter gradients). Both use as many threads as the process may run on: XLA's intra-op pool
+takes one per CPU of the affinity mask, torch gets torch.set_num_threads(that count). Timings are
+interleaved (JAX, torch, JAX, torch...) and the minimum of --reps rounds is kept, so background
+load hits both alike. JSON: cpu_fwd_s_<b>, cpu_fwd_bwd_s_<b> (JAX), torch_cpu_fwd_s_<b>,
+torch_cpu_fwd_bwd_s_<b>, cpu_fwd_ratio_<b>, cpu_fwd_bwd_ratio_<b> (JAX / torch) for b in 12_5, 25,
+6_25. The target (issue 13): cpu_fwd_bwd_ratio_12_5 <= 1.2.
 """
 import argparse
 import json
@@ -109,6 +124,87 @@ def dense_memory_run(reps, results):
                  base16_plain_attention_temp_gib=plain_gb)
 
 
+COMPARE_BUDGETS = (0.125, 0.25, 0.0625)
+
+
+def _budget_key(b):
+  return str(b * 100).rstrip("0").rstrip(".").replace(".", "_")
+
+
+def _min_time(fn, reps):
+  best = float("inf")
+  for _ in range(reps):
+    t0 = time.perf_counter()
+    fn()
+    best = min(best, time.perf_counter() - t0)
+  return best
+
+
+def torch_compare(reps, results, frames=16, budgets=COMPARE_BUDGETS):
+  """JAX vs PyTorch eager (ovenc_jax.torch_model), base fp32 on CPU: forward and forward+backward."""
+  import torch  # noqa: PLC0415  (only this section needs it)
+
+  from ovenc_jax import torch_layout  # noqa: PLC0415
+  from ovenc_jax import torch_model  # noqa: PLC0415
+
+  threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+  torch.set_num_threads(threads)
+  cfg = common.model_config("base")
+  enc = model_lib.encoder_from_config(cfg, platform="cpu")
+  torch.manual_seed(0)
+  tmodel = torch_model.OVEncoder(torch_layout.Arch(cfg.width, cfg.depth, cfg.num_heads, cfg.mlp_dim,
+                                                   cfg.patch_size), rope_layout=cfg.rope_layout)
+
+  def loss(params, patches, positions, segments):
+    return jnp.mean(enc.apply(params, patches, positions, segments)["pooled"].astype(jnp.float32) ** 2)
+
+  rows = []
+  for b in budgets:
+    inputs = clip_tokens(frames, b)
+    params = jax.jit(enc.init)(jax.random.key(0), *inputs)
+    fwd = jax.jit(loss).lower(params, *inputs).compile()
+    fwd_bwd = jax.jit(jax.value_and_grad(loss)).lower(params, *inputs).compile()
+    tp, tpos, tseg = (torch.as_tensor(np.array(a)) for a in inputs)
+    tpos, tseg = tpos.long(), tseg.long()
+
+    def jax_fwd():
+      jax.block_until_ready(fwd(params, *inputs))
+
+    def jax_fwd_bwd():
+      jax.block_until_ready(fwd_bwd(params, *inputs))
+
+    def torch_fwd():
+      with torch.no_grad():
+        (tmodel(tp, tpos, tseg)["pooled"] ** 2).mean()
+
+    def torch_fwd_bwd():
+      tmodel.zero_grad(set_to_none=True)
+      (tmodel(tp, tpos, tseg)["pooled"] ** 2).mean().backward()
+
+    fns = dict(jf=jax_fwd, tf=torch_fwd, jb=jax_fwd_bwd, tb=torch_fwd_bwd)
+    for fn in fns.values():  # warm-up (torch allocator, XLA thread pool)
+      fn()
+    best = {k: float("inf") for k in fns}
+    for _ in range(reps):  # interleaved: background load hits both frameworks alike
+      for k, fn in fns.items():
+        best[k] = min(best[k], _min_time(fn, 1))
+    rows.append((b, int(inputs[0].shape[1]), best))
+    key = _budget_key(b)
+    results.update({f"cpu_fwd_s_{key}": best["jf"], f"cpu_fwd_bwd_s_{key}": best["jb"],
+                    f"torch_cpu_fwd_s_{key}": best["tf"], f"torch_cpu_fwd_bwd_s_{key}": best["tb"],
+                    f"cpu_fwd_ratio_{key}": best["jf"] / best["tf"],
+                    f"cpu_fwd_bwd_ratio_{key}": best["jb"] / best["tb"]})
+  print(f"\nbase, {frames} frames at 224, fp32, batch 1: JAX (jit) vs PyTorch {torch.__version__} eager, "
+        f"CPU, {threads} threads each")
+  print(f"{'budget':>8} {'tokens':>7} {'JAX fwd s':>10} {'torch fwd s':>12} {'ratio':>6} "
+        f"{'JAX fwd+bwd s':>14} {'torch fwd+bwd s':>16} {'ratio':>6}")
+  for b, tokens, t in rows:
+    print(f"{b * 100:7.2f}% {tokens:7d} {t['jf']:10.3f} {t['tf']:12.3f} {t['jf'] / t['tf']:6.2f} "
+          f"{t['jb']:14.3f} {t['tb']:16.3f} {t['jb'] / t['tb']:6.2f}")
+  print(f"target: JAX fwd+bwd within 1.2x of PyTorch at 12.5% -> {results['cpu_fwd_bwd_ratio_12_5']:.2f}x")
+  return rows
+
+
 def gpu_run(results):
   """`large` at 224 in bf16 on one GPU: tokens/s and MFU (peak from --peak_tflops)."""
   cfg = common.model_config("large")
@@ -140,16 +236,22 @@ def main():
   ap.add_argument("--reps", type=int, default=3)
   ap.add_argument("--gpu", action="store_true", help="also run large/bf16 on the GPU")
   ap.add_argument("--peak_tflops", type=float, default=989.0, help="GPU bf16 dense peak (H100 SXM)")
+  ap.add_argument("--torch_compare", action="store_true",
+                  help="only the JAX vs PyTorch CPU comparison (part of the default run)")
+  ap.add_argument("--compare_reps", type=int, default=5, help="interleaved rounds of the PyTorch comparison")
   args = ap.parse_args()
   results = {}
-  budget_table("tiny", 16, args.reps, results, "tiny16")
-  if not args.quick:
+  if not args.torch_compare:
+    budget_table("tiny", 16, args.reps, results, "tiny16")
+  if not args.quick and not args.torch_compare:
     budget_table("base", 8, args.reps, results, "base8")
     results["speedup_25"] = results["base8_speedup_25"]
     results["speedup_6_25"] = results["base8_speedup_6_25"]
     print(f"\ntargets (base, 8 frames): >= 5x at 25% -> {results['speedup_25']:.2f}x; "
           f">= 18x at 6.25% -> {results['speedup_6_25']:.2f}x")
     dense_memory_run(max(1, args.reps - 2), results)
+  if not args.quick or args.torch_compare:
+    torch_compare(args.compare_reps, results)
   if args.gpu:
     achieved = gpu_run(results)
     results["gpu_large_mfu"] = achieved / (args.peak_tflops * 1e12)

@@ -226,7 +226,8 @@ def sharding_report(abstract_state) -> dict:
       key = jax.tree_util.keystr(path) or "[]"
       nbytes = math.prod(leaf.shape) * leaf.dtype.itemsize
       per_device = math.prod(leaf.sharding.shard_shape(leaf.shape)) * leaf.dtype.itemsize
-      rows[key] = dict(shape=list(leaf.shape), spec=_spec(leaf.sharding), bytes_per_device=per_device)
+      rows[key] = dict(shape=list(leaf.shape), spec=_spec(leaf.sharding), bytes=nbytes,
+                       bytes_per_device=per_device)
       if leaf.sharding.is_fully_replicated and nbytes > REPLICATED_WARN_BYTES:
         warnings.append(f"{group}{key} {list(leaf.shape)} is replicated: {nbytes / 2 ** 20:.0f} MiB on every device")
     out[group] = rows

@@ -47,8 +47,15 @@ class _Module(nn.Module):
   def _p(self, name, init, shape, names):
     return self.param(name, nn.with_logical_partitioning(init, names), shape, precision.PARAM_DTYPE)
 
-  def _dense(self, spec, x, kernel, bias):
-    return precision.dense(spec, x, kernel, bias, self.dtype, self.grad_reduce_dtype)
+  def _dense(self, spec, x, kernel, bias, names=None):
+    """`names`: the kernel's logical axes, for FSDP (precision.fsdp_specs) under the axis rules."""
+    fsdp = None
+    if self.axis_rules and names is not None:
+      rules = tuple(self.axis_rules)
+      batch = nn.logical_to_mesh_axes(("batch",), rules)[0]
+      fsdp = precision.fsdp_specs(nn.logical_to_mesh_axes(names, rules),
+                                  (batch,) if isinstance(batch, str) else tuple(batch or ()))
+    return precision.dense(spec, x, kernel, bias, self.dtype, self.grad_reduce_dtype, fsdp)
 
   def _constrain(self, x, names):
     if not self.axis_rules:
@@ -64,11 +71,7 @@ class LayerNorm(_Module):
     d = x.shape[-1]
     scale = self._p("scale", _ones, (d,), ("norm",))
     bias = self._p("bias", _zeros, (d,), ("norm",))
-    xf = x.astype(jnp.float32)
-    mean = xf.mean(-1, keepdims=True)
-    var = jnp.square(xf - mean).mean(-1, keepdims=True)
-    y = (xf - mean) * jax.lax.rsqrt(var + self.eps) * scale + bias
-    return y.astype(self.dtype)
+    return precision.layer_norm(x, scale, bias, self.eps).astype(self.dtype)
 
 
 class RMSNorm(_Module):
@@ -93,7 +96,7 @@ class Linear(_Module):
     kernel = self._p("kernel", _dense_init, (x.shape[-1], self.features), self.names)
     bias = self._p("bias", _zeros, (self.features,), (self.names[1],)) if self.use_bias else None
     lead = "abcdefg"[:x.ndim - 1]
-    return self._dense(f"{lead}i,io->{lead}o", x, kernel, bias)
+    return self._dense(f"{lead}i,io->{lead}o", x, kernel, bias, self.names)
 
 
 class HeadProjection(_Module):
@@ -106,7 +109,7 @@ class HeadProjection(_Module):
     kernel = self._p("kernel", _dense_init, (x.shape[-1], self.num_heads, self.head_dim),
                      ("embed", "heads", "kv"))
     bias = self._p("bias", _zeros, (self.num_heads, self.head_dim), ("heads", "kv"))
-    return self._dense("bnd,dhk->bnhk", x, kernel, bias)
+    return self._dense("bnd,dhk->bnhk", x, kernel, bias, ("embed", "heads", "kv"))
 
 
 class OutProjection(_Module):
@@ -118,7 +121,7 @@ class OutProjection(_Module):
     h, k = x.shape[-2:]
     kernel = self._p("kernel", _dense_init, (h, k, self.features), ("heads", "kv", "embed"))
     bias = self._p("bias", _zeros, (self.features,), ("norm",))
-    return self._dense("bnhk,hkd->bnd", x, kernel, bias)
+    return self._dense("bnhk,hkd->bnd", x, kernel, bias, ("heads", "kv", "embed"))
 
 
 class Attention(_Module):

@@ -128,6 +128,19 @@ def test_shardings_match_the_trainer_and_model_flops_match_xla(tmp_path):
   assert c["reduce-scatter"]["bytes"] >= 0.95 * fsdp_bytes, (c, fsdp_bytes)
   assert c["all-gather"]["bytes"] >= 2 * 2 * fsdp_bytes * 0.5 * 0.95  # bf16 copies, forward and backward
   assert c["all-reduce"]["bytes"] <= 1.6 * _tree_bytes_per_device(params), c
+  # benchmarks/bench_aot.py's figures from this report.
+  spec = importlib.util.spec_from_file_location("bench_aot", os.path.join(ROOT, "benchmarks", "bench_aot.py"))
+  bench = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(bench)
+  f = bench.figures("case", r)
+  t_compute = r["model_flops_per_device"] / r["peak_flops"]
+  t_hbm = r["bytes_accessed_per_device"] / r["hbm_bandwidth"]
+  assert f["case_compute_fraction"] == pytest.approx(t_compute / max(t_compute, t_hbm))
+  assert 0.95 < f["case_model_over_xla_flops"] < 1.05
+  assert f["case_collective_bytes_per_device"] == sum(v["bytes"] for v in c.values())
+  # Weights and Adam moments are split 4 ways (fsdp x tensor); only norms and biases are whole.
+  assert 0.45 < f["case_param_opt_over_total_per_fsdp"] < 0.6
+  assert f["case_fits"] == 1 and f["case_replicated_over_64mib"] == 0
 
 
 def _has_cuda_plugin() -> bool:
@@ -216,6 +229,7 @@ def test_replicated_tensors_over_64_mib_are_flagged():
            "opt_state": {"mu": leaf((4096, 4097), P())}}
   report = aot.sharding_report(state)
   assert report["tensors"]["params"]["['split']"] == dict(shape=[8192, 4096], spec=["data"],
+                                                          bytes=8192 * 4096 * 4,
                                                           bytes_per_device=8192 * 4096 * 4 // 8)
   assert len(report["warnings"]) == 2
   assert all("['big']" in w or "['mu']" in w for w in report["warnings"])

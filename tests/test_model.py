@@ -154,6 +154,21 @@ def test_rope_matches_numpy(layout, head_dim):
     assert [len(f) for f in rope_lib.axis_frequencies(64)] == [8, 12, 12]
 
 
+@pytest.mark.parametrize("layout", ["official", "consistent"])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_rope_rotation_by_matmul_is_exact(layout, dtype):
+  """The TPU path (rotate_half as x @ R) equals the shuffle bit for bit, values and gradients."""
+  rng = np.random.default_rng(1)
+  x = jnp.asarray(rng.normal(size=(2, 9, 3, 64)), dtype)
+  shuffle = {"official": rope_lib._rotate_half_interleaved, "consistent": rope_lib._rotate_half_split}[layout]
+  f_mm = lambda x: rope_lib._rotate_by_matmul(x, layout)
+  f_sh = lambda x: shuffle(x.astype(jnp.float32))
+  np.testing.assert_array_equal(f_mm(x), f_sh(x))
+  w = jnp.asarray(rng.normal(size=x.shape), jnp.float32)
+  g_mm, g_sh = (jax.grad(lambda x, f=f: jnp.sum(f(x) * w))(x) for f in (f_mm, f_sh))
+  np.testing.assert_array_equal(g_mm, g_sh)
+
+
 def test_chunked_attention_matches_dense_with_grads():
   rng = np.random.default_rng(0)
   q, k, v = (jnp.asarray(rng.normal(size=(2, 70, 4, 32)), jnp.float32) for _ in range(3))
@@ -181,19 +196,21 @@ def test_uint8_input_is_clip_normalised():
   np.testing.assert_allclose(a, b, atol=1e-5)
 
 
-def test_sharded_forward_and_grad_match_single_device():
+@pytest.mark.parametrize("data,fsdp,tensor", [(2, 2, 2), (1, 8, 1)])
+def test_sharded_forward_and_grad_match_single_device(data, fsdp, tensor):
+  """FSDP (weights gathered before use, gradients reduce-scattered), tensor and data parallelism."""
   cfg = pretrain.get_config("variant=tiny")
-  cfg.mesh.update(dict(data=2, fsdp=2, tensor=2))
+  cfg.mesh.update(dict(data=data, fsdp=fsdp, tensor=tensor))
   mesh = sharding_lib.make_mesh(cfg.mesh)
   sharding_lib.validate_divisibility(cfg.model, mesh)
   rules = cfg.logical_axis_rules
   enc_sharded = model_lib.encoder_from_config(cfg.model, rules)
   enc_plain = model_lib.encoder_from_config(cfg.model)
   xs, ps, segs = [], [], []
-  for s in range(4):
+  for s in range(8):  # one row per batch shard at least: the reduce-scatter path needs them all
     x, p = _image_tokens(30, seed=s)
     xs.append(x), ps.append(p)
-    segs.append(np.r_[np.ones(24 + s, np.int32), np.zeros(6 - s, np.int32)])
+    segs.append(np.r_[np.ones(24 + s % 4, np.int32), np.zeros(6 - s % 4, np.int32)])
   x, pos, seg = (jnp.asarray(np.stack(a)) for a in (xs, ps, segs))
   init = lambda r: enc_sharded.init(r, x, pos, seg)
   with jax.set_mesh(mesh):
@@ -201,9 +218,9 @@ def test_sharded_forward_and_grad_match_single_device():
   kernel = params["params"]["layers_0"]["self_attn"]["q_proj"]["kernel"]
   assert kernel.sharding.spec == jax.sharding.PartitionSpec("fsdp", "tensor", None)
   assert len({s.data.unsafe_buffer_pointer() for s in kernel.addressable_shards}) == 8
-  assert kernel.addressable_shards[0].data.shape == (64, 2, 32)
+  assert kernel.addressable_shards[0].data.shape == (128 // fsdp, 4 // tensor, 32)
   fc1 = params["params"]["layers_1"]["mlp"]["fc1"]["kernel"]
-  assert fc1.addressable_shards[0].data.shape == (64, 256)
+  assert fc1.addressable_shards[0].data.shape == (128 // fsdp, 512 // tensor)
 
   def loss(p, enc, x, pos, seg):
     out = enc.apply(p, x, pos, seg)

@@ -1,0 +1,159 @@
+"""Pod efficiency from ahead-of-time compiles: is the train step compute-bound, light on communication, sharded?
+
+python benchmarks/bench_aot.py [--json PATH] [--out DIR] [--cases large_v5p128,base_v5e256,base_h100x8]
+
+Each case is one `python -m ovenc_jax.aot` run (its own process, one at a time) of a `pod=` preset
+(configs/common.py) on 16-frame clips at 12.5% (512 tokens, one clip a row), 1M centers, up to 10
+labels a sample. From its report:
+- compute_fraction = t_compute / max(t_compute, t_hbm): t_compute is the model's own FLOP count at
+  the chip's peak, t_hbm XLA's bytes accessed at the chip's HBM bandwidth (the splash kernels declare
+  their FLOPs and K/V re-reads to XLA: ovenc_jax/attention/splash.py). XLA's bytes are an upper bound
+  of HBM traffic (each op's operands and results, VMEM prefetch copies included), so this fraction is
+  a lower bound. GPU targets have no XLA cost analysis: n/a there.
+- model_over_xla_flops, memory per device (and whether it fits), collective bytes per device per step
+  (results of every collective, counted once per op in the program) beside the parameter bytes,
+  parameter + optimizer bytes per device against their total over the mesh's fsdp size, and the
+  replicated tensors over 64 MiB.
+Goals (issue 13): large_v5p128_compute_fraction >= 0.6, base_v5e256_compute_fraction >= 0.5, both fit,
+nothing replicated over 64 MiB, parameter + optimizer bytes per device <= 1.25 x total / fsdp.
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+from data_prep import atomic_io  # noqa: E402
+# name: (variant, pod preset / topology)
+CASES = {
+    "large_v5p128": ("large", "v5p-128"),
+    "base_v5e256": ("base", "v5e-256"),
+    "base_h100x8": ("base", "h100x8"),
+}
+INPUT = ["--config.input.tokens_per_row=512", "--config.input.max_segments=1",
+         "--config.loss.num_classes=1000000", "--config.input.max_labels=10"]
+GOALS = {"large_v5p128_compute_fraction": 0.6, "base_v5e256_compute_fraction": 0.5}
+
+
+def compile_case(name: str, out_dir: str) -> dict | None:
+  """The case's aot report; a GPU preset falls back to XLA attention where the cuDNN library (which
+  tracing cuDNN attention queries for its version) is not installed, and the report says so."""
+  variant, pod = CASES[name]
+  path = os.path.join(out_dir, f"{name}.json")
+  if not os.path.exists(path):
+    cmd = [sys.executable, "-m", "ovenc_jax.aot", f"--config=configs/pretrain.py:variant={variant},pod={pod}",
+           f"--topology={pod}", f"--json={path}", *INPUT]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    fallback = not os.path.exists(path) and "cuDNN not found" in proc.stderr
+    if fallback:
+      proc = subprocess.run(cmd + ["--config.model.attention=xla"], cwd=ROOT, capture_output=True, text=True)
+    if proc.returncode not in (0, 1) or not os.path.exists(path):
+      print(f"{name}: compile failed (rc {proc.returncode})\n{proc.stderr[-3000:]}", file=sys.stderr)
+      return None
+    with open(path) as f:
+      report = json.load(f)
+    report["attention_fallback_xla"] = int(fallback)
+    atomic_io.save_json(path, report)
+  with open(path) as f:
+    return json.load(f)
+
+
+def figures(name: str, r: dict) -> dict:
+  """The issue's figures from one `ovenc_jax.aot` report, as plain numbers under `<name>_*`."""
+  t = r["shardings"]["tensors"]
+  state = [row for group in ("params", "centers", "opt_state") for row in t[group].values()]
+  state_per_device = sum(row["bytes_per_device"] for row in state)
+  state_total = sum(row["bytes"] for row in state)
+  fsdp = r["mesh"]["fsdp"]
+  t_compute = r["model_flops_per_device"] / r["peak_flops"]
+  accessed = r.get("bytes_accessed_per_device")
+  t_hbm = None if accessed is None else accessed / r["hbm_bandwidth"]
+  coll = r.get("collectives", {}).get("by_kind", {})
+  out = {
+      "compute_fraction": None if t_hbm is None else t_compute / max(t_compute, t_hbm),
+      "step_s_model_flops": t_compute, "step_s_hbm": t_hbm,
+      "model_over_xla_flops": (r["model_flops_per_device"] / r["xla_flops_per_device"]
+                               if r.get("xla_flops_per_device") else None),
+      "memory_gib": r["memory"]["total"] / 2 ** 30 if "memory" in r else None,
+      "hbm_gib": r["hbm_bytes"] / 2 ** 30, "fits": int(bool(r["fits"])),
+      "collective_bytes_per_device": sum(v["bytes"] for v in coll.values()),
+      "param_bytes_per_device": sum(row["bytes_per_device"] for row in t["params"].values()),
+      "param_bytes_total": sum(row["bytes"] for row in t["params"].values()),
+      "param_opt_bytes_per_device": state_per_device,
+      "param_opt_over_total_per_fsdp": state_per_device / (state_total / fsdp),
+      "replicated_over_64mib": len(r["shardings"]["warnings"]),
+      "fsdp": fsdp, "devices": r["num_devices"], "global_batch": r["global_batch"],
+      "compile_s": r["compile_s"], "attention_fallback_xla": r.get("attention_fallback_xla", 0),
+  }
+  for kind, v in coll.items():
+    out[f"{kind.replace('-', '_')}_bytes_per_device"] = v["bytes"]
+  return {f"{name}_{k}": v for k, v in out.items()}
+
+
+def _fmt(v, unit=""):
+  if v is None:
+    return "n/a"
+  if unit == "MiB":
+    return f"{v / 2 ** 20:,.0f}"
+  if unit == "ms":
+    return f"{v * 1e3:.1f}"
+  return f"{v:.2f}" if isinstance(v, float) else str(v)
+
+
+def table(names, res) -> str:
+  rows = [("devices (mesh fsdp)", lambda n: f"{res[n + '_devices']} ({res[n + '_fsdp']})"),
+          ("global batch (rows x 512 tok)", lambda n: _fmt(res[n + "_global_batch"])),
+          ("compute_fraction", lambda n: _fmt(res[n + "_compute_fraction"])),
+          ("step ms at peak FLOPs (model)", lambda n: _fmt(res[n + "_step_s_model_flops"], "ms")),
+          ("step ms at HBM bw (XLA bytes)", lambda n: _fmt(res[n + "_step_s_hbm"], "ms")),
+          ("model / XLA FLOPs", lambda n: _fmt(res[n + "_model_over_xla_flops"])),
+          ("memory GiB / HBM GiB", lambda n: f"{_fmt(res[n + '_memory_gib'])} / {res[n + '_hbm_gib']:.0f}"),
+          ("params MiB/device (total)", lambda n: f"{_fmt(res[n + '_param_bytes_per_device'], 'MiB')} "
+                                                  f"({_fmt(res[n + '_param_bytes_total'], 'MiB')})"),
+          ("params+opt / (total/fsdp)", lambda n: _fmt(res[n + "_param_opt_over_total_per_fsdp"])),
+          ("collectives MiB/device/step", lambda n: _fmt(res[n + "_collective_bytes_per_device"], "MiB")),
+          ("  all-gather / reduce-scatter", lambda n: f"{_fmt(res.get(n + '_all_gather_bytes_per_device', 0), 'MiB')}"
+                                                      f" / {_fmt(res.get(n + '_reduce_scatter_bytes_per_device', 0), 'MiB')}"),
+          ("  all-reduce", lambda n: _fmt(res.get(n + "_all_reduce_bytes_per_device", 0), "MiB")),
+          ("replicated > 64 MiB", lambda n: _fmt(res[n + "_replicated_over_64mib"])),
+          ("compile s", lambda n: f"{res[n + '_compile_s']:.0f}"),
+          ("attention", lambda n: "xla (no cuDNN here)" if res[n + "_attention_fallback_xla"] else "preset")]
+  width = 20
+  lines = [f"{'':32s}" + "".join(f"{n:>{width}s}" for n in names)]
+  for label, get in rows:
+    lines.append(f"{label:32s}" + "".join(f"{get(n):>{width}s}" for n in names))
+  for key, goal in GOALS.items():
+    if key in res:
+      got = res[key]
+      lines.append(f"goal {key} >= {goal}: {_fmt(got)} ({'met' if got is not None and got >= goal else 'NOT met'})")
+  return "\n".join(lines)
+
+
+def main():
+  ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  ap.add_argument("--json", help="write the figures here")
+  ap.add_argument("--out", help="keep the per-case aot reports here (existing ones are reused)")
+  ap.add_argument("--cases", default=",".join(CASES))
+  args = ap.parse_args()
+  names = [n for n in args.cases.split(",") if n]
+  for n in names:
+    if n not in CASES:
+      raise SystemExit(f"--cases: {n!r} is unknown; known: {', '.join(CASES)}")
+  out_dir = args.out or tempfile.mkdtemp(prefix="bench_aot_")
+  os.makedirs(out_dir, exist_ok=True)
+  res, done = {}, []
+  for n in names:
+    r = compile_case(n, out_dir)
+    if r is not None:
+      res.update(figures(n, r))
+      done.append(n)
+  print(table(done, res))
+  if args.json:
+    atomic_io.save_json(args.json, res)
+
+
+if __name__ == "__main__":
+  main()
