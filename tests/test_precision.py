@@ -35,12 +35,13 @@ def test_dense_gradient_matches_autodiff(spec):
   np.testing.assert_allclose(no_bias[1], ref[1], rtol=1e-6)
 
 
-def _lowered_train_step(grad_reduce_dtype):
+def _lowered_train_step(grad_reduce_dtype, fsdp=1):
   cfg = pretrain.get_config("tiny")
   cfg.model.update(dtype="bfloat16", grad_reduce_dtype=grad_reduce_dtype)
   cfg.input.update(global_batch_size=8, tokens_per_row=64)
+  cfg.mesh.update(data=8 // fsdp, fsdp=fsdp)
   trainer = train_lib.Trainer(cfg, tempfile.mkdtemp())
-  assert trainer.mesh.shape["data"] == 8
+  assert trainer.mesh.shape["data"] == 8 // fsdp
   n, s = cfg.input.tokens_per_row, cfg.input.max_segments
   sds = jax.ShapeDtypeStruct
   batch = dict(patches=sds((8, n, 14 * 14 * 3), jnp.uint8), positions=sds((8, n, 3), jnp.int32),
@@ -89,3 +90,18 @@ def test_train_step_dtypes_in_lowered_hlo(grad_reduce_dtype):
   heads, tokens = 4, 64
   # The self-attention softmax over [B, H, Nq, Nk] (ovenc_jax/attention/xla.py).
   assert ((8, heads, tokens, tokens), "f32") in types["exponential"]
+
+
+@pytest.mark.parametrize("grad_reduce_dtype", ["float32", "bfloat16"])
+def test_fsdp_gathers_in_compute_dtype_and_reduce_scatters_in_grad_reduce_dtype(grad_reduce_dtype):
+  """mesh.fsdp=4: every FSDP-sharded kernel's gradient leaves its shard_map through a reduce-scatter in
+  `grad_reduce_dtype`, and the weights are gathered (sharding constraint) after the cast to bf16."""
+  text, kernels = _lowered_train_step(grad_reduce_dtype, fsdp=4)
+  scatters = re.findall(r'"stablehlo\.reduce_scatter".*?\}\) : \(tensor<([^>]+)>\)', text, re.S)
+  rdt = "f32" if grad_reduce_dtype == "float32" else "bf16"
+  # A kernel's gradient is scattered from its full shape (the loss's own reductions stay fp32).
+  weight_scatters = [_tensor(t) for t in scatters if _tensor(t)[0] in kernels]
+  assert {shape for shape, _ in weight_scatters} == kernels  # every kernel has an embed (fsdp) axis
+  assert {dtype for _, dtype in weight_scatters} == {rdt}
+  gathered = re.findall(r"sdy\.sharding_constraint .*?: tensor<([^>]+)>", text)
+  assert any(_tensor(t)[1] == "bf16" and _tensor(t)[0] in kernels for t in gathered)
