@@ -52,9 +52,8 @@ class _Module(nn.Module):
     fsdp = None
     if self.axis_rules and names is not None:
       rules = tuple(self.axis_rules)
-      batch = nn.logical_to_mesh_axes(("batch",), rules)[0]
       fsdp = precision.fsdp_specs(nn.logical_to_mesh_axes(names, rules),
-                                  (batch,) if isinstance(batch, str) else tuple(batch or ()))
+                                  nn.logical_to_mesh_axes(("batch",), rules)[0])
     return precision.dense(spec, x, kernel, bias, self.dtype, self.grad_reduce_dtype, fsdp)
 
   def _constrain(self, x, names):

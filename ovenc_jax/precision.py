@@ -10,8 +10,8 @@
   so the partial sums, their cross-device reduction and the bias sums all run in that dtype.
 - FSDP: a weight sharded over an axis that also shards the batch is all-gathered in the compute dtype
   just before its matmul (forward, and again for the input gradient), and its gradient is
-  constrained straight to the stored sharding, so the partitioner reduce-scatters the partial sums in
-  `grad_reduce_dtype` instead of all-reducing a full-size gradient and slicing it.
+  reduce-scattered into the stored shards in `grad_reduce_dtype` (`psum_scatter` in a `shard_map`),
+  where the partitioner left to itself all-reduces small weights' full gradients and slices them.
 """
 import functools
 import math
@@ -52,8 +52,9 @@ def _entry(names):
 
 
 def fsdp_specs(stored: jax.sharding.PartitionSpec, batch_axes) -> Fsdp | None:
-  """`Fsdp` for a weight whose spec names a mesh axis of the batch, else None."""
-  batch_axes = tuple(batch_axes)
+  """`Fsdp` for a weight whose spec names a mesh axis of the batch, else None. batch_axes: the batch
+  dimension's spec entry (a mesh axis name, a tuple of them, or None)."""
+  batch_axes = _names(batch_axes)
   gathered = jax.sharding.PartitionSpec(*(_entry(tuple(a for a in _names(e) if a not in batch_axes))
                                           for e in stored))
   return None if gathered == stored else Fsdp(stored, gathered, batch_axes)

@@ -5,6 +5,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ovenc_jax import sharding
+
 RopeLayout = Literal["official", "consistent"]
 # head_dim / 2 is split into 16 units, t:h:w = 4:6:6 (the OneVision-Encoder split).
 _UNITS = (4, 6, 6)
@@ -61,7 +63,7 @@ def apply_rope(x: jnp.ndarray, angles: jnp.ndarray, layout: RopeLayout = "offici
     rotate = _rotate_half_split
   else:
     raise ValueError(f"model.rope_layout={layout!r}: expected 'official' or 'consistent'")
-  platform = _platform()
+  platform = sharding.mesh_platform()
   cos, sin = jnp.cos(angles), jnp.sin(angles)
   if platform == "cpu":
     cos, sin = _materialized(cos, sin)
@@ -91,9 +93,3 @@ def _rotate_by_matmul(x: jnp.ndarray, layout: RopeLayout) -> jnp.ndarray:
   return jnp.einsum("...d,de->...e", x, r, precision=jax.lax.Precision.HIGHEST,
                     preferred_element_type=jnp.float32)
 
-
-def _platform() -> str:
-  # The mesh's devices decide, as for splash attention: compiling for a TPU target from a CPU host.
-  mesh = jax.sharding.get_abstract_mesh()
-  device = None if mesh.empty else mesh.abstract_device
-  return device.platform if device is not None else jax.default_backend()

@@ -88,6 +88,17 @@ def validate_divisibility(model_cfg, mesh: jax.sharding.Mesh) -> None:
       raise ValueError(f"model.{key}={model_cfg[key]} is not divisible by mesh.{axis}={mesh.shape[axis]}")
 
 
+def mesh_platform() -> str:
+  """The platform of the current mesh's devices ('tpu', 'gpu', 'cpu'), else the local backend's.
+
+  Compiling for TPU targets from a CPU host traces under a mesh of TPU devices: code that picks a
+  kernel per platform (splash's Mosaic kernel, RoPE's matmul) must ask the mesh, not jax.default_backend().
+  """
+  mesh = jax.sharding.get_abstract_mesh()
+  device = None if mesh.empty else mesh.abstract_device
+  return device.platform if device is not None else jax.default_backend()
+
+
 def logical_shardings(abstract_tree: Any, mesh: jax.sharding.Mesh, rules) -> Any:
   """NamedShardings for a (boxed, abstract) tree carrying nn.LogicallyPartitioned leaves."""
   specs = nn.get_partition_spec(abstract_tree)

@@ -17,6 +17,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas.ops.tpu import splash_attention as splash
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as _kernel_module
 
+from ovenc_jax import sharding
+
 LANES = 128
 BLOCK_CANDIDATES = (512, 256, 128)
 # Rows padded up to a multiple of 128 get this segment id: they attend only to each other, so no
@@ -125,11 +127,8 @@ def attention(q, k, v, q_segments, kv_segments, *, scale, axis_rules=(), interpr
   if q.shape[1] != k.shape[1]:
     raise ValueError(f"splash attention is for self-attention; got {q.shape[1]} queries, {k.shape[1]} keys")
   mesh = jax.sharding.get_abstract_mesh()
-  if interpret is None:
-    # The mesh's devices decide, not the local backend: compiling for TPU targets from a CPU host
-    # must emit the Mosaic kernel, not the interpreter.
-    device = None if mesh.empty else mesh.abstract_device
-    interpret = (device.platform if device is not None else jax.default_backend()) != "tpu"
+  if interpret is None:  # a TPU target compiled from a CPU host gets the Mosaic kernel
+    interpret = sharding.mesh_platform() != "tpu"
   n = q.shape[1]
   pad = -n % LANES
   to_kernel = lambda t: jnp.pad(t, ((0, 0), (0, pad), (0, 0), (0, 0))).swapaxes(1, 2)
