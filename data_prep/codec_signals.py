@@ -1,4 +1,5 @@
 """Codec signals via PyAV (stock FFmpeg): decode, motion/residual maps, fusion, top-K selection."""
+import bisect
 import collections
 import dataclasses
 import math
@@ -15,6 +16,7 @@ import numpy as np
 
 from data_prep import records
 from data_prep import selectors
+from data_prep import signal_kernels
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"})
 FUSIONS = ("mean", "max", "sum", "geomean")
@@ -398,14 +400,24 @@ class _Lattice:
     return (self.pool_rows @ grid @ self.pool_cols.T) / self.pool_area
 
 
-def luma_plane(frame) -> np.ndarray:
-  """[H, W] uint8 luma of a decoded frame, a view of the decoder's buffer when possible."""
+def luma_rows(frame) -> np.ndarray:
+  """[H, >= W] C-contiguous uint8 luma of a decoded frame: the decoder's buffer, line padding
+  included, when possible (columns from W on are not picture)."""
   if frame.format.name in _LUMA_PLANE_FORMATS:
     plane = frame.planes[0]
     buf = np.frombuffer(plane, np.uint8)
-    return buf[: plane.line_size * frame.height].reshape(frame.height, plane.line_size)[
-        :, : frame.width]
+    return buf[: plane.line_size * frame.height].reshape(frame.height, plane.line_size)
   return frame.to_ndarray(format="gray")
+
+
+def luma_plane(frame) -> np.ndarray:
+  """[H, W] uint8 luma of a decoded frame, a view of the decoder's buffer when possible."""
+  return luma_rows(frame)[:, : frame.width]
+
+
+def _rows(luma: np.ndarray) -> np.ndarray:
+  """A C-contiguous [H, >= W] array with luma's rows (no copy for decoder planes)."""
+  return luma if luma.flags.c_contiguous else np.ascontiguousarray(luma)
 
 
 def mv_cell_size(mvs) -> int:
@@ -470,10 +482,26 @@ _LATTICES = threading.local()  # per thread: lattices hold work buffers
 class FrameSignals:
   """Per-frame motion/residual patch scores for one video geometry; caches index tables."""
 
-  def __init__(self, cfg: PatchifyConfig, height: int, width: int, rot_k: int = 0):
+  COMPILED = True  # default of `compiled`; tests switch it off to reach the numpy path
+
+  def __init__(self, cfg: PatchifyConfig, height: int, width: int, rot_k: int = 0,
+               compiled: bool = None):
     self.cfg = cfg
     self.height, self.width, self.rot_k = height, width, rot_k
     self.stride = max(1, min(height, width) // cfg.image_size)
+    # The compiled kernel covers the linear fusions without camera compensation (the defaults);
+    # the numpy path below is the reference it is tested against and serves the other options.
+    compiled = FrameSignals.COMPILED if compiled is None else compiled
+    self.compiled = compiled and cfg.fusion in ("mean", "sum") and not cfg.camera_compensation
+    if self.compiled:
+      lattice = (-(-height // self.stride), -(-width // self.stride))
+      row_bin, row_pid, col_runs, col_run_pid, area = signal_kernels.patch_layout(
+          *lattice, cfg.grid_side, rot_k)
+      # The kernel's arguments after (cur, past, fut, use_fut, vectors, zero_motion, out).
+      self._consts = (height, width, self.stride, cfg.max_mv_pixels, float(cfg.motion_floor),
+                      int(cfg.residual_floor), row_bin, row_pid, col_runs, col_run_pid,
+                      cfg.grid_side, area, np.empty(lattice, np.uint8), float(cfg.motion_weight),
+                      float(cfg.residual_weight), cfg.fusion == "sum")
 
   def _lattice(self, cell):
     key = (self.height, self.width, self.stride, cell, self.cfg.max_mv_pixels, self.rot_k,
@@ -540,7 +568,7 @@ class FrameSignals:
       dym = _weighted_median(dy[covered], lat.cell_count[covered])
       mag = np.hypot(dx - dxm, dy - dym)
     else:
-      mag = np.hypot(dx, dy)
+      mag = np.sqrt(dx * dx + dy * dy)  # as signal_kernels computes it (hypot is slower)
     # Warp at integer precision: the exported vectors are quarter-pel, rounding keeps it a gather.
     lim = cfg.max_mv_pixels
 
@@ -569,7 +597,13 @@ class FrameSignals:
     frame whose motion map is 0 (I-frames: the same scale as motion-compensated frames).
     """
     cfg = self.cfg
-    motion_cells, residual, lat, tokens = self.maps(cur_luma, prev_luma, mvs, future_luma)
+    if self.compiled:
+      out = np.zeros((cfg.grid_side, cfg.grid_side))
+      return out, self.accumulate(out, cur_luma, prev_luma, mvs, future_luma, zero_motion)
+    w = self.width
+    motion_cells, residual, lat, tokens = self.maps(
+        cur_luma[:, :w], None if prev_luma is None else prev_luma[:, :w], mvs,
+        None if future_luma is None else future_luma[:, :w])
     # The residual scale is an integer (uint8 percentile, integer floor), so clipping at it in
     # uint8 and dividing afterwards equals min(residual / scale, 1) exactly.
     r_scale = int(norm_scale(residual, cfg.residual_floor))
@@ -585,6 +619,24 @@ class FrameSignals:
     if m is None and zero_motion:
       m = np.zeros_like(r)
     return self._pool(fuse(m, r, cfg)), tokens
+
+
+  def accumulate(self, out, cur_luma, prev_luma, mvs, future_luma=None, zero_motion=False):
+    """out [G, G] += scores(...)[0]; returns the signal tokens. Compiled where it applies."""
+    if not self.compiled:
+      score, tokens = self.scores(cur_luma, prev_luma, mvs, future_luma, zero_motion)
+      out += score
+      return tokens
+    cur = _rows(cur_luma)
+    past = cur if prev_luma is None else _rows(prev_luma)
+    if mvs is None or len(mvs) == 0:
+      mvs, future_luma = signal_kernels.NO_VECTORS, None
+    elif mvs.flags.writeable or mvs.dtype != signal_kernels.MV_DTYPE:
+      mvs = signal_kernels.as_vectors(mvs)
+    had_mvs = signal_kernels.frame_score(
+        cur, past, past if future_luma is None else _rows(future_luma), future_luma is not None,
+        mvs, bool(zero_motion), out.reshape(-1), *self._consts)
+    return ("mv", "residual") if had_mvs else ("frame_diff",)
 
 
 def _combine(m_pool, r_pool, cfg):
@@ -735,6 +787,7 @@ class IntervalScorer:
   def __init__(self, cfg: PatchifyConfig, idx: np.ndarray, height: int, width: int, rot_k: int):
     g = cfg.grid_side
     self.idx = np.asarray(idx)
+    self.idx_list = self.idx.tolist()
     self.signals = FrameSignals(cfg, height, width, rot_k)
     self.sums = np.zeros((len(idx), g, g), np.float64)
     self.counts = np.zeros(len(idx), np.int64)
@@ -777,21 +830,22 @@ class IntervalScorer:
   def _add(self, n, frame, mvs):
     kind = _PICT_CHAR.get(int(frame.pict_type), "?")
     wanted = self.wants(n)  # unwanted frames only serve as references of later ones
+    luma = luma_rows(frame)  # references are kept as their luma (a view of the frame)
     if wanted and kind == "B" and mvs is not None and (mvs["source"] > 0).any():
-      self.pending.append((n, frame, mvs))
+      self.pending.append((n, luma, mvs))
     else:
       if kind != "B":
-        self._resolve(frame)
+        self._resolve(luma)
       if not wanted:
         pass
       elif mvs is None or len(mvs) == 0:
         # No vectors (I-frame, or a codec that exports none): difference to the last frame shown.
-        self._score(n, frame, self.prev, None, zero_motion=kind == "I")
+        self._score(n, luma, self.prev, None, zero_motion=kind == "I")
       else:
-        self._score(n, frame, self.past if self.past is not None else self.prev, mvs)
+        self._score(n, luma, self.past if self.past is not None else self.prev, mvs)
       if kind != "B":
-        self.past = frame
-    self.prev = frame
+        self.past = luma
+    self.prev = luma
 
   def restart(self) -> None:
     """After a seek: frames decoded next do not follow the ones before."""
@@ -800,19 +854,18 @@ class IntervalScorer:
     self.past = self.prev = None
 
   def _resolve(self, future):
-    for n, frame, mvs in self.pending:
-      self._score(n, frame, self.past, mvs, future)
+    for n, luma, mvs in self.pending:
+      self._score(n, luma, self.past, mvs, future)
     self.pending.clear()
 
-  def _score(self, n, frame, ref, mvs, future=None, zero_motion=False):
+  def _score(self, n, luma, ref, mvs, future=None, zero_motion=False):
     if ref is None or (self.scored is not None and n not in self.scored):
       return
-    score, used = self.signals.scores(luma_plane(frame), luma_plane(ref), mvs,
-                                      None if future is None else luma_plane(future), zero_motion)
-    slot = int(np.searchsorted(self.idx, n))
-    self.sums[slot] += score
+    slot = bisect.bisect_left(self.idx_list, n)
+    used = self.signals.accumulate(self.sums[slot], luma, ref, mvs, future, zero_motion)
     self.counts[slot] += 1
-    self.has_mvs[slot] |= "mv" in used
+    if "mv" in used:
+      self.has_mvs[slot] = True
     self.tokens.update(used)
 
   def finish(self):
@@ -949,7 +1002,7 @@ def _patchify_video(container, cfg, num_decoded, seed=0):
           scorer.add(m, coded, mvs)
       else:
         sd = frame.side_data.get("MOTION_VECTORS") if scorer.wants(n) else None
-        scorer.add(n, frame, sd.to_ndarray() if sd is not None else None)
+        scorer.add(n, frame, signal_kernels.read_vectors(sd) if sd is not None else None)
     if encoder is not None:
       for m, coded, mvs in encoder.flush():
         scorer.add(m, coded, mvs)
@@ -1013,7 +1066,8 @@ class Transcoder:
     for pkt in packets:
       for frame in self.dec.decode(pkt):
         sd = frame.side_data.get("MOTION_VECTORS")
-        yield self.indices.popleft(), frame, sd.to_ndarray() if sd is not None else None
+        yield (self.indices.popleft(), frame,
+               signal_kernels.read_vectors(sd) if sd is not None else None)
 
   def push(self, frame, index: int):
     """Encodes one frame; returns the (index, frame, vectors) that came out so far."""

@@ -59,6 +59,7 @@ def test_b_frame_vectors_are_warped_from_their_reference(tmp_path, monkeypatch):
     return out
 
   monkeypatch.setattr(cs.FrameSignals, "maps", spy)
+  monkeypatch.setattr(cs.FrameSignals, "COMPILED", False)  # the maps of the numpy path
   cfg = cs.PatchifyConfig(num_frames=8, image_size=S, patch_size=P).validate()
   rec = cs.patchify_file(path, cfg)
   assert rec["signal"] == "mv+residual+frame_diff"  # the I-frame at 24: frame difference
