@@ -19,6 +19,7 @@ import uuid
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import PipelineOptions
+from apache_beam.runners.portability.fn_api_runner import FnApiRunner
 
 from data_prep import codec_signals
 from data_prep import records
@@ -605,7 +606,11 @@ def run(argv=None):
   with contextlib.ExitStack() as stack:
     if on_dask:
       beam_args = stack.enter_context(_dask_cluster(beam_args, args.dask_workers))
-    pipeline = beam.Pipeline(options=PipelineOptions(beam_args))
+    # No --runner: Beam's in-process portable runner, which the DirectRunner falls back to.
+    # The DirectRunner itself would first try to download the Prism runner's binary (network
+    # at run time, and a different runner wherever the download works).
+    runner = None if _flag(beam_args, "--runner") else FnApiRunner()
+    pipeline = beam.Pipeline(runner=runner, options=PipelineOptions(beam_args))
     # One linear chain and no side inputs: runners that only evaluate the last transform's graph
     # inside worker tasks (the DaskRunner) run it as they run the DirectRunner and Dataflow.
     _ = (pipeline

@@ -1165,6 +1165,10 @@ def patchify_file(path: str, cfg: PatchifyConfig, class_label: int = -1,
 def _worker_loop(conn):
   """The decoder child's loop: a PatchifyConfig dict first, then (path, label, source) requests."""
   cfg = PatchifyConfig(**conn.recv())
+  # Load the compiled signal kernel now (numba's cache, ~0.4 s), while the worker starts up,
+  # not on the first video.
+  FrameSignals(cfg, 16, 16).accumulate(np.zeros((cfg.grid_side, cfg.grid_side)),
+                                       np.zeros((16, 16), np.uint8), None, None)
   conn.send(("ready",))  # imports are done: from here on only decoding counts against timeouts
   while True:
     try:

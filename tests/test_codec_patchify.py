@@ -235,7 +235,18 @@ def _failures(out):
   return [json.loads(line) for line in open(os.path.join(out, "failures.jsonl"))]
 
 
-def test_multiprocessing_runner_gives_the_same_records(tmp_path):
+def test_multiprocessing_runner_gives_the_same_records(tmp_path, monkeypatch):
+  # Without --runner the job runs Beam's in-process runner; the DirectRunner would first try to
+  # download the Prism runner (network at run time).
+  # (The DirectRunner swallows a Prism failure and falls back, so calls are counted.)
+  from apache_beam.runners.portability import prism_runner
+  prism_calls = []
+
+  def no_prism(*a, **k):
+    prism_calls.append(a)
+    raise RuntimeError("no Prism here")
+
+  monkeypatch.setattr(prism_runner.PrismRunner, "run_pipeline", no_prism)
   inputs = tmp_path / "in"
   inputs.mkdir()
   for i in range(3):
@@ -263,6 +274,7 @@ def test_multiprocessing_runner_gives_the_same_records(tmp_path):
 
   a, b = raw(tmp_path / "a"), raw(tmp_path / "b")
   assert len(a) == 4 and a == b
+  assert prism_calls == []
 
 
 def test_expand_inputs(tmp_path):
