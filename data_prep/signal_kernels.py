@@ -1,7 +1,7 @@
 """Compiled (numba) per-frame codec signal: paint vectors on cells, warp, residual, pool, fuse.
 
 The same rules as codec_signals.FrameSignals (its numpy path is the reference these kernels are
-tested against), in one pass over the frame: scoring every decoded frame of a sampling interval
+tested against), in one call per frame: scoring every decoded frame of a sampling interval
 costs a few hundred numpy calls per frame otherwise, more than the decode itself.
 """
 import math

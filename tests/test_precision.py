@@ -105,3 +105,33 @@ def test_fsdp_gathers_in_compute_dtype_and_reduce_scatters_in_grad_reduce_dtype(
   assert {dtype for _, dtype in weight_scatters} == {rdt}
   gathered = re.findall(r"sdy\.sharding_constraint .*?: tensor<([^>]+)>", text)
   assert any(_tensor(t)[1] == "bf16" and _tensor(t)[0] in kernels for t in gathered)
+
+
+@pytest.mark.parametrize("rows", [8, 3])
+def test_fsdp_weight_gradient_with_and_without_a_dividing_batch(rows):
+  """An FSDP weight's gradient (reduce-scattered when the batch divides over the batch axes, XLA's
+  own reduction when it does not, e.g. the batch-1 example at init) equals one device's."""
+  mesh = jax.sharding.Mesh(np.array(jax.devices()[:8]).reshape(2, 4), ("data", "fsdp"))
+  stored = jax.sharding.PartitionSpec("fsdp", None)
+  fsdp = precision.fsdp_specs(stored, ("data", "fsdp"))
+  assert fsdp is not None and fsdp.gathered == jax.sharding.PartitionSpec(None, None)
+  rng = np.random.default_rng(rows)
+  x = jnp.asarray(rng.normal(size=(rows, 16)), jnp.float32)
+  w = jnp.asarray(rng.normal(size=(16, 8)), jnp.float32)
+  b = jnp.asarray(rng.normal(size=(8,)), jnp.float32)
+
+  def loss(x, w, b, fsdp):
+    return jnp.sum(jnp.sin(precision.dense("ai,io->ao", x, w, b, jnp.float32, jnp.float32, fsdp)))
+
+  want = jax.grad(loss, argnums=(0, 1, 2))(x, w, b, None)
+  with jax.set_mesh(mesh):
+    ws = jax.device_put(w, jax.sharding.NamedSharding(mesh, stored))
+    step = jax.jit(jax.grad(lambda x, w, b: loss(x, w, b, fsdp), argnums=(0, 1, 2)))
+    text = step.lower(x, ws, b).as_text()
+    got = step(x, ws, b)
+  assert ("reduce_scatter" in text) == (rows % 8 == 0)
+  for g, r in zip(got, want):
+    np.testing.assert_allclose(np.asarray(g), np.asarray(r), rtol=1e-5, atol=1e-5)
+  if rows % 8 == 0:
+    # The shard_map hands back the stored shards.
+    assert got[1].sharding.is_equivalent_to(jax.sharding.NamedSharding(mesh, stored), 2)
