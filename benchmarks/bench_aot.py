@@ -132,12 +132,12 @@ def table(names, res) -> str:
   return "\n".join(lines)
 
 
-def main():
+def main(argv=None):
   ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   ap.add_argument("--json", help="write the figures here")
   ap.add_argument("--out", help="keep the per-case aot reports here (existing ones are reused)")
   ap.add_argument("--cases", default=",".join(CASES))
-  args = ap.parse_args()
+  args = ap.parse_args(argv)
   names = [n for n in args.cases.split(",") if n]
   for n in names:
     if n not in CASES:

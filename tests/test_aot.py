@@ -141,6 +141,8 @@ def test_shardings_match_the_trainer_and_model_flops_match_xla(tmp_path):
   # Weights and Adam moments are split 4 ways (fsdp x tensor); only norms and biases are whole.
   assert 0.45 < f["case_param_opt_over_total_per_fsdp"] < 0.6
   assert f["case_fits"] == 1 and f["case_replicated_over_64mib"] == 0
+  with pytest.raises(SystemExit, match="--cases: 'base_v5e512' is unknown; known: large_v5p128"):
+    bench.main(["--cases", "large_v5p128,base_v5e512"])  # refused before anything compiles
 
 
 def _has_cuda_plugin() -> bool:
