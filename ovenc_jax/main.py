@@ -57,6 +57,7 @@ def main(argv):
   logging.info("process %d/%d, %d local / %d global devices", jax.process_index(), jax.process_count(),
                jax.local_device_count(), jax.device_count())
   trainer = train.Trainer(_CONFIG.value, _WORKDIR.value)
+  logging.info("mesh %s", dict(trainer.mesh.shape))
   summary = trainer.run()
   if jax.process_index() == 0:
     print("SUMMARY " + json.dumps(summary, default=float), flush=True)

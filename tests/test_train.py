@@ -108,8 +108,11 @@ def finish(procs, timeout):
   return outs
 
 
-def test_two_processes_match_one_process(data, tmp_path):
-  kw = dict(total_steps=4, **{"input.pack": False, "input.max_segments": 1})
+@pytest.mark.parametrize("mesh", [{}, {"mesh.data": 1, "mesh.fsdp": 8}], ids=["data", "fsdp8"])
+def test_two_processes_match_one_process(data, tmp_path, mesh):
+  """Data parallel, and FSDP over both processes (each weight gathered from, and its gradient
+  reduce-scattered into, shards on the other process too)."""
+  kw = dict(total_steps=4, **{"input.pack": False, "input.max_segments": 1}, **mesh)
   one = tmp_path / "one"
   subprocess.run(cli(one, data[0], **kw), cwd=ROOT, check=True, capture_output=True)
   port = _free_port()
@@ -120,6 +123,8 @@ def test_two_processes_match_one_process(data, tmp_path):
       cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
   outs = finish(procs, timeout=300)
   assert "process 1/2" in outs[1] or "process 1/2" in outs[0]
+  want_mesh = {"data": 1, "fsdp": 8, "tensor": 1} if mesh else {"data": 8, "fsdp": 1, "tensor": 1}
+  assert all(f"mesh {want_mesh}" in out for out in outs), outs[0][-2000:]
   a, b = losses(str(one)), losses(str(tmp_path / "two"))
   for s in range(1, 5):  # 2 processes x 4 devices vs 1 x 8: another reduction order
     assert_reorder_close(b[s], a[s], err_msg=f"step {s}")
