@@ -620,7 +620,6 @@ class FrameSignals:
       m = np.zeros_like(r)
     return self._pool(fuse(m, r, cfg)), tokens
 
-
   def accumulate(self, out, cur_luma, prev_luma, mvs, future_luma=None, zero_motion=False):
     """out [G, G] += scores(...)[0]; returns the signal tokens. Compiled where it applies."""
     if not self.compiled:
