@@ -495,11 +495,11 @@ class FrameSignals:
     self.compiled = compiled and cfg.fusion in ("mean", "sum") and not cfg.camera_compensation
     if self.compiled:
       lattice = (-(-height // self.stride), -(-width // self.stride))
-      row_bin, row_pid, col_runs, col_run_pid, area = signal_kernels.patch_layout(
+      row_pid, col_pid, col_runs, col_run_pid, area = signal_kernels.patch_layout(
           *lattice, cfg.grid_side, rot_k)
       # The kernel's arguments after (cur, past, fut, use_fut, vectors, zero_motion, out).
       self._consts = (height, width, self.stride, cfg.max_mv_pixels, float(cfg.motion_floor),
-                      int(cfg.residual_floor), row_bin, row_pid, col_runs, col_run_pid,
+                      int(cfg.residual_floor), row_pid, col_pid, col_runs, col_run_pid,
                       cfg.grid_side, area, np.empty(lattice, np.uint8), float(cfg.motion_weight),
                       float(cfg.residual_weight), cfg.fusion == "sum")
 

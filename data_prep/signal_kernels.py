@@ -156,7 +156,7 @@ def _overlaps(pids, stride, shift):
 
 @numba.njit(**_JIT)
 def frame_score(cur, past, fut, use_fut, mvs, zero_motion, out, height, width, stride, lim,
-                motion_floor, residual_floor, row_bin, row_pid, col_runs, col_run_pid, g, area,
+                motion_floor, residual_floor, row_pid, col_pid, col_runs, col_run_pid, g, area,
                 res, motion_weight, residual_weight, fusion_sum):
   """Adds one frame's fused patch scores to out [G*G] (display order) and returns whether it had
   vectors. As codec_signals.FrameSignals.scores with fusion "sum" or "mean": the residual pool
@@ -166,9 +166,9 @@ def frame_score(cur, past, fut, use_fut, mvs, zero_motion, out, height, width, s
   cur/past/fut: C-contiguous luma planes [height, >= width] (decoder line padding allowed); fut
   is read where use_fut and a cell has a future-reference vector. mvs: MV_DTYPE records. The
   maps live on a lattice of every `stride`-th pixel, res [Lh, Lw] (a uint8 work buffer); lattice
-  point (y, x) is in display-order patch row_pid[y] + col_run_pid[j] for x in the column run
-  [col_runs[j], col_runs[j + 1]); row_bin[y] is the ordinal of y's patch row; area [G*G] counts
-  lattice points per patch.
+  point (y, x) is in display-order patch row_pid[y] + col_pid[x], col_pid constant over each
+  column run [col_runs[j], col_runs[j + 1]) (= col_run_pid[j]); area [G*G] counts lattice points
+  per patch.
   """
   lh, lw = res.shape
   n_mv = mvs.size
@@ -317,7 +317,7 @@ def frame_score(cur, past, fut, use_fut, mvs, zero_motion, out, height, width, s
         col_r[xi] += min(res[uy, xi], floor8)
       for xi in range(lw):
         col_a[xi] += res[uy, xi] > floor8
-      if yi + 1 == lh or row_bin[yi + 1] != row_bin[yi]:
+      if yi + 1 == lh or row_pid[yi + 1] != row_pid[yi]:
         rp = row_pid[yi]
         for j in range(runs):
           rsum[rp + col_run_pid[j]] += col_r[col_runs[j]:col_runs[j + 1]].sum()
@@ -355,7 +355,7 @@ def frame_score(cur, past, fut, use_fut, mvs, zero_motion, out, height, width, s
       rr = res[yi]
       for xi in range(lw):
         col_r[xi] += min(rr[xi], cap)
-      if yi + 1 == lh or row_bin[yi + 1] != row_bin[yi]:
+      if yi + 1 == lh or row_pid[yi + 1] != row_pid[yi]:
         rp = row_pid[yi]
         for j in range(runs):
           rsum[rp + col_run_pid[j]] += col_r[col_runs[j]:col_runs[j + 1]].sum()
@@ -379,9 +379,6 @@ def frame_score(cur, past, fut, use_fut, mvs, zero_motion, out, height, width, s
   mcell = np.empty(nc)
   for c in range(nc):
     mcell[c] = np.float32(min(mag[c] * (1.0 / m_scale), 1.0))
-  col_pid = np.empty(lw, np.int64)
-  for j in range(runs):
-    col_pid[col_runs[j]:col_runs[j + 1]] = col_run_pid[j]
   ov_r = _overlaps(row_pid, stride, shift)
   ov_c = _overlaps(col_pid, stride, shift)
   n_or, n_oc = ov_r.shape[0], ov_c.shape[0]
@@ -406,10 +403,10 @@ def frame_score(cur, past, fut, use_fut, mvs, zero_motion, out, height, width, s
 
 
 def patch_layout(lattice_h: int, lattice_w: int, grid_side: int, rot_k: int):
-  """(row_bin, row_pid, col_runs, col_run_pid, area) of a lattice in coded orientation whose
+  """(row_pid, col_pid, col_runs, col_run_pid, area) of a lattice in coded orientation whose
   patches are counted in display orientation (np.rot90 by rot_k) and split as
-  codec_signals.patch_means splits: lattice point (y, x) is in patch row_pid[y] + col_run_pid[j]
-  for x in [col_runs[j], col_runs[j + 1]); row_bin[y] is the ordinal of y's patch row."""
+  codec_signals.patch_means splits: lattice point (y, x) is in patch row_pid[y] + col_pid[x];
+  col_pid is col_run_pid[j] over each run x in [col_runs[j], col_runs[j + 1])."""
   g = grid_side
   dh, dw = (lattice_h, lattice_w) if rot_k % 2 == 0 else (lattice_w, lattice_h)
   by = np.searchsorted((np.arange(g) * dh) // g, np.arange(dh), side="right") - 1
@@ -418,8 +415,7 @@ def patch_layout(lattice_h: int, lattice_w: int, grid_side: int, rot_k: int):
   row_pid = coded[:, 0].astype(np.int64)
   col_pid = (coded[0, :] - coded[0, 0]).astype(np.int64)
   assert (row_pid[:, None] + col_pid[None, :] == coded).all()
-  row_bin = np.unique(row_pid, return_inverse=True)[1].astype(np.int64)
   col_runs = np.flatnonzero(np.diff(col_pid, prepend=-1, append=-1)).astype(np.int64)
   col_run_pid = col_pid[col_runs[:-1]]
   area = np.bincount(coded.reshape(-1), minlength=g * g).astype(np.float64)
-  return row_bin, row_pid, col_runs, col_run_pid, area
+  return row_pid, col_pid, col_runs, col_run_pid, area
