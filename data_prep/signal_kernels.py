@@ -4,6 +4,7 @@ The same rules as codec_signals.FrameSignals (its numpy path is the reference th
 tested against), in one call per frame: scoring every decoded frame of a sampling interval
 costs a few hundred numpy calls per frame otherwise, more than the decode itself.
 """
+import functools
 import math
 
 import numba
@@ -402,6 +403,8 @@ def frame_score(cur, past, fut, use_fut, mvs, zero_motion, out, height, width, s
   return True
 
 
+# Per geometry, like codec_signals' lattice cache: every video of a dataset shares a few shapes.
+@functools.lru_cache(maxsize=32)
 def patch_layout(lattice_h: int, lattice_w: int, grid_side: int, rot_k: int):
   """(row_pid, col_pid, col_runs, col_run_pid, area) of a lattice in coded orientation whose
   patches are counted in display orientation (np.rot90 by rot_k) and split as
