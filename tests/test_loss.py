@@ -259,3 +259,39 @@ def test_centers_logical_axes_shard_rows_over_every_axis():
   from configs import common
   spec = nn.logical_to_mesh_axes(loss_lib.CENTERS_LOGICAL_AXES, common.LOGICAL_AXIS_RULES)
   assert spec == P(("data", "fsdp", "tensor"), None)
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 7, 64])
+def test_positive_cosines_visit_owned_positives_in_chunks(chunk):
+  """The owned positives' cosines and gradients, visited `chunk` at a time (one pass or many, a
+  partial last chunk), equal a float64 numpy transcription of cos(e_b, c_y) over every owned
+  (b, k); a zero-norm center row takes the clamped norm, as in the logits."""
+  rng = np.random.default_rng(3)
+  b, k, n, d = 6, 4, 9, 5
+  e = rng.normal(size=(b, d)).astype(np.float32)
+  c = rng.normal(size=(n, d)).astype(np.float32)
+  c[2] = 0.0
+  pos_loc = rng.integers(-3, n + 3, (b, k)).astype(np.int32)
+  pos_loc[0, :2] = 2                      # the zero row, twice
+  pos_own = (pos_loc >= 0) & (pos_loc < n) & (rng.random((b, k)) < 0.8)
+  g = rng.normal(size=(b, k)).astype(np.float32)
+
+  def f(e, c):
+    return jnp.sum(g * loss_lib._positive_cosines(e, c, pos_loc, pos_own, chunk))
+
+  cos = loss_lib._positive_cosines(e, c, pos_loc, pos_own, chunk)
+  ge, gc = jax.grad(f, argnums=(0, 1))(e, c)
+  e64, c64 = e.astype(np.float64), c.astype(np.float64)
+  ref = np.zeros((b, k))
+  ref_ge, ref_gc = np.zeros_like(e64), np.zeros_like(c64)
+  for i, j in zip(*np.nonzero(pos_own)):
+    y = pos_loc[i, j]
+    sq = c64[y] @ c64[y]
+    r = 1 / np.sqrt(max(sq, 1e-12))
+    ref[i, j] = e64[i] @ c64[y] * r
+    ref_ge[i] += g[i, j] * c64[y] * r
+    ref_gc[y] += g[i, j] * (e64[i] * r - (e64[i] @ c64[y] * r ** 3 if sq > 1e-12 else 0.0) * c64[y])
+  assert pos_own.sum() > chunk or chunk == 64   # several passes, or one partial one
+  np.testing.assert_allclose(np.asarray(cos), ref, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(np.asarray(ge), ref_ge, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(np.asarray(gc), ref_gc, rtol=1e-5, atol=1e-5)
