@@ -132,6 +132,10 @@ DAEMON_WORKER_ERROR = (
 
 
 def _in_dask_worker() -> bool:
+  # Not imported = not a Dask worker; importing distributed to ask costs ~0.3 s per worker
+  # teardown, which the DirectRunner pays one worker after another at the end of every job.
+  if "distributed" not in sys.modules:
+    return False
   try:
     from distributed import get_worker
     get_worker()

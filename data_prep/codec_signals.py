@@ -16,7 +16,6 @@ import numpy as np
 
 from data_prep import records
 from data_prep import selectors
-from data_prep import signal_kernels
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"})
 FUSIONS = ("mean", "max", "sum", "geomean")
@@ -479,6 +478,14 @@ def motion_fields(mvs, height, width, cell=None):
 _LATTICES = threading.local()  # per thread: lattices hold work buffers
 
 
+def _kernels():
+  """data_prep.signal_kernels, imported on first use: numba's import (~0.25 s) then stays out of
+  processes that never score a frame, such as the Beam workers that hand videos to a decoder
+  child, whose start-up is on every job's critical path."""
+  from data_prep import signal_kernels  # noqa: PLC0415
+  return signal_kernels
+
+
 class FrameSignals:
   """Per-frame motion/residual patch scores for one video geometry; caches index tables."""
 
@@ -495,7 +502,7 @@ class FrameSignals:
     self.compiled = compiled and cfg.fusion in ("mean", "sum") and not cfg.camera_compensation
     if self.compiled:
       lattice = (-(-height // self.stride), -(-width // self.stride))
-      row_pid, col_pid, col_runs, col_run_pid, area = signal_kernels.patch_layout(
+      row_pid, col_pid, col_runs, col_run_pid, area = _kernels().patch_layout(
           *lattice, cfg.grid_side, rot_k)
       # The kernel's arguments after (cur, past, fut, use_fut, vectors, zero_motion, out).
       self._consts = (height, width, self.stride, cfg.max_mv_pixels, float(cfg.motion_floor),
@@ -626,13 +633,14 @@ class FrameSignals:
       score, tokens = self.scores(cur_luma, prev_luma, mvs, future_luma, zero_motion)
       out += score
       return tokens
+    kernels = _kernels()
     cur = _rows(cur_luma)
     past = cur if prev_luma is None else _rows(prev_luma)
     if mvs is None or len(mvs) == 0:
-      mvs, future_luma = signal_kernels.NO_VECTORS, None
-    elif mvs.flags.writeable or mvs.dtype != signal_kernels.MV_DTYPE:
-      mvs = signal_kernels.as_vectors(mvs)
-    had_mvs = signal_kernels.frame_score(
+      mvs, future_luma = kernels.NO_VECTORS, None
+    elif mvs.flags.writeable or mvs.dtype != kernels.MV_DTYPE:
+      mvs = kernels.as_vectors(mvs)
+    had_mvs = kernels.frame_score(
         cur, past, past if future_luma is None else _rows(future_luma), future_luma is not None,
         mvs, bool(zero_motion), out.reshape(-1), *self._consts)
     return ("mv", "residual") if had_mvs else ("frame_diff",)
@@ -975,6 +983,7 @@ def _patchify_video(container, cfg, num_decoded, seed=0):
   transcode = cfg.transcode == "always" or (cfg.transcode == "auto" and codec not in MV_CODECS)
   scorer, rot_k, encoder = None, 0, None
   held = {}  # decoded index -> sampled frame
+  read_vectors = _kernels().read_vectors
   n = -1
   try:
     for n, frame, restarted in _decoded_frames(container, stream, idx, fps, cfg, seek):
@@ -1001,7 +1010,7 @@ def _patchify_video(container, cfg, num_decoded, seed=0):
           scorer.add(m, coded, mvs)
       else:
         sd = frame.side_data.get("MOTION_VECTORS") if scorer.wants(n) else None
-        scorer.add(n, frame, signal_kernels.read_vectors(sd) if sd is not None else None)
+        scorer.add(n, frame, read_vectors(sd) if sd is not None else None)
     if encoder is not None:
       for m, coded, mvs in encoder.flush():
         scorer.add(m, coded, mvs)
@@ -1066,7 +1075,7 @@ class Transcoder:
       for frame in self.dec.decode(pkt):
         sd = frame.side_data.get("MOTION_VECTORS")
         yield (self.indices.popleft(), frame,
-               signal_kernels.read_vectors(sd) if sd is not None else None)
+               _kernels().read_vectors(sd) if sd is not None else None)
 
   def push(self, frame, index: int):
     """Encodes one frame; returns the (index, frame, vectors) that came out so far."""

@@ -62,3 +62,14 @@ def test_setup_survives_a_child_that_cannot_start(tmp_path, monkeypatch):
   rows = [r for p in parts for r in p["failures"]]
   assert rows == [{"path": str(tmp_path / "x.mp4"),
                    "reason": "internal error: OSError: no processes left"}]
+
+
+def test_beam_worker_side_imports_stay_light():
+  """A Beam worker only hands videos to its decoder child: importing the job module there pulls in
+  neither numba (the child compiles and runs the signal kernel) nor dask's distributed, and asking
+  whether it runs in a Dask worker at teardown does not import distributed either."""
+  code = ("import sys; from data_prep import codec_patchify as cp; a = cp._in_dask_worker(); "
+          "print(a, 'numba' in sys.modules, 'distributed' in sys.modules)")
+  out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
+                       check=True, env=dict(os.environ, PYTHONPATH=REPO)).stdout.split()
+  assert out == ["False", "False", "False"]
