@@ -115,9 +115,14 @@ def centers_sharding(mesh, class_axes=("data", "fsdp", "tensor")) -> NamedShardi
   return NamedSharding(mesh, P(tuple(class_axes), None))
 
 
+def _inv_norm(x, keepdims=False):
+  """1 / |x| over the last axis; max(., eps) keeps zero padding rows finite (and their gradient
+  zero) instead of NaN."""
+  return jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis=-1, keepdims=keepdims), _NORM_EPS))
+
+
 def _l2_normalize(x):
-  # max(., eps) keeps zero padding rows finite (and their gradient zero) instead of NaN.
-  return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis=-1, keepdims=True), _NORM_EPS))
+  return x * _inv_norm(x, keepdims=True)
 
 
 def sample_labels(rng, labels, valid_mask, k: int):
@@ -193,7 +198,7 @@ def _shard_logits_fwd(e, c, drop_col, col_ok, scale, thr, shift):
   normalised rows: the residual is q = p * r, and q @ (1/r) (a matvec) recovers the row sums.
   """
   b = e.shape[0]
-  r = jax.lax.rsqrt(jnp.maximum(jnp.sum(c * c, axis=1), _NORM_EPS))                  # [n]
+  r = _inv_norm(c)                                                                   # [n]
   cos = (e @ c.T) * r[None, :]                                                       # [B, n]
   # In-place scatter of -inf: never negatives. (A per-column mask folded into the elementwise
   # pass below is recomputed per element by XLA and costs more than this scatter.)
@@ -248,19 +253,20 @@ def _owned_chunks(pos_own, chunk: int):
 
 
 def _chunk(e, c, pos_loc, order, i, chunk: int):
-  """One chunk of owned positives: flat ids, their center rows c_y [chunk, D], embeddings e_b, and
-  whether each slot holds a positive (the tail of the last chunk does not)."""
+  """One chunk of owned positives: flat (b, k) ids (B*K past the last one) and the same clamped
+  into range, whether each slot holds a positive (the tail of the last chunk does not), and their
+  center rows: ids y, c_y [chunk, D]; and embeddings e_b."""
   idx = jax.lax.dynamic_slice(order, (i * chunk,), (chunk,))
   ok = idx < pos_loc.size
   flat = jnp.minimum(idx, pos_loc.size - 1)
   rows = jnp.clip(pos_loc.reshape(-1)[flat], 0, c.shape[0] - 1)
-  return idx, ok, rows, c[rows], e[flat // pos_loc.shape[1]]
+  return idx, flat, ok, rows, c[rows], e[flat // pos_loc.shape[1]]
 
 
 def _gathered_positive_cosines(e, c, pos_loc, pos_own):
   """_positive_cosines by gathering the center row of every one of the B*K positives [B, K, D]."""
   cp = c[jnp.clip(pos_loc, 0, c.shape[0] - 1)]
-  cos = jnp.einsum("bd,bkd->bk", e, cp) * jax.lax.rsqrt(jnp.maximum(jnp.sum(cp * cp, axis=-1), _NORM_EPS))
+  cos = jnp.einsum("bd,bkd->bk", e, cp) * _inv_norm(cp)
   return jnp.where(pos_own, cos, 0.0)
 
 
@@ -286,8 +292,8 @@ def _positive_cosines_fwd(e, c, pos_loc, pos_own, chunk):
   axes = tuple(sorted(_varying_axes(e) | _varying_axes(c) | _varying_axes(pos_loc)))
 
   def body(i, out):
-    idx, ok, _, cp, eb = _chunk(e, c, pos_loc, order, i, chunk)
-    cos = jnp.sum(eb * cp, axis=-1) * jax.lax.rsqrt(jnp.maximum(jnp.sum(cp * cp, axis=-1), _NORM_EPS))
+    idx, _, ok, _, cp, eb = _chunk(e, c, pos_loc, order, i, chunk)
+    cos = jnp.sum(eb * cp, axis=-1) * _inv_norm(cp)
     return out.at[idx].set(jnp.where(ok, cos, 0.0), mode="drop")
 
   out = jax.lax.fori_loop(0, n_chunks, body, _vary(jnp.zeros((pos_own.size,), e.dtype), axes))
@@ -303,12 +309,12 @@ def _positive_cosines_bwd(chunk, res, g):
 
   def body(i, acc):
     de, dc = acc
-    idx, ok, rows, cp, eb = _chunk(e, c, pos_loc, order, i, chunk)
-    gi = jnp.where(ok, g[jnp.minimum(idx, g.size - 1)], 0.0)[:, None]
+    _, flat, ok, rows, cp, eb = _chunk(e, c, pos_loc, order, i, chunk)
+    gi = jnp.where(ok, g[flat], 0.0)[:, None]
     sq = jnp.sum(cp * cp, axis=-1, keepdims=True)
     r = jax.lax.rsqrt(jnp.maximum(sq, _NORM_EPS))
     dot = jnp.sum(eb * cp, axis=-1, keepdims=True)
-    de = de.at[jnp.minimum(idx, g.size - 1) // k].add(gi * cp * r)
+    de = de.at[flat // k].add(gi * cp * r)
     dc = dc.at[rows].add(gi * (eb * r - jnp.where(sq > _NORM_EPS, dot * r ** 3, 0.0) * cp))
     return de, dc
 
