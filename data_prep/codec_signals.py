@@ -501,8 +501,9 @@ class FrameSignals:
     compiled = FrameSignals.COMPILED if compiled is None else compiled
     self.compiled = compiled and cfg.fusion in ("mean", "sum") and not cfg.camera_compensation
     if self.compiled:
+      self._kernels = _kernels()
       lattice = (-(-height // self.stride), -(-width // self.stride))
-      row_pid, col_pid, col_runs, col_run_pid, area = _kernels().patch_layout(
+      row_pid, col_pid, col_runs, col_run_pid, area = self._kernels.patch_layout(
           *lattice, cfg.grid_side, rot_k)
       # The kernel's arguments after (cur, past, fut, use_fut, vectors, zero_motion, out).
       self._consts = (height, width, self.stride, cfg.max_mv_pixels, float(cfg.motion_floor),
@@ -633,7 +634,7 @@ class FrameSignals:
       score, tokens = self.scores(cur_luma, prev_luma, mvs, future_luma, zero_motion)
       out += score
       return tokens
-    kernels = _kernels()
+    kernels = self._kernels
     cur = _rows(cur_luma)
     past = cur if prev_luma is None else _rows(prev_luma)
     if mvs is None or len(mvs) == 0:
@@ -1069,13 +1070,14 @@ class Transcoder:
     self.dec.options = {"flags2": "+export_mvs"}
     self.pts = 0
     self.indices = collections.deque()  # source frame index of each frame in flight
+    self.read_vectors = _kernels().read_vectors
 
   def _decode(self, packets):
     for pkt in packets:
       for frame in self.dec.decode(pkt):
         sd = frame.side_data.get("MOTION_VECTORS")
         yield (self.indices.popleft(), frame,
-               _kernels().read_vectors(sd) if sd is not None else None)
+               self.read_vectors(sd) if sd is not None else None)
 
   def push(self, frame, index: int):
     """Encodes one frame; returns the (index, frame, vectors) that came out so far."""
