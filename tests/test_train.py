@@ -114,7 +114,7 @@ def test_two_processes_match_one_process(data, tmp_path, mesh):
   reduce-scattered into, shards on the other process too)."""
   kw = dict(total_steps=4, **{"input.pack": False, "input.max_segments": 1}, **mesh)
   one = tmp_path / "one"
-  subprocess.run(cli(one, data[0], **kw), cwd=ROOT, check=True, capture_output=True)
+  train.Trainer(make_config(data[0], **kw), str(one)).run()  # in this process: ~8 s less start-up than a CLI run
   port = _free_port()
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4")
   procs = [subprocess.Popen(
