@@ -13,6 +13,7 @@ from flax import linen as nn
 import torch
 from safetensors.numpy import load_file, save_file
 from sklearn.datasets import load_sample_image
+from tolerances import assert_reorder_close
 
 from configs import common, pretrain
 from ovenc_jax import checkpoint as ckpt_lib
@@ -436,7 +437,8 @@ def test_torch_module_imports_without_jax(official, tmp_path):
   assert "HEAVY []" in r.stdout, r.stdout
   with torch.no_grad():
     want = model.encode_video(frames, kept)["pooled"].numpy()
-  np.testing.assert_array_equal(np.load(tmp_path / "pooled.npy"), want)
+  # Same module and weights; a process with another torch thread count sums in another order.
+  assert_reorder_close(np.load(tmp_path / "pooled.npy"), want)
 
 
 def test_bad_inputs_are_named(official, tmp_path):
