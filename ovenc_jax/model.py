@@ -7,8 +7,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from ovenc_jax import attention as attn_lib
+from ovenc_jax import fused_mlp
 from ovenc_jax import precision
 from ovenc_jax import rope as rope_lib
+from ovenc_jax import sharding as sharding_lib
 
 # CLIP pixel statistics, applied when patches arrive as uint8.
 CLIP_MEAN = np.array([0.48145466, 0.4578275, 0.40821073], np.float32)
@@ -18,6 +20,10 @@ LN_EPS = 1e-6
 _dense_init = nn.initializers.lecun_normal()
 _zeros = nn.initializers.zeros_init()
 _ones = nn.initializers.ones_init()
+
+# 'auto' decides per trace (fused_mlp.auto_picks_kernel): the fused kernel on TPU meshes whose tensor
+# axis does not split the MLP; XLA elsewhere (off TPU the kernel would run in interpret mode).
+MLP_KERNELS = ("auto", "xla", "pallas")
 
 REMAT_POLICIES = {
     "none": None,
@@ -62,14 +68,21 @@ class _Module(nn.Module):
     return nn.with_logical_constraint(x, names, rules=tuple(self.axis_rules))
 
 
+  def _stored_spec(self, names):
+    return nn.logical_to_mesh_axes(names, tuple(self.axis_rules))
+
+
 class LayerNorm(_Module):
   eps: float = LN_EPS
+  params_only: bool = False  # return (scale, bias) for a fused kernel instead of applying them
 
   @nn.compact
   def __call__(self, x):
     d = x.shape[-1]
     scale = self._p("scale", _ones, (d,), ("norm",))
     bias = self._p("bias", _zeros, (d,), ("norm",))
+    if self.params_only:
+      return scale, bias
     return precision.layer_norm(x, scale, bias, self.eps).astype(self.dtype)
 
 
@@ -89,11 +102,14 @@ class Linear(_Module):
   features: int = 0
   names: tuple[str, str] = ("embed", "mlp")
   use_bias: bool = True
+  params_only: bool = False  # return (kernel, bias) for a fused kernel instead of applying them
 
   @nn.compact
   def __call__(self, x):
     kernel = self._p("kernel", _dense_init, (x.shape[-1], self.features), self.names)
     bias = self._p("bias", _zeros, (self.features,), (self.names[1],)) if self.use_bias else None
+    if self.params_only:
+      return kernel, bias
     lead = "abcdefg"[:x.ndim - 1]
     return self._dense(f"{lead}i,io->{lead}o", x, kernel, bias, self.names)
 
@@ -151,15 +167,18 @@ class Attention(_Module):
 
 class Mlp(_Module):
   mlp_dim: int = 0
+  params_only: bool = False  # return (fc1 kernel, fc1 bias, fc2 kernel, fc2 bias) for a fused kernel
 
   @nn.compact
   def __call__(self, x):
     d = x.shape[-1]
-    h = Linear(name="fc1", features=self.mlp_dim, names=("embed", "mlp"),
-               **self._kw())(x)
-    h = self._constrain(nn.gelu(h, approximate=False), ("batch", "length", "act_mlp"))
-    return Linear(name="fc2", features=d, names=("mlp", "embed"),
-                  **self._kw())(h)
+    kw = dict(self._kw(), params_only=self.params_only)
+    fc1 = Linear(name="fc1", features=self.mlp_dim, names=("embed", "mlp"), **kw)
+    fc2 = Linear(name="fc2", features=d, names=("mlp", "embed"), **kw)
+    if self.params_only:  # the fused kernel's operands, created as the layers below create them
+      return fc1(x) + fc2(jax.ShapeDtypeStruct((1, self.mlp_dim), x.dtype))
+    h = self._constrain(nn.gelu(fc1(x), approximate=False), ("batch", "length", "act_mlp"))
+    return fc2(h)
 
 
 class EncoderLayer(_Module):
@@ -169,6 +188,7 @@ class EncoderLayer(_Module):
   rope_layout: str = "official"
   impl: str = "xla"
   chunk_size: int = 512
+  mlp_kernel: str = "xla"
 
   @nn.compact
   def __call__(self, x, segments, angles):
@@ -177,9 +197,30 @@ class EncoderLayer(_Module):
     x = x + Attention(name="self_attn", num_heads=self.num_heads, rope_layout=self.rope_layout,
                       impl=self.impl, chunk_size=self.chunk_size, **kw)(h, h, segments, segments, angles)
     x = self._constrain(x, ("batch", "length", "act_embed"))
+    specs, batch = self._mlp_layout()
+    if self.mlp_kernel == "pallas" or (
+        self.mlp_kernel == "auto" and fused_mlp.auto_picks_kernel(
+            sharding_lib.mesh_platform(), specs, batch, x.shape[-1], self.mlp_dim, self.dtype)):
+      return self._constrain(self._fused_mlp(x, specs, batch), ("batch", "length", "act_embed"))
     h = LayerNorm(name="layer_norm2", **kw)(x)
     x = x + Mlp(name="mlp", mlp_dim=self.mlp_dim, **kw)(h)
     return self._constrain(x, ("batch", "length", "act_embed"))
+
+  def _mlp_layout(self):
+    """The stored specs of (ln scale, ln bias, fc1 kernel, fc1 bias, fc2 kernel, fc2 bias) and the
+    batch's mesh axes, under the axis rules (None, None without them)."""
+    if not self.axis_rules:
+      return None, None
+    names = (("norm",), ("norm",), ("embed", "mlp"), ("mlp",), ("mlp", "embed"), ("embed",))
+    return tuple(self._stored_spec(n) for n in names), self._stored_spec(("batch",))[0]
+
+  def _fused_mlp(self, x, specs, batch):
+    """x + mlp(layer_norm2(x)) in one kernel, on the same parameters as the two modules above."""
+    kw = dict(self._kw(), params_only=True)
+    params = LayerNorm(name="layer_norm2", **kw)(x) + Mlp(name="mlp", mlp_dim=self.mlp_dim, **kw)(x)
+    return fused_mlp.mlp_block(x, *params, eps=LN_EPS, compute_dtype=self.dtype,
+                               grad_reduce_dtype=self.grad_reduce_dtype, stored_specs=specs,
+                               batch_axes=batch)
 
 
 class ProbeHead(_Module):
@@ -215,6 +256,7 @@ class Encoder(_Module):
   rope_theta: float = 10000.0
   attention: str = "xla"
   attn_chunk_size: int = 512
+  mlp_kernel: str = "xla"  # 'auto' | 'xla' | 'pallas' (MLP_KERNELS; workdirs saved before the key: xla)
   remat: str = "none"
 
   @nn.compact
@@ -232,7 +274,8 @@ class Encoder(_Module):
     for i in range(self.depth):
       x = layer_cls(name=f"layers_{i}", num_heads=self.num_heads, mlp_dim=self.mlp_dim,
                     rope_layout=self.rope_layout, impl=self.attention,
-                    chunk_size=self.attn_chunk_size, **kw)(x, segment_ids, angles)
+                    chunk_size=self.attn_chunk_size, mlp_kernel=self.mlp_kernel, **kw)(
+                        x, segment_ids, angles)
     x = LayerNorm(name="layernorm_post", **kw)(x)
     pooled = ProbeHead(name="head", num_heads=self.num_heads, mlp_dim=self.mlp_dim, **kw)(
         x, segment_ids, num_segments)
@@ -251,7 +294,8 @@ def encoder_from_config(model_cfg, axis_rules=(), platform=None) -> Encoder:
       patch_size=model_cfg.patch_size, width=model_cfg.width, depth=model_cfg.depth,
       num_heads=model_cfg.num_heads, mlp_dim=model_cfg.mlp_dim, rope_layout=model_cfg.rope_layout,
       rope_theta=model_cfg.rope_theta, attention=attention,
-      attn_chunk_size=model_cfg.attn_chunk_size, remat=model_cfg.remat,
+      attn_chunk_size=model_cfg.attn_chunk_size, mlp_kernel=model_cfg.get("mlp_kernel", "xla"),
+      remat=model_cfg.remat,
       dtype=jnp.dtype(model_cfg.dtype), grad_reduce_dtype=jnp.dtype(grad_reduce_dtype(model_cfg)),
       axis_rules=tuple(axis_rules))
 
@@ -273,6 +317,8 @@ def validate_model_config(m) -> None:
     raise ValueError(f"model.rope_layout={m.rope_layout!r}: expected 'official' or 'consistent'")
   if m.attention not in attn_lib.IMPLEMENTATIONS:
     raise ValueError(f"model.attention={m.attention!r}: expected one of {attn_lib.IMPLEMENTATIONS}")
+  if m.get("mlp_kernel", "xla") not in MLP_KERNELS:
+    raise ValueError(f"model.mlp_kernel={m.mlp_kernel!r}: expected one of {MLP_KERNELS}")
   if m.remat not in REMAT_POLICIES:
     raise ValueError(f"model.remat={m.remat!r}: expected one of {tuple(REMAT_POLICIES)}")
   if m.dtype not in precision.COMPUTE_DTYPES:

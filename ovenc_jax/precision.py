@@ -94,21 +94,24 @@ def _weight_grad(spec, rdt, fsdp, x, dy):
     return jax.sharding.PartitionSpec(*(_entry(fsdp.batch_axes) if i == xs[0] else w_axes.get(i)
                                         for i in indices))
 
-  stored = list(fsdp.stored) + [None] * (len(ws) - len(fsdp.stored))
-
-  def reduce(x, dy):
-    dw = local(x, dy)
-    done = set()
-    for dim, entry in enumerate(stored):
-      scatter = tuple(a for a in _names(entry) if a in fsdp.batch_axes)
-      if scatter:
-        dw = jax.lax.psum_scatter(dw, scatter, scatter_dimension=dim, tiled=True)
-        done.update(scatter)
-    rest = tuple(a for a in fsdp.batch_axes if a not in done)
-    return jax.lax.psum(dw, rest) if rest else dw
-
+  reduce = lambda x, dy: reduce_over_batch(local(x, dy), fsdp.stored, fsdp.batch_axes)
   return jax.shard_map(reduce, mesh=mesh, in_specs=(operand_spec(xs), operand_spec(out)),
                        out_specs=fsdp.stored, check_vma=False)(x, dy)
+
+
+def reduce_over_batch(dw, stored: jax.sharding.PartitionSpec, batch_axes):
+  """Inside shard_map: one device's partial sum of a weight's gradient -> its stored shard, summed over
+  every device of the batch axes (reduce-scattered over the batch axes the weight is stored on,
+  all-reduced over the others)."""
+  batch_axes = _names(batch_axes)
+  done = set()
+  for dim, entry in enumerate(tuple(stored)[:dw.ndim]):
+    scatter = tuple(a for a in _names(entry) if a in batch_axes)
+    if scatter:
+      dw = jax.lax.psum_scatter(dw, scatter, scatter_dimension=dim, tiled=True)
+      done.update(scatter)
+  rest = tuple(a for a in batch_axes if a not in done)
+  return jax.lax.psum(dw, rest) if rest else dw
 
 
 def _groups(spec):

@@ -3,15 +3,12 @@
 cuDNN itself needs an NVIDIA GPU and there is none here: its tests check only what a CPU can, the
 selection logic and that the call it makes (the same mask, through XLA's kernel) matches the reference.
 """
-import os
-import subprocess
-import sys
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from tolerances import assert_reorder_close
+import tpu_compile
 
 from configs import common
 from ovenc_jax import attention as attn_lib
@@ -169,14 +166,10 @@ print("COST", cost["flops"], cost["bytes accessed"])
 def test_splash_compiles_for_a_tpu_target_as_mosaic_kernels():
   """Deviceless compile for a v5e 2x2 slice from this CPU host: forward and fused backward are Mosaic
   kernels (not the interpreter, although the local backend is the CPU), partitioned by shard_map."""
-  env = dict(os.environ, JAX_PLATFORMS="cpu", TPU_SKIP_MDS_QUERY="1", ALLOW_MULTIPLE_LIBTPU_LOAD="1")
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  out = subprocess.run([sys.executable, "-c", _TPU_COMPILE], env=env, cwd=root, capture_output=True,
-                       text=True, timeout=300)
-  assert out.returncode == 0, out.stderr[-3000:]
-  assert "MOSAIC_CALLS 2" in out.stdout, out.stdout
+  stdout = tpu_compile.run(_TPU_COMPILE)
+  assert "MOSAIC_CALLS 2" in stdout, stdout
   # Each device runs 2 rows x 2 heads of 1,024 tokens, blocks of 512: the kernels declare their work.
-  flops, accessed = map(float, out.stdout.split("COST")[1].split())
+  flops, accessed = map(float, stdout.split("COST")[1].split())
   rows_heads, n, d, e = 2 * 2, 1024, 64, 2
   kernel_flops = rows_heads * (4 + 10) * n * n * d
   assert kernel_flops <= flops <= 1.2 * kernel_flops, (flops, kernel_flops)
