@@ -7,7 +7,8 @@ Each case is one `python -m ovenc_jax.aot` run (its own process, one at a time) 
 labels a sample. From its report:
 - compute_fraction = t_compute / max(t_compute, t_hbm): t_compute is the model's own FLOP count at
   the chip's peak, t_hbm XLA's bytes accessed at the chip's HBM bandwidth (the splash kernels declare
-  their FLOPs and K/V re-reads to XLA: ovenc_jax/attention/splash.py). XLA's bytes are an upper bound
+  their FLOPs and K/V re-reads to XLA: ovenc_jax/attention/splash.py; the fused MLP kernels their
+  FLOPs, recomputation included, and streamed bytes: ovenc_jax/fused_mlp.py). XLA's bytes are an upper bound
   of HBM traffic (each op's operands and results, VMEM prefetch copies included), so this fraction is
   a lower bound. GPU targets have no XLA cost analysis: n/a there.
 - model_over_xla_flops, memory per device (and whether it fits), collective bytes per device per step
