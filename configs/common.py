@@ -67,8 +67,9 @@ def model_config(variant: str) -> ml_collections.ConfigDict:
       # (memory-bounded on CPU) | 'splash' (Pallas flash, TPU) | 'cudnn' (flash, GPU)
       attention="auto",
       attn_chunk_size=512,
-      # 'auto' (pallas on TPU, else xla) | 'xla' | 'pallas': the LayerNorm -> MLP -> residual half of
-      # each block as one fused kernel (ovenc_jax/fused_mlp.py; interpret mode off TPU)
+      # 'auto' (pallas on TPU unless mesh.tensor splits the MLP or its weights overflow VMEM, else
+      # xla) | 'xla' | 'pallas': the LayerNorm -> MLP -> residual half of each block as one fused
+      # kernel (ovenc_jax/fused_mlp.py; interpret mode off TPU)
       mlp_kernel="auto",
       remat="none",            # 'none' | 'block' | 'dots'
       dtype="float32",         # compute dtype; params stay fp32 (policy: ovenc_jax/precision.py)

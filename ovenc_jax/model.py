@@ -67,7 +67,6 @@ class _Module(nn.Module):
       return x
     return nn.with_logical_constraint(x, names, rules=tuple(self.axis_rules))
 
-
   def _stored_spec(self, names):
     return nn.logical_to_mesh_axes(names, tuple(self.axis_rules))
 
