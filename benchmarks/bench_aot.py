@@ -11,6 +11,10 @@ labels a sample. From its report:
   FLOPs, recomputation included, and streamed bytes: ovenc_jax/fused_mlp.py). XLA's bytes are an upper bound
   of HBM traffic (each op's operands and results, VMEM prefetch copies included), so this fraction is
   a lower bound. GPU targets have no XLA cost analysis: n/a there.
+- compute_fraction_hbm_traffic: the same with t_hbm from the bytes the compiled program keeps in HBM,
+  each counted once (ovenc_jax/hlo_traffic.py): on TPU, XLA's bytes also count operands that
+  memory-space assignment placed in VMEM, and a sliced prefetch once per slice for its whole source.
+  Beside the issue's figure, not instead of it; on GPU targets it is the only one.
 - model_over_xla_flops, memory per device (and whether it fits), collective bytes per device per step
   (results of every collective, counted once per op in the program) beside the parameter bytes,
   parameter + optimizer bytes per device against their total over the mesh's fsdp size, and the
@@ -73,10 +77,15 @@ def figures(name: str, r: dict) -> dict:
   t_compute = r["model_flops_per_device"] / r["peak_flops"]
   accessed = r.get("bytes_accessed_per_device")
   t_hbm = None if accessed is None else accessed / r["hbm_bandwidth"]
+  traffic = r.get("hbm_traffic_per_device")
+  t_traffic = None if traffic is None else traffic / r["hbm_bandwidth"]
   coll = r.get("collectives", {}).get("by_kind", {})
   out = {
       "compute_fraction": None if t_hbm is None else t_compute / max(t_compute, t_hbm),
       "step_s_model_flops": t_compute, "step_s_hbm": t_hbm,
+      "bytes_accessed_per_device": accessed, "hbm_traffic_bytes_per_device": traffic,
+      "step_s_hbm_traffic": t_traffic,
+      "compute_fraction_hbm_traffic": None if t_traffic is None else t_compute / max(t_compute, t_traffic),
       "model_over_xla_flops": (r["model_flops_per_device"] / r["xla_flops_per_device"]
                                if r.get("xla_flops_per_device") else None),
       "memory_gib": r["memory"]["total"] / 2 ** 30 if "memory" in r else None,
@@ -95,6 +104,10 @@ def figures(name: str, r: dict) -> dict:
   return {f"{name}_{k}": v for k, v in out.items()}
 
 
+def _gib(v):
+  return None if v is None else v / 2 ** 30
+
+
 def _fmt(v, unit=""):
   if v is None:
     return "n/a"
@@ -111,6 +124,10 @@ def table(names, res) -> str:
           ("compute_fraction", lambda n: _fmt(res[n + "_compute_fraction"])),
           ("step ms at peak FLOPs (model)", lambda n: _fmt(res[n + "_step_s_model_flops"], "ms")),
           ("step ms at HBM bw (XLA bytes)", lambda n: _fmt(res[n + "_step_s_hbm"], "ms")),
+          ("compute_fraction, HBM traffic", lambda n: _fmt(res[n + "_compute_fraction_hbm_traffic"])),
+          ("step ms at HBM bw (HBM traffic)", lambda n: _fmt(res[n + "_step_s_hbm_traffic"], "ms")),
+          ("GiB/dev: XLA bytes, HBM traffic", lambda n: f"{_fmt(_gib(res[n + '_bytes_accessed_per_device']))}, "
+                                                       f"{_fmt(_gib(res[n + '_hbm_traffic_bytes_per_device']))}"),
           ("model / XLA FLOPs", lambda n: _fmt(res[n + "_model_over_xla_flops"])),
           ("memory GiB / HBM GiB", lambda n: f"{_fmt(res[n + '_memory_gib'])} / {res[n + '_hbm_gib']:.0f}"),
           ("params MiB/device (total)", lambda n: f"{_fmt(res[n + '_param_bytes_per_device'], 'MiB')} "

@@ -16,6 +16,8 @@ import re  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 
+from ovenc_jax import hlo_traffic  # noqa: E402
+
 GiB = 2 ** 30
 REPLICATED_WARN_BYTES = 64 * 2 ** 20
 TARGETS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "aot_targets")
@@ -44,8 +46,6 @@ GPU_MODELS = {
     "a100": ("a100_sxm_80.txtpb", {"bfloat16": 312e12, "float32": 156e12}),
 }
 COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
-_DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "f8e4m3fn": 1, "f8e5m2": 1, "bf16": 2, "f16": 2, "s16": 2,
-                "u16": 2, "f32": 4, "s32": 4, "u32": 4, "f64": 8, "s64": 8, "u64": 8, "c64": 8, "c128": 16}
 
 
 @dataclasses.dataclass
@@ -154,30 +154,10 @@ def model_flops(config, class_shards: int, padded_classes: int, tensor: int = 1)
 def _shape_bytes(type_str: str) -> list[tuple[str, int]]:
   out = []
   for dtype, dims in re.findall(r"\b([a-z]+\d*[a-z0-9]*)\[([\d,]*)\]", type_str):
-    if dtype in _DTYPE_BYTES:
-      out.append((f"{dtype}[{dims}]", _DTYPE_BYTES[dtype] * math.prod(int(x) for x in dims.split(",") if x)))
+    if dtype in hlo_traffic.DTYPE_BYTES:
+      n = math.prod(int(x) for x in dims.split(",") if x)
+      out.append((f"{dtype}[{dims}]", int(hlo_traffic.DTYPE_BYTES[dtype] * n)))
   return out
-
-
-def _tuple_elements(type_str: str) -> list[str]:
-  """'(a, (b, c), d)' -> ['a', '(b, c)', 'd']; a non-tuple type is its own single element."""
-  t = type_str.strip()
-  if not t.startswith("("):
-    return [t]
-  out, depth, cur = [], 0, ""
-  for ch in t[1:-1]:
-    if ch in "([{":
-      depth += 1
-    elif ch in ")]}":
-      depth -= 1
-    if ch == "," and depth == 0:
-      out.append(cur.strip())
-      cur = ""
-    else:
-      cur += ch
-  if cur.strip():
-    out.append(cur.strip())
-  return [re.sub(r"/\*.*?\*/", "", e).strip() for e in out]
 
 
 def collectives(hlo_text: str) -> dict:
@@ -196,7 +176,7 @@ def collectives(hlo_text: str) -> dict:
       continue
     name, type_str, kind, start = mt.groups()
     if start and kind != "all-reduce":
-      parts = _tuple_elements(type_str)
+      parts = hlo_traffic.tuple_elements(type_str)
       shapes = _shape_bytes(parts[1]) if len(parts) >= 2 else []
     else:
       shapes = _shape_bytes(type_str)
@@ -293,6 +273,11 @@ def analyse(config, target: Target, dump_dir: str | None = None, save_path: str 
            bound="memory" if t_memory is not None and t_memory > t_compute else "compute")
   hlo = compiled.as_text()
   r["collectives"] = collectives(hlo)
+  # XLA's bytes count VMEM-resident operands and prefetches again (ovenc_jax/hlo_traffic.py); this
+  # second figure counts the arrays the program keeps in HBM, once.
+  traffic = hlo_traffic.hbm_traffic(hlo)
+  r.update(hbm_traffic_per_device=traffic["bytes"], hbm_traffic_largest=traffic["largest"],
+           step_s_hbm_traffic=traffic["bytes"] / target.chip.hbm_bandwidth)
   if dump_dir:
     atomic_io.atomic_write(os.path.join(dump_dir, "train_step.hlo.txt"), lambda f: f.write(hlo), mode="w")
   if save_path:
@@ -335,10 +320,14 @@ def format_report(r: dict) -> str:
                 f", XLA {_f(r['xla_flops_per_device'])} (difference, recompute and elementwise: "
                 f"{_f(r['recompute_flops_per_device'])})"))
   if "step_s_roofline" in r:
-    lines.append(f"bytes/device  {_b(r['bytes_accessed_per_device'])} accessed")
+    lines.append(f"bytes/device  {_b(r['bytes_accessed_per_device'])} accessed (XLA), "
+                 f"{_b(r['hbm_traffic_per_device'])} to and from HBM ({_ms(r['step_s_hbm_traffic'])} at "
+                 f"peak HBM bandwidth)")
     lines.append(f"step time     {_ms(r['step_s_compute'])} at peak compute ({r['peak_flops'] / 1e12:.0f} "
                  f"TFLOP/s), {_ms(r['step_s_memory'])} at peak HBM bandwidth "
                  f"({r['hbm_bandwidth'] / 1e9:.0f} GB/s): roofline {_ms(r['step_s_roofline'])}, {r['bound']}-bound")
+    for name, nbytes in r["hbm_traffic_largest"][:5]:
+      lines.append(f"  HBM {_b(nbytes):>11}  {name}")
     c = r["collectives"]
     lines.append("collectives   " + (", ".join(f"{k} {v['count']} ({_b(v['bytes'])})"
                                                for k, v in c["by_kind"].items()) or "none"))

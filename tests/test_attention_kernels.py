@@ -4,6 +4,7 @@ cuDNN itself needs an NVIDIA GPU and there is none here: its tests check only wh
 selection logic and that the call it makes (the same mask, through XLA's kernel) matches the reference.
 """
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -70,6 +71,35 @@ def test_splash_block_sizes():
   q, k, v, seg = _packed(1, 130, 1, 32, jnp.float32)
   with pytest.raises(ValueError, match="self-attention"):
     splash.attention(q, k[:, :64], v[:, :64], seg, seg[:, :64], scale=1.0)
+
+
+def _pallas_costs(jaxpr, out):
+  """{kernel phase: cost_estimate} of every pallas_call in a (nested) jaxpr."""
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == "pallas_call":
+      name = str(eqn.params.get("name_and_src_info", eqn.params.get("name", "")))
+      phase = next(p for p in ("fwd", "dkv", "dq") if f"_{p}" in name)
+      out[phase] = eqn.params["cost_estimate"]
+  for sub in jax.extend.core.subjaxprs(jaxpr):
+    _pallas_costs(sub, out)
+  return out
+
+
+def test_splash_declares_block_counts_from_its_grids():
+  # 384 tokens: 3 blocks of 128 each way; 2 heads, so a grid read in the wrong order gives 2.
+  b, n, h, d = 2, 384, 2, 64
+  q, k, v, seg = _packed(b, n, h, d, jnp.bfloat16)
+  loss = lambda q, k, v: attn_lib.dot_product_attention(q, k, v, seg, seg, impl="splash").astype(
+      jnp.float32).sum()
+  costs = _pallas_costs(jax.make_jaxpr(jax.grad(loss, argnums=(0, 1, 2)))(q, k, v).jaxpr, {})
+  assert set(costs) == {"fwd", "dkv"}  # the fused backward: no separate dq kernel
+  # Counted by hand per row (vmap multiplies by the b rows): [H, S, d] bf16 tensors of 96 KiB.
+  t, seg_bytes, blocks = h * n * d * 2, 4 * (n + n), 3
+  fwd = t + 2 * blocks * t + t + 4 * h * n + seg_bytes * blocks
+  dkv = 2 * t + blocks * (2 * t + 8 * h * n + seg_bytes) + 2 * t + blocks * h * n * d * 4
+  assert costs["fwd"].bytes_accessed == b * fwd
+  assert costs["dkv"].bytes_accessed == b * dkv
+  assert costs["fwd"].flops == b * 4 * h * n * n * d and costs["dkv"].flops == b * 10 * h * n * n * d
 
 
 def test_splash_under_shard_map_matches_xla_single_device():

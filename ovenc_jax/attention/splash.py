@@ -79,9 +79,9 @@ class _CostedPallas:
 
     def with_cost(*operands):
       q, k, v = operands[3:6]
-      # fwd/dq grid: (heads, query blocks, key blocks); dkv grid: (heads, key blocks, query blocks).
-      _, a, b = grid_spec.grid
-      nq, nk = (b, a) if phase == "dkv" else (a, b)
+      # fwd/dq grid: (heads, query blocks, key blocks); dkv grid: (key blocks, heads, query blocks).
+      grid = grid_spec.grid
+      nq, nk = (grid[2], grid[0]) if phase == "dkv" else (grid[1], grid[2])
       return call(cost_estimate=kernel_cost(phase, q, k, v, nq, nk))(*operands)
 
     return with_cost
