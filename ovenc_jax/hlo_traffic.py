@@ -121,10 +121,19 @@ def _instruction_bytes(opcode, type_str, rest, operand_types, comps, by_name, sc
     body = re.search(r"body=%([\w.\-]+)", rest)
     n = int(trips.group(1)) if trips else 1
     return n * _computation_bytes(body.group(1), comps, by_name, scale * n) if body else 0
-  if opcode in ("call", "conditional"):
-    called = re.findall(r"(?:to_apply|branch_computations=\{|true_computation|false_computation)=?%?([\w.\-]+)",
-                        rest)
-    return max((_computation_bytes(c, comps, by_name, scale) for c in called if c in comps), default=0)
+  if opcode in ("call", "conditional"):  # a conditional: its most expensive branch
+    called = re.findall(r"(?:to_apply|true_computation|false_computation)=%([\w.\-]+)", rest)
+    branches = re.search(r"branch_computations=\{([^}]*)\}", rest)
+    called += re.findall(r"%([\w.\-]+)", branches.group(1)) if branches else []
+    best, best_names = 0, {}
+    for name in called:
+      names = {}
+      nbytes = _computation_bytes(name, comps, names, scale) if name in comps else 0
+      if nbytes >= best:
+        best, best_names = nbytes, names
+    for key, nbytes in best_names.items():
+      by_name[key] = by_name.get(key, 0) + nbytes
+    return best
   if opcode == "copy-start":  # (destination, source, context): each side that is in HBM, once
     dest, src = tuple_elements(type_str)[:2]
     return _hbm(dest) + _hbm(src)

@@ -24,6 +24,17 @@ HLO = """HloModule t, entry_computation_layout={()->f32[1024,256]{1,0}}
   ROOT %t = (s32[], f32[1024,256]{1,0}) tuple(%i, %y.1)
 }
 
+%small (q: f32[256,256]) -> f32[256,256] {
+  %q = f32[256,256]{1,0} parameter(0)
+  ROOT %q2 = f32[256,256]{1,0} negate(%q)
+}
+
+%large (q.1: f32[256,256]) -> f32[256,256] {
+  %q.1 = f32[256,256]{1,0} parameter(0)
+  %q3 = f32[256,256]{1,0} negate(%q.1)
+  ROOT %q4 = f32[256,256]{1,0} negate(%q3)
+}
+
 %cond (p.1: (s32[], f32[1024,256])) -> pred[] {
   %p.1 = (s32[], f32[1024,256]{1,0}) parameter(0)
   ROOT %c = pred[] constant(true)
@@ -42,6 +53,8 @@ ENTRY %main (a: f32[1024,256], b: bf16[512,512], big: f32[4096,256]) -> f32[1024
   %kernel = f32[8,128]{1,0:T(8,128)} custom-call(%cat), custom_call_target="tpu_custom_call", backend_config={"custom_call_config":{"cost_estimate":{"flops":"1","transcendentals":"0","bytes_accessed":"10485760"}}}
   %init = (s32[], f32[1024,256]{1,0}) tuple(%kernel, %fusion)
   %loop = (s32[], f32[1024,256]{1,0}) while(%init), condition=%cond, body=%body, backend_config={"known_trip_count":{"n":"5"}}
+  %branch = s32[] constant(1)
+  %side = f32[256,256]{1,0} conditional(%branch, %b, %b), branch_computations={%small, %large}
   ROOT %out = f32[1024,256]{1,0} get-tuple-element(%loop), index=1
 }
 """
@@ -51,11 +64,13 @@ def test_hand_counted_hlo_text():
   r = hlo_traffic.hbm_traffic(HLO)
   # prefetch 1 (its HBM side once) + fusion 1.5 (the VMEM copy is free; bf16 0.5 read, 1 written)
   # + slice 1 (the slice, not its 4 MiB source) + ConcatBitcast 0 + kernel 10 (its declared bytes
-  # exceed its HBM operands) + loop 5 x 2 (one read and one write a trip).
-  assert r["bytes"] == pytest.approx((1 + 1.5 + 1 + 10 + 5 * 2) * MiB)
+  # exceed its HBM operands) + loop 5 x 2 (one read and one write a trip) + the conditional's larger
+  # branch, two 0.25 MiB negations that each read and write.
+  assert r["bytes"] == pytest.approx((1 + 1.5 + 1 + 10 + 5 * 2 + 1) * MiB)
   largest = dict(r["largest"])
   assert largest["layers_*/mlp/add"] == pytest.approx(11.5 * MiB)  # layer 0 once, layer 1 five times
   assert largest["(custom-call)"] == 10 * MiB
+  assert largest["(negate)"] == 1 * MiB  # the branch not counted leaves no trace either
 
 
 def test_needs_an_entry_computation():
