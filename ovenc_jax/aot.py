@@ -152,12 +152,7 @@ def model_flops(config, class_shards: int, padded_classes: int, tensor: int = 1)
 # ---- reading the compiled program ----------------------------------------------------------------
 
 def _shape_bytes(type_str: str) -> list[tuple[str, int]]:
-  out = []
-  for dtype, dims in re.findall(r"\b([a-z]+\d*[a-z0-9]*)\[([\d,]*)\]", type_str):
-    if dtype in hlo_traffic.DTYPE_BYTES:
-      n = math.prod(int(x) for x in dims.split(",") if x)
-      out.append((f"{dtype}[{dims}]", int(hlo_traffic.DTYPE_BYTES[dtype] * n)))
-  return out
+  return [(shape, nbytes) for shape, nbytes, _ in hlo_traffic.arrays(type_str)]
 
 
 def collectives(hlo_text: str) -> dict:

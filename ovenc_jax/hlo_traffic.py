@@ -29,20 +29,20 @@ _FREE = {"parameter", "constant", "get-tuple-element", "tuple", "bitcast", "afte
 _FREE_CUSTOM_CALLS = {"ConcatBitcast"}
 
 
-def _arrays(type_str: str) -> list[tuple[int, int]]:
-  """(bytes, memory space) of every array in a (possibly tuple) HLO type."""
+def arrays(type_str: str) -> list[tuple[str, int, int]]:
+  """(shape 'dtype[dims]', bytes, memory space) of every array in a (possibly tuple) HLO type."""
   out = []
   for dtype, dims, layout in _ARRAY.findall(type_str):
     if dtype not in DTYPE_BYTES:
       continue
     space = re.search(r"S\((\d+)\)", layout or "")
     n = math.prod(int(d) for d in dims.split(",") if d)
-    out.append((int(n * DTYPE_BYTES[dtype]), int(space.group(1)) if space else 0))
+    out.append((f"{dtype}[{dims}]", int(n * DTYPE_BYTES[dtype]), int(space.group(1)) if space else 0))
   return out
 
 
 def _hbm(type_str: str) -> int:
-  return sum(b for b, space in _arrays(type_str) if space == 0)
+  return sum(b for _, b, space in arrays(type_str) if space == 0)
 
 
 def _split_type(rest: str) -> tuple[str, str]:
@@ -120,7 +120,7 @@ def _instruction_bytes(opcode, type_str, rest, operand_types, comps, by_name, sc
     trips = re.search(r'"known_trip_count":\{"n":"(\d+)"\}', rest)
     body = re.search(r"body=%([\w.\-]+)", rest)
     n = int(trips.group(1)) if trips else 1
-    return n * _computation_bytes(body.group(1), comps, by_name, scale * n) if body else 0
+    return n * _computation_bytes(body.group(1), comps, by_name, scale * n)
   if opcode in ("call", "conditional"):  # a conditional: its most expensive branch
     called = re.findall(r"(?:to_apply|true_computation|false_computation)=%([\w.\-]+)", rest)
     branches = re.search(r"branch_computations=\{([^}]*)\}", rest)
@@ -128,7 +128,7 @@ def _instruction_bytes(opcode, type_str, rest, operand_types, comps, by_name, sc
     best, best_names = 0, {}
     for name in called:
       names = {}
-      nbytes = _computation_bytes(name, comps, names, scale) if name in comps else 0
+      nbytes = _computation_bytes(name, comps, names, scale)
       if nbytes >= best:
         best, best_names = nbytes, names
     for key, nbytes in best_names.items():
@@ -139,9 +139,9 @@ def _instruction_bytes(opcode, type_str, rest, operand_types, comps, by_name, sc
     return _hbm(dest) + _hbm(src)
   if opcode == "slice-start":  # ((source), destination, context): the slice is read, then written
     parts = tuple_elements(type_str)
-    src_in_hbm = any(space == 0 for _, space in _arrays(parts[0]))
-    dest = _arrays(parts[1])
-    return sum(b for b, _ in dest) * src_in_hbm + sum(b for b, space in dest if space == 0)
+    src_in_hbm = any(space == 0 for _, _, space in arrays(parts[0]))
+    dest = arrays(parts[1])
+    return sum(b for _, b, _ in dest) * src_in_hbm + sum(b for _, b, space in dest if space == 0)
   if opcode.endswith("-start"):  # async collectives: ((operands), (results), ...)
     parts = tuple_elements(type_str)
     return sum(_hbm(p) for p in parts[:2])
@@ -159,6 +159,8 @@ def _instruction_bytes(opcode, type_str, rest, operand_types, comps, by_name, sc
 
 def _computation_bytes(name, comps, by_name, scale):
   """HBM bytes of one execution of computation `name`; by_name gets them times `scale`."""
+  if name not in comps:
+    raise ValueError(f"HLO text calls computation %{name}, which it does not define (truncated dump?)")
   types, total = {}, 0
   for line in comps[name]:
     m = _INSTR.match(line)

@@ -145,11 +145,15 @@ def test_shardings_match_the_trainer_and_model_flops_match_xla(tmp_path):
     bench.main(["--cases", "large_v5p128,base_v5e512"])  # refused before anything compiles
 
 
-def _has_cuda_plugin() -> bool:
-  try:  # find_spec raises, not returns None, when the parent package jax_plugins is absent
-    return importlib.util.find_spec("jax_plugins.xla_cuda12") is not None
+def _installed(module: str) -> bool:
+  try:  # find_spec raises, not returns None, when the parent package is absent
+    return importlib.util.find_spec(module) is not None
   except ModuleNotFoundError:
     return False
+
+
+def _has_cuda_plugin() -> bool:
+  return _installed("jax_plugins.xla_cuda12")
 
 
 @pytest.mark.skipif(not _has_cuda_plugin(),
@@ -162,14 +166,7 @@ def test_tiny_on_h100x8_compiles(tmp_path):
   assert r["collectives"]["by_kind"]
 
 
-def _has_cudnn() -> bool:
-  try:
-    return importlib.util.find_spec("nvidia.cudnn") is not None
-  except ModuleNotFoundError:
-    return False
-
-
-@pytest.mark.skipif(not (_has_cuda_plugin() and _has_cudnn()),
+@pytest.mark.skipif(not (_has_cuda_plugin() and _installed("nvidia.cudnn")),
                     reason="cuDNN attention on GPU targets needs requirements-aot-gpu.txt (plugin and cuDNN)")
 def test_h100_compile_runs_cudnn_flash_attention(tmp_path):
   proc, r = run_aot(tmp_path, "tiny", "h100x8", {"model.dtype": "bfloat16", "model.attention": "cudnn"},

@@ -78,6 +78,14 @@ def test_needs_an_entry_computation():
     hlo_traffic.hbm_traffic("HloModule t\n")
 
 
+@pytest.mark.parametrize("cut", ["%body (", "%large ("])
+def test_a_called_computation_missing_from_the_text_is_named(cut):
+  # A dump cut short: the loop's body, or one branch of the conditional, is not in the text.
+  text = HLO.replace(cut, "%renamed_" + cut[1:])
+  with pytest.raises(ValueError, match=f"calls computation %{cut[1:-2]},"):
+    hlo_traffic.hbm_traffic(text)
+
+
 _COMPILE = """
 import json
 import jax, jax.numpy as jnp, numpy as np
