@@ -23,12 +23,11 @@ step "1/7 demo data: moving handwritten digits (scikit-learn) encoded with libx2
 $py -m data_prep.make_demo_data --output_dir "$out/data"
 $py -m data_prep.make_demo_data --output_dir "$out/eval_data" --num_clips 150 --num_images 0 --seed 1
 
-step "2/7 codec patchification (Apache Beam, DirectRunner on both cores)"
+step "2/7 codec patchification (Apache Beam, DirectRunner: a worker per core)"
 mkdir -p "$out/records"
 for split in data eval_data; do
   $py -m data_prep.codec_patchify --input "$out/$split/list.txt" --output_dir "$out/records/$split" \
-    --image_size 112 --class_labels "$out/$split/class_labels.json" \
-    --direct_num_workers=2 --direct_running_mode=multi_processing 2> "$out/records/$split.log" \
+    --image_size 112 --class_labels "$out/$split/class_labels.json" 2> "$out/records/$split.log" \
     || { tail -n 30 "$out/records/$split.log"; exit 1; }
 done  # Beam's worker chatter goes to $out/records/*.log; the job's summary is printed here
 $py -m data_prep.visualize --input "$out/records/data" --index 0 --output "$out/selected_patches.png"

@@ -100,7 +100,7 @@ def timed_job(flags) -> float:
 
 def bench_beam(args, paths, cfg, tmp):
   """Whole-job videos/s: bare decode on a pool of `workers` processes, the DirectRunner with as
-  many multi_processing workers, and a Dask cluster of as many worker processes (one already up,
+  many workers (the job's default threads, and Beam's worker processes), and a Dask cluster of as many worker processes (one already up,
   as a user's cluster is, and one the job starts and stops itself)."""
   import dask
   from distributed import LocalCluster
@@ -110,14 +110,17 @@ def bench_beam(args, paths, cfg, tmp):
   pattern = os.path.join(tmp, "beam_in", "*")
   ctx = multiprocessing.get_context("spawn")
   out = lambda name: os.path.join(tmp, "beam_out", name)  # noqa: E731
-  direct = [f"--direct_num_workers={w}", "--direct_running_mode=multi_processing"]
+  # The job's default DirectRunner mode (worker threads, each feeding its decoder child), and
+  # Beam's worker processes for comparison.
+  direct = [f"--direct_num_workers={w}"]
+  direct_mp = direct + ["--direct_running_mode=multi_processing"]
   # The same job on one video per worker: its fixed start-up and finalisation, which a
   # dataset-sized job amortises; the rest of the direct job's time is its steady state.
   make_copies(paths, w, os.path.join(tmp, "startup_in"))
   startup_glob = os.path.join(tmp, "startup_in", "*")
   # Rounds alternate the modes and keep each one's best: this machine's speed drifts by up to
   # 2x over minutes, which one sequential run per mode turns into noise in the ratios.
-  runs = {"decode": [], "patchify": [], "direct": [], "startup": []}
+  runs = {"decode": [], "patchify": [], "direct": [], "direct_mp": [], "startup": []}
   with ctx.Pool(w) as pool:
     pool.map(_decode_plain, videos[:w])  # workers up and imports done
     pool.map(functools.partial(patchify, cfg=cfg), videos[:w])
@@ -130,6 +133,8 @@ def bench_beam(args, paths, cfg, tmp):
       pool.map(functools.partial(patchify, cfg=cfg), videos, chunksize=1)
       runs["patchify"].append(time.perf_counter() - t0)
       runs["direct"].append(timed_job(job_flags(args, pattern, out(f"direct{r}")) + direct))
+      runs["direct_mp"].append(timed_job(job_flags(args, pattern, out(f"direct_mp{r}"))
+                                         + direct_mp))
       runs["startup"].append(timed_job(job_flags(args, startup_glob, out(f"startup{r}"))
                                        + direct))
   secs = {k: min(v) for k, v in runs.items()}
@@ -152,9 +157,11 @@ def bench_beam(args, paths, cfg, tmp):
   fig["beam_over_patchify_pool"] = vps["direct"] / vps["patchify"]
   fig["dask_over_direct"] = vps["dask"] / vps["direct"]
   fig["dask_cold_over_direct"] = vps["dask_cold"] / vps["direct"]
+  fig["beam_processes_over_decode"] = vps["direct_mp"] / vps["decode"]
   names = {"decode": f"bare decode, pool of {w}",
            "patchify": f"patchify (c), pool of {w}, no runner",
-           "direct": f"Beam DirectRunner, {w} mp workers",
+           "direct": f"Beam DirectRunner, {w} workers (job default)",
+           "direct_mp": f"Beam DirectRunner, {w} worker processes",
            "dask": f"Beam DaskRunner, {w} workers (up)",
            "dask_cold": f"Beam DaskRunner, {w} workers (started by job)"}
   lines = [f"whole job on {n} videos (wall-clock; decode, patchify and DirectRunner: best of "
@@ -170,6 +177,35 @@ def bench_beam(args, paths, cfg, tmp):
                f"dask_over_direct = {fig['dask_over_direct']:.2f} (goal >= 0.9); "
                f"beam_over_patchify_pool = {fig['beam_over_patchify_pool']:.2f} (the runner's "
                f"share)")
+  return fig, lines
+
+
+def bench_compression(args, paths, cfg, tmp):
+  """Shard writing per codec on the job's own records (the clips' patchify output): CPU per
+  record and file size over the raw records; the job's --shard_compression picks one."""
+  from array_record.python import array_record_module
+  from data_prep import codec_patchify
+  recs = [codec_signals.process_path(p, -1, cfg)[1] for p in paths]
+  raw = sum(map(len, recs))
+  fig, rows = {}, []
+  for codec in ("uncompressed", "snappy", "zstd:1", "zstd:3"):
+    path = os.path.join(tmp, f"compression_{codec.replace(':', '')}.array_record")
+    best = float("inf")
+    for _ in range(args.rounds):
+      c0 = time.process_time()
+      w = array_record_module.ArrayRecordWriter(path, codec_patchify.writer_options(codec))
+      for _ in range(5):
+        for r in recs:
+          w.write(r)
+      w.close()
+      best = min(best, (time.process_time() - c0) / (5 * len(recs)))
+    key = codec.replace(":", "")
+    fig[f"compression_{key}_ms_per_record"] = 1e3 * best
+    fig[f"compression_{key}_size_ratio"] = os.path.getsize(path) / (5 * raw)
+    rows.append(f"{codec + (' (job default)' if codec == codec_patchify.DEFAULT_COMPRESSION else ''):<26}"
+                f"{1e3 * best:>12.2f}{fig[f'compression_{key}_size_ratio']:>12.3f}")
+  lines = [f"shard compression ({len(recs)} records of {raw / len(recs) / 1024:.0f} KiB; CPU, best "
+           f"of {args.rounds})", f"{'codec':<26}{'ms/record':>12}{'size/raw':>12}"] + rows
   return fig, lines
 
 
@@ -358,7 +394,8 @@ def bench_interval(args, paths, cfg, tmp):
 
 # Each section: (args, clip paths, cfg, temp dir) -> (figures for --json, table lines).
 SECTIONS = {"codec": bench_codec_modes, "transcode": bench_transcode,
-            "interval": bench_interval, "beam": bench_beam, "rss": bench_rss}
+            "interval": bench_interval, "beam": bench_beam, "rss": bench_rss,
+            "compression": bench_compression}
 
 
 def make_clips(out_dir, count, size, frames, background, noise, seed):

@@ -139,14 +139,15 @@ def test_output_layout_is_final_and_complete(mixed_run):
   assert names == shards + ["failures.jsonl", "manifest.json"]  # no staging or temp files left
   assert manifest["shards"] == shards
   assert [os.path.basename(x) for x in records.list_shards(out)] == shards
-  # One bundle on the in-process DirectRunner: each shard is cut at the first record that takes it
-  # to --shard_mb, except the bundle's last one.
+  # One bundle per DirectRunner worker (a thread per core by default): each shard is cut at the
+  # first record that takes it to --shard_mb, except each bundle's last one.
+  workers = int(codec_patchify._flag(manifest["beam_args"], "--direct_num_workers") or 1)
   limit = 0.03 * 2**20
   sizes = [[len(r) for r in _raw_shard(os.path.join(out, s))] for s in shards]
   assert [len(s) for s in sizes] == manifest["records_per_shard"] and n >= 3
   assert sum(manifest["records_per_shard"]) == manifest["num_records"]
   assert all(sum(s[:-1]) < limit for s in sizes)
-  assert sum(sum(s) < limit for s in sizes) <= 1
+  assert sum(sum(s) < limit for s in sizes) <= workers
 
 
 def test_refuses_to_mix_with_an_earlier_run(mixed, mixed_run):
@@ -235,7 +236,7 @@ def _failures(out):
   return [json.loads(line) for line in open(os.path.join(out, "failures.jsonl"))]
 
 
-def test_multiprocessing_runner_gives_the_same_records(tmp_path, monkeypatch):
+def test_direct_runner_modes_give_the_same_records(tmp_path, monkeypatch):
   # Without --runner the job runs Beam's in-process runner; the DirectRunner would first try to
   # download the Prism runner (network at run time).
   # (The DirectRunner swallows a Prism failure and falls back, so calls are counted.)
@@ -256,10 +257,12 @@ def test_multiprocessing_runner_gives_the_same_records(tmp_path, monkeypatch):
   os.symlink(inputs / "c0.mp4", inputs / "link_to_c0.mp4")  # the same file: not a second sample
   flags = ["--input", str(inputs / "*"), "--image_size", "28", "--patch_size", "14",
            "--num_frames", "4"]
-  codec_patchify.run(flags + ["--output_dir", str(tmp_path / "a"), "--decode_timeout", "0"])
+  codec_patchify.run(flags + ["--output_dir", str(tmp_path / "a"), "--decode_timeout", "0",
+                              "--shard_compression", "uncompressed"])
   (tmp_path / "b" / "beam-temp-crashed" / "x").mkdir(parents=True)  # left by a crashed run
   m = codec_patchify.run(flags + ["--output_dir", str(tmp_path / "b"), "--direct_num_workers=2",
-                                  "--direct_running_mode=multi_processing"])
+                                  "--direct_running_mode=multi_processing", "--shard_compression",
+                                  "snappy"])
   assert m["num_inputs"] == 4 and m["num_failures"] == 0
   assert sorted(os.listdir(tmp_path / "b")) == m["shards"] + ["failures.jsonl", "manifest.json"]
 
@@ -272,9 +275,36 @@ def test_multiprocessing_runner_gives_the_same_records(tmp_path, monkeypatch):
       reader.close()
     return sorted(out)
 
-  a, b = raw(tmp_path / "a"), raw(tmp_path / "b")
-  assert len(a) == 4 and a == b
+  # No runner flags: a worker thread per core, each with its decoder child.
+  monkeypatch.setattr(os, "cpu_count", lambda: 2)
+  m = codec_patchify.run(flags + ["--output_dir", str(tmp_path / "c")])
+  assert m["beam_args"] == ["--direct_num_workers=2", "--direct_running_mode=multi_threading"]
+  assert m["shard_compression"] == "zstd:1"
+  a, b, c = raw(tmp_path / "a"), raw(tmp_path / "b"), raw(tmp_path / "c")
+  assert len(a) == 4 and a == b == c
   assert prism_calls == []
+  # The same records, stored raw, with snappy and with zstd level 1 (the shards say which).
+  from array_record.python import array_record_module
+  for d, codec in (("a", "uncompressed"), ("b", "snappy"), ("c", "zstd:1")):
+    for path in records.list_shards(str(tmp_path / d)):
+      reader = array_record_module.ArrayRecordReader(path)
+      assert codec in reader.writer_options_string().split(","), (d, reader.writer_options_string())
+      reader.close()
+  with pytest.raises(ValueError, match="--shard_compression='lz4'"):
+    codec_patchify.run(flags + ["--output_dir", str(tmp_path / "d"), "--shard_compression", "lz4"])
+
+
+def test_direct_defaults_leave_given_flags_alone():
+  d = codec_patchify._direct_defaults
+  n = os.cpu_count()
+  assert d([], 600.0, 1000) == [f"--direct_num_workers={n}", "--direct_running_mode=multi_threading"]
+  assert d([], 600.0, 1) == ["--direct_num_workers=1", "--direct_running_mode=multi_threading"]
+  assert d(["--direct_num_workers=3"], 600.0, 1) == ["--direct_num_workers=3",
+                                                     "--direct_running_mode=multi_threading"]
+  assert d(["--direct_running_mode", "multi_processing"], 1.0, 1000) == [
+      "--direct_running_mode", "multi_processing", f"--direct_num_workers={n}"]
+  assert d([], 0.0, 1000) == []  # in-process decoding: Beam's own default (one in-memory worker)
+  assert d(["--runner=dask"], 600.0, 1000) == ["--runner=dask"]
 
 
 def test_expand_inputs(tmp_path):
