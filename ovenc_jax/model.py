@@ -114,28 +114,33 @@ class Linear(_Module):
 
 
 class HeadProjection(_Module):
-  """[B, N, D] -> [B, N, H, hd] (q/k/v projections), kernel [D, H, hd] sharded over heads."""
+  """[B, N, D] -> [B, N, H, hd] (heads_first: [B, H, N, hd]; q/k/v projections), kernel [D, H, hd]
+  sharded over heads."""
   num_heads: int = 1
   head_dim: int = 64
+  heads_first: bool = False
 
   @nn.compact
   def __call__(self, x):
     kernel = self._p("kernel", _dense_init, (x.shape[-1], self.num_heads, self.head_dim),
                      ("embed", "heads", "kv"))
     bias = self._p("bias", _zeros, (self.num_heads, self.head_dim), ("heads", "kv"))
-    return self._dense("bnd,dhk->bnhk", x, kernel, bias, ("embed", "heads", "kv"))
+    spec = "bnd,dhk->bhnk" if self.heads_first else "bnd,dhk->bnhk"
+    return self._dense(spec, x, kernel, bias, ("embed", "heads", "kv"))
 
 
 class OutProjection(_Module):
-  """[B, N, H, hd] -> [B, N, D], kernel [H, hd, D]."""
+  """[B, N, H, hd] (heads_first: [B, H, N, hd]) -> [B, N, D], kernel [H, hd, D]."""
   features: int = 0
+  heads_first: bool = False
 
   @nn.compact
   def __call__(self, x):
-    h, k = x.shape[-2:]
+    h, k = (x.shape[1], x.shape[3]) if self.heads_first else x.shape[-2:]
     kernel = self._p("kernel", _dense_init, (h, k, self.features), ("heads", "kv", "embed"))
     bias = self._p("bias", _zeros, (self.features,), ("norm",))
-    return self._dense("bnhk,hkd->bnd", x, kernel, bias, ("heads", "kv", "embed"))
+    spec = "bhnk,hkd->bnd" if self.heads_first else "bnhk,hkd->bnd"
+    return self._dense(spec, x, kernel, bias, ("heads", "kv", "embed"))
 
 
 class Attention(_Module):
@@ -149,19 +154,23 @@ class Attention(_Module):
   def __call__(self, x_q, x_kv, q_segments, kv_segments, angles=None):
     d = x_kv.shape[-1]
     hd = d // self.num_heads
-    kw = dict(self._kw(), num_heads=self.num_heads, head_dim=hd)
+    # The splash kernel takes [B, H, N, hd]: the projections write that layout themselves (their
+    # matmuls' output order), instead of XLA transposing q, k, v and the output around every call.
+    heads_first = self.impl in attn_lib.HEADS_FIRST
+    kw = dict(self._kw(), num_heads=self.num_heads, head_dim=hd, heads_first=heads_first)
     q = HeadProjection(name="q_proj", **kw)(x_q)
     k = HeadProjection(name="k_proj", **kw)(x_kv)
     v = HeadProjection(name="v_proj", **kw)(x_kv)
     if angles is not None:
-      q = rope_lib.apply_rope(q, angles, self.rope_layout)
-      k = rope_lib.apply_rope(k, angles, self.rope_layout)
-    names = ("batch", "length", "act_heads", "kv")
+      q = rope_lib.apply_rope(q, angles, self.rope_layout, heads_first)
+      k = rope_lib.apply_rope(k, angles, self.rope_layout, heads_first)
+    names = ("batch", "act_heads", "length", "kv") if heads_first else ("batch", "length", "act_heads", "kv")
     q, k, v = (self._constrain(t, names) for t in (q, k, v))
     o = attn_lib.dot_product_attention(q, k, v, q_segments, kv_segments, impl=self.impl,
-                                       chunk_size=self.chunk_size, axis_rules=self.axis_rules)
+                                       chunk_size=self.chunk_size, axis_rules=self.axis_rules,
+                                       heads_first=heads_first)
     o = self._constrain(o, names)
-    return OutProjection(name="out_proj", features=d, **self._kw())(o)
+    return OutProjection(name="out_proj", features=d, heads_first=heads_first, **self._kw())(o)
 
 
 class Mlp(_Module):

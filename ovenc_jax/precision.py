@@ -29,7 +29,8 @@ def dense(spec: str, x, w, b, compute_dtype, grad_reduce_dtype=jnp.float32, fsdp
   """einsum(spec, x, w) + b in `compute_dtype`; dW and db come out of matmul/sum in `grad_reduce_dtype`.
 
   spec is a two-operand einsum ("bnd,dhk->bnhk") where every index is in exactly two of x, w, out, and
-  x's first index is the batch; b (or None) is indexed by the trailing indices of the output.
+  x's first index is the batch; b (or None) is indexed by the output's last b.ndim indices that come
+  from w, in output order ("hk" for "bnd,dhk->bnhk" and for "bnd,dhk->bhnk").
   fsdp: None, or the weight's `Fsdp` specs under the current mesh (`fsdp_specs`).
   """
   cdt, rdt = jnp.dtype(compute_dtype), jnp.dtype(grad_reduce_dtype)
@@ -173,10 +174,23 @@ def _specs(spec):
   return xs, ws, out
 
 
+def _bias_indices(spec, b_ndim: int) -> str:
+  _, ws, out = _specs(spec)
+  from_w = "".join(i for i in out if i in ws)
+  return from_w[len(from_w) - b_ndim:]
+
+
+def _add_bias(spec, y, b):
+  """y + b, b broadcast over the output indices it lacks (those between its own, too)."""
+  idx, out = _bias_indices(spec, b.ndim), _specs(spec)[2]
+  tail = out[out.index(idx[0]):]
+  return y + b.reshape(tuple(b.shape[idx.index(i)] if i in idx else 1 for i in tail))
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3))
 def _dense(spec, cdt, rdt, fsdp, x, w, b):
   y = jnp.einsum(spec, x, _use(w, cdt, fsdp))
-  return y if b is None else y + b.astype(cdt)
+  return y if b is None else _add_bias(spec, y, b.astype(cdt))
 
 
 def _dense_fwd(spec, cdt, rdt, fsdp, x, w, b):
@@ -191,7 +205,7 @@ def _dense_bwd(spec, cdt, rdt, fsdp, res, dy):
   xs, ws, out = _specs(spec)
   dx = matmul(f"{out},{ws}->{xs}", dy, _use(w, cdt, fsdp), preferred_element_type=cdt)
   dw = _weight_grad(spec, rdt, fsdp, x, dy).astype(w.dtype)
-  db = None if b is None else jnp.einsum(f"{out}->{out[len(out) - b.ndim:]}", dy.astype(rdt)).astype(b.dtype)
+  db = None if b is None else jnp.einsum(f"{out}->{_bias_indices(spec, b.ndim)}", dy.astype(rdt)).astype(b.dtype)
   return dx, dw, db
 
 

@@ -55,8 +55,10 @@ def _materialized(*tables: jnp.ndarray) -> tuple[jnp.ndarray, ...]:
   return tuple(out)
 
 
-def apply_rope(x: jnp.ndarray, angles: jnp.ndarray, layout: RopeLayout = "official") -> jnp.ndarray:
-  """Rotates x [B, N, H, hd] by angles [B, N, hd]; math in fp32, result in x.dtype."""
+def apply_rope(x: jnp.ndarray, angles: jnp.ndarray, layout: RopeLayout = "official",
+               heads_first: bool = False) -> jnp.ndarray:
+  """Rotates x [B, N, H, hd] (heads_first: [B, H, N, hd]) by angles [B, N, hd]; math in fp32, result
+  in x.dtype."""
   if layout == "official":
     rotate = _rotate_half_interleaved
   elif layout == "consistent":
@@ -67,7 +69,7 @@ def apply_rope(x: jnp.ndarray, angles: jnp.ndarray, layout: RopeLayout = "offici
   cos, sin = jnp.cos(angles), jnp.sin(angles)
   if platform == "cpu":
     cos, sin = _materialized(cos, sin)
-  cos, sin = cos[..., None, :], sin[..., None, :]
+  cos, sin = (cos[:, None], sin[:, None]) if heads_first else (cos[..., None, :], sin[..., None, :])
   xf = x.astype(jnp.float32)
   rotated = _rotate_by_matmul(x, layout) if platform == "tpu" else rotate(xf)
   return (xf * cos + rotated * sin).astype(x.dtype)

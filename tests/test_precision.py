@@ -11,11 +11,15 @@ from configs import pretrain
 from ovenc_jax import precision
 from ovenc_jax import train as train_lib
 
-SPECS = {  # the model's three matmul shapes: Linear, q/k/v projection, output projection
+SPECS = {  # the model's matmul shapes: Linear, q/k/v and output projections (also heads first: splash)
     "ai,io->ao": ((6, 5), (5, 7), (7,)),
     "bnd,dhk->bnhk": ((2, 3, 8), (8, 2, 4), (2, 4)),
     "bnhk,hkd->bnd": ((2, 3, 2, 4), (2, 4, 8), (8,)),
+    "bnd,dhk->bhnk": ((2, 3, 8), (8, 2, 4), (2, 4)),
+    "bhnk,hkd->bnd": ((2, 2, 3, 4), (2, 4, 8), (8,)),
 }
+# The bias as the reference adds it: [H, hd] over [B, H, N, hd] skips the N axis.
+BIAS_VIEW = {"bnd,dhk->bhnk": lambda b: b[:, None, :]}
 
 
 @pytest.mark.parametrize("spec", SPECS)
@@ -23,7 +27,9 @@ def test_dense_gradient_matches_autodiff(spec):
   rng = np.random.default_rng(0)
   x, w, b = (jnp.asarray(rng.normal(size=s), jnp.float32) for s in SPECS[spec])
   ct = jnp.asarray(rng.normal(size=jnp.einsum(spec, x, w).shape), jnp.float32)
-  ref = jax.jit(jax.grad(lambda *a: jnp.sum((jnp.einsum(spec, a[0], a[1]) + a[2]) * ct), argnums=(0, 1, 2)))(x, w, b)
+  view = BIAS_VIEW.get(spec, lambda b: b)
+  ref = jax.jit(jax.grad(lambda *a: jnp.sum((jnp.einsum(spec, a[0], a[1]) + view(a[2])) * ct),
+                         argnums=(0, 1, 2)))(x, w, b)
   for cdt, rdt, tol in [("float32", "float32", 1e-6), ("bfloat16", "float32", 2e-2), ("bfloat16", "bfloat16", 2e-2)]:
     got = jax.jit(jax.grad(lambda *a: jnp.sum(precision.dense(spec, *a, cdt, rdt).astype(jnp.float32) * ct),
                            argnums=(0, 1, 2)))(x, w, b)

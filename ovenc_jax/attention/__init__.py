@@ -14,6 +14,8 @@ KERNELS: dict[str, Callable[..., jnp.ndarray]] = {
     "cudnn": cudnn.attention,
 }
 IMPLEMENTATIONS = ("auto",) + tuple(KERNELS)
+# Kernels that take q, k, v and give o as [B, H, N, hd] (heads_first=True; the others [B, N, H, hd]).
+HEADS_FIRST = frozenset({"splash"})
 
 # What `auto` picks on each platform, and why: splash is the flash kernel TPUs run (segment ids native,
 # O(N) memory); cuDNN's flash attention is NVIDIA's fused kernel (half precision only, so fp32 models
@@ -36,9 +38,16 @@ def resolve(impl: str, platform: str, dtype=jnp.float32) -> str:
 
 def dot_product_attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray,
                           q_segments: jnp.ndarray, kv_segments: jnp.ndarray, *,
-                          impl: str = "xla", chunk_size: int = 512, axis_rules=()) -> jnp.ndarray:
-  """q [B, Nq, H, hd], k/v [B, Nk, H, hd] -> [B, Nq, H, hd], scale hd^-0.5."""
+                          impl: str = "xla", chunk_size: int = 512, axis_rules=(),
+                          heads_first: bool = False) -> jnp.ndarray:
+  """q [B, Nq, H, hd], k/v [B, Nk, H, hd] -> [B, Nq, H, hd], scale hd^-0.5. heads_first: all four
+  [B, H, N, hd], for the kernels in HEADS_FIRST."""
   if impl not in KERNELS:  # 'auto' outside encoder_from_config: the local backend decides
     impl = resolve(impl, jax.default_backend(), q.dtype)
+  if heads_first:
+    if impl not in HEADS_FIRST:
+      raise ValueError(f"attention {impl!r} takes [B, N, H, hd], not heads first")
+    return KERNELS[impl](q, k, v, q_segments, kv_segments, scale=q.shape[-1] ** -0.5,
+                         chunk_size=chunk_size, axis_rules=axis_rules, heads_first=True)
   return KERNELS[impl](q, k, v, q_segments, kv_segments, scale=q.shape[-1] ** -0.5,
                        chunk_size=chunk_size, axis_rules=axis_rules)

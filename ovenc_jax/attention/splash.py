@@ -122,16 +122,23 @@ def _dividing(axes, size, mesh):
   return axes if size % int(np.prod([mesh.shape[a] for a in names])) == 0 else None
 
 
-def attention(q, k, v, q_segments, kv_segments, *, scale, axis_rules=(), interpret=None, **_):
-  """q [B, Nq, H, hd], k/v [B, Nk, H, hd] (self-attention: Nq == Nk) -> [B, Nq, H, hd]."""
-  if q.shape[1] != k.shape[1]:
-    raise ValueError(f"splash attention is for self-attention; got {q.shape[1]} queries, {k.shape[1]} keys")
+def attention(q, k, v, q_segments, kv_segments, *, scale, axis_rules=(), interpret=None,
+              heads_first=False, **_):
+  """q [B, Nq, H, hd], k/v [B, Nk, H, hd] (self-attention: Nq == Nk) -> [B, Nq, H, hd]; with
+  heads_first all four are [B, H, N, hd], the kernel's own layout (no transposes)."""
+  seq = 2 if heads_first else 1
+  if q.shape[seq] != k.shape[seq]:
+    raise ValueError(f"splash attention is for self-attention; got {q.shape[seq]} queries, "
+                     f"{k.shape[seq]} keys")
   mesh = jax.sharding.get_abstract_mesh()
   if interpret is None:  # a TPU target compiled from a CPU host gets the Mosaic kernel
     interpret = sharding.mesh_platform() != "tpu"
-  n = q.shape[1]
+  n = q.shape[seq]
   pad = -n % LANES
-  to_kernel = lambda t: jnp.pad(t, ((0, 0), (0, pad), (0, 0), (0, 0))).swapaxes(1, 2)
+  if heads_first:
+    to_kernel = lambda t: jnp.pad(t, ((0, 0), (0, 0), (0, pad), (0, 0)))
+  else:
+    to_kernel = lambda t: jnp.pad(t, ((0, 0), (0, pad), (0, 0), (0, 0))).swapaxes(1, 2)
   pad_seg = lambda s: jnp.pad(s.astype(jnp.int32), ((0, 0), (0, pad)), constant_values=PAD_SEGMENT)
   args = (to_kernel(q * jnp.asarray(scale, q.dtype)), to_kernel(k), to_kernel(v),
           pad_seg(q_segments), pad_seg(kv_segments))
@@ -140,10 +147,10 @@ def attention(q, k, v, q_segments, kv_segments, *, scale, axis_rules=(), interpr
     # Mosaic kernels are not partitioned automatically: each device runs its own batch rows and heads.
     b_axes, _, h_axes, _ = nn.logical_to_mesh_axes(ACTIVATION_NAMES, tuple(axis_rules)) if axis_rules \
         else (None,) * 4
-    b_axes, h_axes = _dividing(b_axes, q.shape[0], mesh), _dividing(h_axes, q.shape[2], mesh)
+    b_axes, h_axes = _dividing(b_axes, q.shape[0], mesh), _dividing(h_axes, q.shape[3 - seq], mesh)
     qkv_spec = jax.P(b_axes, h_axes, None, None)
     seg_spec = jax.P(b_axes, None)
     local = jax.shard_map(local, mesh=mesh, in_specs=(qkv_spec,) * 3 + (seg_spec,) * 2,
                           out_specs=qkv_spec, check_vma=False)
   out = local(*args)
-  return out.swapaxes(1, 2)[:, :n]
+  return out[:, :, :n] if heads_first else out.swapaxes(1, 2)[:, :n]
