@@ -302,9 +302,10 @@ class IncompleteOutput(RuntimeError):
   """The runner finished, but some inputs have neither a record nor a failure row."""
 
 
-# ArrayRecord's own default is zstd level 3. Level 1, measured on the benchmark's 300 KB records:
-# 1.6 ms of CPU a record instead of 3.7 (6% of a video's patchify), files 5% larger (0.709 of raw
-# instead of 0.675); snappy 0.4 ms and 0.794. Readers take any of them (the file says which).
+# ArrayRecord's own default is zstd level 3. Level 1 on the benchmark's 301 KiB records
+# (bench_codec.py --sections compression): 0.8 ms of CPU a record instead of 1.8 (up to 3.7 inside a
+# running job), files 5% larger (0.616 of raw instead of 0.584); snappy 0.33 ms and 0.690. Readers
+# take any of them (each shard names its codec).
 DEFAULT_COMPRESSION = "zstd:1"
 _COMPRESSION = re.compile(r"^(uncompressed|snappy|zstd:(\d+)|brotli:(\d+))$")
 

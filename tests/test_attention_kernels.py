@@ -155,7 +155,7 @@ def test_encoder_splash_path_matches_xla_path():
   that layout, the kernel in interpret mode) and through XLA's [B, N, H, hd] path: outputs and every
   parameter's gradient agree."""
   cfg = common.model_config("tiny")
-  cfg.update(depth=2)
+  cfg.update(depth=1)
   rng = np.random.default_rng(0)
   n = 128
   x = jnp.asarray(rng.integers(0, 256, size=(2, n, 14 * 14 * 3)), jnp.uint8)
