@@ -1,6 +1,6 @@
 """Codec patchify throughput vs bare PyAV decode on one set of clips (videos/s, frames/s, c/a), the
 cost and accuracy of --interval_frames, the whole Beam job on the DirectRunner and on a Dask
-cluster, and the job's peak RSS at 1x and 10x."""
+cluster, the job's peak RSS at 1x and 10x, and the shard codecs' CPU and size on the job's records."""
 import argparse
 import functools
 import glob
