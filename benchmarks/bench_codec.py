@@ -37,12 +37,17 @@ def decode_all(path: str, export_mvs: bool) -> int:
   return n
 
 
-def patchify(path: str, cfg) -> int:
-  """(c): decode, signals, selection and the encoded record, as one pipeline element does."""
+def record(path: str, cfg) -> bytes:
+  """Decode, signals, selection and the encoded record, as one pipeline element does."""
   result = codec_signals.process_path(path, -1, cfg)
   if result[0] != "ok":
     raise RuntimeError(f"{path}: {result[1]}")
-  return len(result[1])
+  return result[1]
+
+
+def patchify(path: str, cfg) -> int:
+  """(c): the record's length (a pool returns it, not the record)."""
+  return len(record(path, cfg))
 
 
 def transcode_cost(paths, cfg, rounds: int) -> dict:
@@ -100,8 +105,9 @@ def timed_job(flags) -> float:
 
 def bench_beam(args, paths, cfg, tmp):
   """Whole-job videos/s: bare decode on a pool of `workers` processes, the DirectRunner with as
-  many workers (the job's default threads, and Beam's worker processes), and a Dask cluster of as many worker processes (one already up,
-  as a user's cluster is, and one the job starts and stops itself)."""
+  many workers (the job's default threads, and Beam's worker processes), and a Dask cluster of as
+  many worker processes (one already up, as a user's cluster is, and one the job starts and stops
+  itself)."""
   import dask
   from distributed import LocalCluster
   w = args.workers
@@ -185,7 +191,7 @@ def bench_compression(args, paths, cfg, tmp):
   record and file size over the raw records; the job's --shard_compression picks one."""
   from array_record.python import array_record_module
   from data_prep import codec_patchify
-  recs = [codec_signals.process_path(p, -1, cfg)[1] for p in paths]
+  recs = [record(p, cfg) for p in paths]
   raw = sum(map(len, recs))
   fig, rows = {}, []
   for codec in ("uncompressed", "snappy", "zstd:1", "zstd:3"):

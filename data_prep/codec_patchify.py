@@ -144,11 +144,32 @@ def _in_dask_worker() -> bool:
   return True
 
 
+# ArrayRecord's own default is zstd level 3. Level 1 on the benchmark's 301 KiB records
+# (bench_codec.py --sections compression): 0.8 ms of CPU a record instead of 1.8 (up to 3.7 inside a
+# running job), files 5% larger (0.616 of raw instead of 0.584); snappy 0.33 ms and 0.690. Readers
+# take any of them (each shard names its codec).
+DEFAULT_COMPRESSION = "zstd:1"
+_COMPRESSION = re.compile(r"^(uncompressed|snappy|zstd:(\d+)|brotli:(\d+))$")
+
+
+def writer_options(compression: str) -> str:
+  """--shard_compression -> ArrayRecordWriter options (one record per chunk: random access)."""
+  m = _COMPRESSION.match(compression)
+  if not m or (m.group(2) and not 1 <= int(m.group(2)) <= 22) or (
+      m.group(3) and not 0 <= int(m.group(3)) <= 11):
+    raise ValueError(f"--shard_compression={compression!r}: expected zstd:LEVEL (1..22), "
+                     f"brotli:LEVEL (0..11), snappy or uncompressed")
+  return f"group_size:1,{compression}"
+
+
+DEFAULT_WRITER_OPTIONS = writer_options(DEFAULT_COMPRESSION)
+
+
 class PatchifyFn(beam.DoFn):
   """paths -> records written straight into this bundle's shards; failures into its parts."""
 
   def __init__(self, cfg, class_labels: dict, timeout: float, log_every_s: float, staging: str,
-               shard_bytes: int, writer_options: str = "group_size:1"):
+               shard_bytes: int, writer_options: str = DEFAULT_WRITER_OPTIONS):
     self.cfg = cfg
     self.class_labels = class_labels
     self.timeout = timeout
@@ -255,7 +276,7 @@ class PartWriter:
   part instead of adding a second one; the driver removes any other overlap (finalize_output).
   """
 
-  def __init__(self, staging: str, shard_bytes: int, writer_options: str = "group_size:1"):
+  def __init__(self, staging: str, shard_bytes: int, writer_options: str = DEFAULT_WRITER_OPTIONS):
     self.staging = staging
     self.shard_bytes = shard_bytes
     self.writer_options = writer_options
@@ -300,24 +321,6 @@ class PartWriter:
 
 class IncompleteOutput(RuntimeError):
   """The runner finished, but some inputs have neither a record nor a failure row."""
-
-
-# ArrayRecord's own default is zstd level 3. Level 1 on the benchmark's 301 KiB records
-# (bench_codec.py --sections compression): 0.8 ms of CPU a record instead of 1.8 (up to 3.7 inside a
-# running job), files 5% larger (0.616 of raw instead of 0.584); snappy 0.33 ms and 0.690. Readers
-# take any of them (each shard names its codec).
-DEFAULT_COMPRESSION = "zstd:1"
-_COMPRESSION = re.compile(r"^(uncompressed|snappy|zstd:(\d+)|brotli:(\d+))$")
-
-
-def writer_options(compression: str) -> str:
-  """--shard_compression -> ArrayRecordWriter options (one record per chunk: random access)."""
-  m = _COMPRESSION.match(compression)
-  if not m or (m.group(2) and not 1 <= int(m.group(2)) <= 22) or (
-      m.group(3) and not 0 <= int(m.group(3)) <= 11):
-    raise ValueError(f"--shard_compression={compression!r}: expected zstd:LEVEL (1..22), "
-                     f"brotli:LEVEL (0..11), snappy or uncompressed")
-  return f"group_size:1,{compression}"
 
 
 def _write_atomic(path: str, text: str):

@@ -44,10 +44,8 @@ def dot_product_attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray,
   [B, H, N, hd], for the kernels in HEADS_FIRST."""
   if impl not in KERNELS:  # 'auto' outside encoder_from_config: the local backend decides
     impl = resolve(impl, jax.default_backend(), q.dtype)
-  if heads_first:
-    if impl not in HEADS_FIRST:
-      raise ValueError(f"attention {impl!r} takes [B, N, H, hd], not heads first")
-    return KERNELS[impl](q, k, v, q_segments, kv_segments, scale=q.shape[-1] ** -0.5,
-                         chunk_size=chunk_size, axis_rules=axis_rules, heads_first=True)
+  if heads_first and impl not in HEADS_FIRST:
+    raise ValueError(f"attention {impl!r} takes [B, N, H, hd], not heads first")
+  layout = dict(heads_first=True) if heads_first else {}  # only HEADS_FIRST kernels take the flag
   return KERNELS[impl](q, k, v, q_segments, kv_segments, scale=q.shape[-1] ** -0.5,
-                       chunk_size=chunk_size, axis_rules=axis_rules)
+                       chunk_size=chunk_size, axis_rules=axis_rules, **layout)

@@ -126,7 +126,7 @@ def attention(q, k, v, q_segments, kv_segments, *, scale, axis_rules=(), interpr
               heads_first=False, **_):
   """q [B, Nq, H, hd], k/v [B, Nk, H, hd] (self-attention: Nq == Nk) -> [B, Nq, H, hd]; with
   heads_first all four are [B, H, N, hd], the kernel's own layout (no transposes)."""
-  seq = 2 if heads_first else 1
+  seq, heads = (2, 1) if heads_first else (1, 2)  # axes of q, k, v
   if q.shape[seq] != k.shape[seq]:
     raise ValueError(f"splash attention is for self-attention; got {q.shape[seq]} queries, "
                      f"{k.shape[seq]} keys")
@@ -147,7 +147,7 @@ def attention(q, k, v, q_segments, kv_segments, *, scale, axis_rules=(), interpr
     # Mosaic kernels are not partitioned automatically: each device runs its own batch rows and heads.
     b_axes, _, h_axes, _ = nn.logical_to_mesh_axes(ACTIVATION_NAMES, tuple(axis_rules)) if axis_rules \
         else (None,) * 4
-    b_axes, h_axes = _dividing(b_axes, q.shape[0], mesh), _dividing(h_axes, q.shape[3 - seq], mesh)
+    b_axes, h_axes = _dividing(b_axes, q.shape[0], mesh), _dividing(h_axes, q.shape[heads], mesh)
     qkv_spec = jax.P(b_axes, h_axes, None, None)
     seg_spec = jax.P(b_axes, None)
     local = jax.shard_map(local, mesh=mesh, in_specs=(qkv_spec,) * 3 + (seg_spec,) * 2,
