@@ -132,6 +132,21 @@ def test_splash_under_shard_map_matches_xla_single_device():
   g_scale = max(float(np.abs(np.asarray(g)).max()) for g in g1)
   for a, b in zip(g2, g1):
     assert_reorder_close(a, b, scale=g_scale)
+  # The kernel's own [B, H, N, hd] layout, as the model feeds it, under the same mesh.
+  t = lambda x: x.swapaxes(1, 2)
+
+  def loss_hf(q, k, v):
+    o = attn_lib.dot_product_attention(q, k, v, seg, seg, impl="splash", axis_rules=rules,
+                                       heads_first=True)
+    return jnp.sum(jnp.sin(o.astype(jnp.float32)) * (seg[:, None, :, None] > 0)), o
+  with jax.set_mesh(mesh):
+    (l3, o3), g3 = jax.jit(jax.value_and_grad(loss_hf, argnums=(0, 1, 2), has_aux=True))(
+        *(put(t(x)) for x in (q, k, v)))
+  assert o3.sharding.spec[0] == ("data", "fsdp")
+  assert_reorder_close(l3, l1)
+  assert_reorder_close(t(o3), o1)
+  for a, b in zip(g3, g1):
+    assert_reorder_close(t(a), b, scale=g_scale)
 
 
 def test_model_dispatches_splash_inside_shard_map():

@@ -294,6 +294,15 @@ def test_direct_runner_modes_give_the_same_records(tmp_path, monkeypatch):
     codec_patchify.run(flags + ["--output_dir", str(tmp_path / "d"), "--shard_compression", "lz4"])
 
 
+def test_shard_compression_values():
+  w = codec_patchify.writer_options
+  assert w("zstd:1") == "group_size:1,zstd:1" and w("uncompressed") == "group_size:1,uncompressed"
+  assert w("brotli:11") == "group_size:1,brotli:11" and w("snappy") == "group_size:1,snappy"
+  for bad in ("zstd:0", "zstd:23", "brotli:12", "zstd", "zstd:-1", "ZSTD:1", "snappy,zstd:1", ""):
+    with pytest.raises(ValueError, match=r"--shard_compression="):
+      w(bad)
+
+
 def test_direct_defaults_leave_given_flags_alone():
   d = codec_patchify._direct_defaults
   n = os.cpu_count()
