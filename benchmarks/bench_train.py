@@ -3,9 +3,25 @@ trainer's loop with metrics fetched per log window (steps_per_s) vs every step (
 
 python benchmarks/bench_train.py [--json PATH] [--steps N] [--loop_steps N] [--variant tiny] [--rows 32]
     [--tokens_per_row 1024]
+python benchmarks/bench_train.py --gpu [--json PATH] [--variant base] [--loop_steps 50] [--peak_tflops 989]
+
+--gpu (issue 13): a real train on the visible GPUs with the `pod=h100x8` preset's per-GPU share (base:
+32 rows a GPU, data parallel, bf16, cuDNN flash attention) on 16-frame clips at 12.5% (512 tokens, one
+clip a row), 1M centers, 10 labels a clip, as bench_aot compiles it. It times Trainer.run over
+--loop_steps steps (input pipeline, metrics and the final checkpoint save included; timed after the
+compiling step, before the save), the compiled step alone on one device-resident batch, the input
+pipeline alone, and a bf16 8192^3 matmul as the measured ceiling. MFU = the model's matmul FLOPs
+(ovenc_jax.aot.model_flops, no recompute) / step time / (GPUs x --peak_tflops). JSON: gpu_<variant>_
+run_tokens_per_s, gpu_<variant>_run_mfu, gpu_<variant>_step_s, gpu_<variant>_step_tokens_per_s,
+gpu_<variant>_step_mfu, gpu_input_tokens_per_s, gpu_matmul_tflops, gpu_<variant>_peak_gib_per_gpu, and
+where Trainer.run's time went (gpu_<variant>_run_{median_step,dispatch,device_wait,checkpoint_manager,
+metrics_fetch,final_save}_s). XLA's GPU cost analysis omits cuBLAS/cuDNN calls, so the XLA-FLOP ratio
+(gpu_<variant>_model_over_xla_flops) is written only off GPU.
 """
 import argparse
+import collections
 import json
+import math
 import os
 import sys
 import tempfile
@@ -15,17 +31,20 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from array_record.python import array_record_module  # noqa: E402
 
-from configs import pretrain  # noqa: E402
+from configs import common, pretrain  # noqa: E402
 from data_prep import records  # noqa: E402
-from ovenc_jax import input_pipeline, train  # noqa: E402
+from ovenc_jax import aot, input_pipeline, train  # noqa: E402
 
 
 def write_clip_shards(out_dir: str, n: int = 512, frames: int = 8, grid: int = 16, keep: float = 0.2,
-                      num_shards: int = 4, seed: int = 0) -> str:
-  """Clip-like records: ~keep of a frames x grid x grid token grid, random pixels, 3 labels each."""
+                      num_shards: int = 4, seed: int = 0, exact: bool = False, num_labels: int = 3,
+                      num_classes: int = 1000) -> str:
+  """Clip-like records: ~keep (exactly keep with `exact`) of a frames x grid x grid token grid, random
+  pixels, num_labels labels each."""
   rng = np.random.default_rng(seed)
   os.makedirs(out_dir, exist_ok=True)
   total = frames * grid * grid
@@ -33,7 +52,8 @@ def write_clip_shards(out_dir: str, n: int = 512, frames: int = 8, grid: int = 1
     w = array_record_module.ArrayRecordWriter(os.path.join(out_dir, records.shard_name(s, num_shards)),
                                               "group_size:1")
     for i in range(s, n, num_shards):
-      k = int(rng.integers(int(0.5 * keep * total), int(1.5 * keep * total)))
+      k = (int(round(keep * total)) if exact
+           else int(rng.integers(int(0.5 * keep * total), int(1.5 * keep * total))))
       cells = np.sort(rng.choice(total, size=k, replace=False))
       t, hw = np.divmod(cells, grid * grid)
       h, ww = np.divmod(hw, grid)
@@ -42,9 +62,154 @@ def write_clip_shards(out_dir: str, n: int = 512, frames: int = 8, grid: int = 1
           patches=rng.integers(0, 256, size=(k, 14, 14, 3), dtype=np.uint8),
           positions=np.stack([t, h, ww], -1).astype(np.int32), grid=np.array([frames, grid, grid], np.int32),
           frame_types="I" + "P" * (frames - 1), source=path, sample_id=records.sample_id_for(path),
-          labels=rng.integers(0, 1000, size=3).astype(np.int32), signal="mv+residual", class_label=-1)))
+          labels=rng.choice(num_classes, size=num_labels, replace=False).astype(np.int32), signal="mv+residual", class_label=-1)))
     w.close()
+  # The completion marker the input pipeline requires (data_prep.codec_patchify writes it last).
+  with open(os.path.join(out_dir, "manifest.json"), "w") as f:
+    json.dump(dict(shards=[records.shard_name(s, num_shards) for s in range(num_shards)], records=n), f)
   return out_dir
+
+
+def _bf16_matmul_tflops(n: int = 8192, reps: int = 10) -> float:
+  """The measured ceiling: a bf16 n^3 matmul on the first device, TFLOP/s."""
+  a = jax.random.normal(jax.random.key(0), (n, n), jnp.bfloat16)
+  f = jax.jit(lambda x: x @ x)
+  jax.block_until_ready(f(a))
+  t0 = time.perf_counter()
+  for _ in range(reps):
+    out = f(a)
+  jax.block_until_ready(out)
+  return 2 * n ** 3 * reps / (time.perf_counter() - t0) / 1e12
+
+
+def gpu_train(args) -> dict:
+  """Trainer.run and the bare step on the visible GPUs, the h100x8 preset's share a GPU (module doc)."""
+  n_gpu = jax.device_count()
+  preset = common.POD_PRESETS["h100x8"]
+  rows = args.rows or preset["variants"][args.variant][1] // preset["devices"] * n_gpu
+  tmp = tempfile.mkdtemp(prefix="bench_train_gpu_")
+  num_classes, labels = args.num_classes, 10
+  # 16 frames x 16 x 16 at 12.5% = 512 tokens a clip; 4 steps' worth of distinct clips, repeated.
+  data = write_clip_shards(os.path.join(tmp, "data"), n=4 * rows, frames=16, keep=0.125, exact=True,
+                           num_labels=labels, num_classes=num_classes, num_shards=8)
+  cfg = pretrain.get_config(f"variant={args.variant},data={data},pod=h100x8")
+  cfg.mesh.update(data=-1, fsdp=1, tensor=1)  # the preset's base is data parallel; here over n_gpu
+  cfg.input.update(global_batch_size=rows, tokens_per_row=512, max_segments=1, max_labels=labels,
+                   worker_count=args.input_workers)
+  cfg.loss.num_classes = num_classes
+  if args.attention:
+    cfg.model.attention = args.attention
+  cfg.total_steps, cfg.optim.warmup_steps = args.loop_steps + 1, min(10, args.loop_steps)
+  cfg.log_every, cfg.ckpt_every, cfg.eval_every = 10, 10 ** 6, 0
+  trainer = train.Trainer(cfg, os.path.join(tmp, "work"))
+  mesh = dict(trainer.mesh.shape)
+  flops = aot.model_flops(cfg, math.prod(mesh[a] for a in train.CLASS_AXES),
+                          trainer.abstract_state["params"]["centers"].shape[0], mesh["tensor"])["total"]
+  tokens_per_step = rows * 512
+  peak = args.peak_tflops * 1e12 * n_gpu
+  res = {}
+
+  it = input_pipeline.make_train_iterator(cfg.input)
+  host_batch = next(it)
+  for _ in range(3):
+    next(it)
+  t0, n_in = time.perf_counter(), 20
+  for _ in range(n_in):
+    next(it)
+  res["gpu_input_tokens_per_s"] = n_in * tokens_per_step / (time.perf_counter() - t0)
+  del it
+
+  # Where Trainer.run's time goes: dispatch (train_step: host->device copy, stop flag, launch), waits
+  # on the device (block_until_ready), the checkpoint manager's per-step call and metric fetches; the
+  # rest is next(data_iter) and the loop itself. Step start times give the median step interval.
+  # Counted from step 2 on (step 1 compiles), as summary["steps_per_s"] is.
+  calls, starts = collections.defaultdict(list), []
+
+  def timed(owner, name, key, mark=False):
+    fn = getattr(owner, name)
+
+    def wrapper(*a, **k):
+      t = time.perf_counter()
+      if mark:
+        starts.append(t)
+      try:
+        return fn(*a, **k)
+      finally:
+        if len(starts) >= 2:
+          calls[key].append(time.perf_counter() - t)
+    setattr(owner, name, wrapper)
+    return fn
+
+  timed(trainer, "train_step", "dispatch", mark=True)
+  timed(trainer, "_save", "checkpoint_manager")
+  timed(trainer, "_fetch", "metrics_fetch")
+  block = timed(train.jax, "block_until_ready", "device_wait")
+  t0 = time.perf_counter()
+  try:
+    summary = trainer.run()
+  finally:
+    train.jax.block_until_ready = block
+  wall = time.perf_counter() - t0
+  # Steps 2..N (step 1 compiles), as summary["steps_per_s"] times them.
+  loop_s = starts[-1] - starts[1] if len(starts) > 2 else float("nan")
+  intervals = np.diff(starts[1:])
+  final_save_s = calls["checkpoint_manager"].pop() if calls["checkpoint_manager"] else 0.0  # after the timing
+  breakdown = {k: sum(calls[k]) for k in ("dispatch", "device_wait", "checkpoint_manager", "metrics_fetch")}
+  run_rate = summary["steps_per_s"]
+  pre = f"gpu_{args.variant}_"
+  res.update({pre + "run_median_step_s": float(np.median(intervals)) if len(intervals) else float("nan"),
+              pre + "run_max_step_s": float(intervals.max()) if len(intervals) else float("nan")})
+  res.update({f"{pre}run_{k}_s": v for k, v in breakdown.items()})
+  res[pre + "run_final_save_s"] = final_save_s
+  res.update({pre + "run_tokens_per_s": run_rate * tokens_per_step, pre + "run_mfu": run_rate * flops / peak,
+              pre + "run_wall_s": wall, pre + "final_loss": float(summary["final_loss"]),
+              pre + "first_window_loss": float(summary["first_window_mean_loss"])})
+
+  # The compiled step alone on one batch already on the devices: the ceiling the loop could reach.
+  state = trainer.state
+  batch = input_pipeline.global_batch(host_batch, trainer.mesh, train.BATCH_AXES)
+  with jax.set_mesh(trainer.mesh):
+    for _ in range(3):
+      state, m = trainer._step_fn(state, batch)
+    jax.block_until_ready(m)
+    t0 = time.perf_counter()
+    for _ in range(args.steps):
+      state, m = trainer._step_fn(state, batch)
+    jax.block_until_ready(m)
+  step_s = (time.perf_counter() - t0) / args.steps
+  res.update({pre + "step_s": step_s, pre + "step_tokens_per_s": tokens_per_step / step_s,
+              pre + "step_mfu": flops / step_s / peak, pre + "model_tflop_per_step": flops / 1e12})
+  # XLA's GPU cost analysis leaves out library calls (cuBLAS matmuls, cuDNN attention): no ratio there.
+  xla_flops = trainer.step_flops(host_batch) * n_gpu if jax.default_backend() != "gpu" else None
+  if xla_flops:
+    res[pre + "model_over_xla_flops"] = flops / xla_flops
+  # (skipped on CPU, where --gpu only runs as a smoke test of this script)
+  res["gpu_matmul_tflops"] = _bf16_matmul_tflops() if jax.default_backend() == "gpu" else 0.0
+  mem = jax.devices()[0].memory_stats() or {}
+  res[pre + "peak_gib_per_gpu"] = mem.get("peak_bytes_in_use", 0) / 2 ** 30
+
+  kind = jax.devices()[0].device_kind
+  print(f"\n{args.variant} on {n_gpu} x {kind}: {rows} rows x 512 tokens a step ({tokens_per_step:,} tokens), "
+        f"{num_classes:,} centers, {cfg.model.dtype}, attention={cfg.model.attention}, remat={cfg.model.remat}")
+  print(f"model FLOPs a step {flops / 1e12:.2f} T"
+        + (f" (XLA counts {xla_flops / 1e12:.2f} T)" if xla_flops else "") + "; "
+        f"MFU against {args.peak_tflops:.0f} TFLOP/s a GPU (bf16 dense, datasheet); "
+        f"measured bf16 matmul {res['gpu_matmul_tflops']:.0f} TFLOP/s")
+  print(f"{'':34} {'steps/s':>8} {'tokens/s':>12} {'MFU':>6}")
+  print(f"{'Trainer.run, ' + str(args.loop_steps) + ' steps':34} {run_rate:8.2f} "
+        f"{res[pre + 'run_tokens_per_s']:12,.0f} {res[pre + 'run_mfu'] * 100:5.1f}%")
+  print(f"{'step alone (batch on device)':34} {1 / step_s:8.2f} {res[pre + 'step_tokens_per_s']:12,.0f} "
+        f"{res[pre + 'step_mfu'] * 100:5.1f}%")
+  print(f"{'input pipeline alone':34} {res['gpu_input_tokens_per_s'] / tokens_per_step:8.2f} "
+        f"{res['gpu_input_tokens_per_s']:12,.0f}")
+  print(f"Trainer.run step interval: median {res[pre + 'run_median_step_s'] * 1e3:.1f} ms, max "
+        f"{res[pre + 'run_max_step_s'] * 1e3:.1f} ms; steps 2-{len(starts)} took {loop_s:.2f} s, in "
+        + ", ".join(f"{k} {v:.2f} s" for k, v in breakdown.items())
+        + f"; then the final checkpoint save {final_save_s:.1f} s")
+  print(f"loss: first window {res[pre + 'first_window_loss']:.3f}, last step {res[pre + 'final_loss']:.3f}; "
+        f"peak memory {res[pre + 'peak_gib_per_gpu']:.1f} GiB a GPU; Trainer.run wall {wall:.1f} s "
+        f"(compile and checkpoint save included)")
+  return res
 
 
 def main():
@@ -53,9 +218,24 @@ def main():
   ap.add_argument("--steps", type=int, default=10)
   ap.add_argument("--loop_steps", type=int, default=20, help="timed steps of each Trainer.run()")
   ap.add_argument("--variant", default="tiny")
-  ap.add_argument("--rows", type=int, default=32, help="global batch rows")
+  ap.add_argument("--rows", type=int, default=0, help="global batch rows (default 32; --gpu: the preset's)")
   ap.add_argument("--tokens_per_row", type=int, default=1024)
+  ap.add_argument("--gpu", action="store_true", help="the GPU train run (module doc) instead")
+  ap.add_argument("--peak_tflops", type=float, default=989.0, help="bf16 dense peak a GPU (H100/H200 SXM)")
+  ap.add_argument("--input_workers", type=int, default=0, help="--gpu: input.worker_count")
+  ap.add_argument("--attention", default="", help="--gpu: override the preset's model.attention")
+  ap.add_argument("--num_classes", type=int, default=1_000_000, help="--gpu: centers")
   args = ap.parse_args()
+  if args.gpu:
+    if args.variant == "tiny":
+      args.variant = "base"
+    res = gpu_train(args)
+    if args.json:
+      with open(args.json + ".tmp", "w") as f:
+        json.dump(res, f, indent=1, sort_keys=True)
+      os.replace(args.json + ".tmp", args.json)
+    return
+  args.rows = args.rows or 32
   tmp = tempfile.mkdtemp(prefix="bench_train_")
   data = write_clip_shards(os.path.join(tmp, "data"))
   cfg = pretrain.get_config(f"variant={args.variant},data={data}")

@@ -165,27 +165,36 @@ def test_model_dispatches_splash_inside_shard_map():
   assert text.count("sdy.manual_computation") == 1, "one shard_map: the one self-attention layer"
 
 
+def _encoder_loss_and_grads(cfg, impls, segments):
+  """{impl: (loss, parameter gradients)} of the encoder with model.attention=impl, one set of
+  parameters (initialised on the first impl), random patches and positions on the given rows."""
+  seg = jnp.asarray(segments, jnp.int32)
+  b, n = seg.shape
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.integers(0, 256, size=(b, n, 14 * 14 * 3)), jnp.uint8)
+  pos = jnp.asarray(rng.integers(0, 8, size=(b, n, 3)), jnp.int32)
+  outs, params = {}, None
+  for impl in impls:
+    cfg.attention = impl
+    enc = model_lib.encoder_from_config(cfg)
+    params = enc.init(jax.random.key(0), x, pos, seg) if params is None else params
+
+    def loss(p):
+      out = enc.apply(p, x, pos, seg)
+      h = out["last_hidden_state"].astype(jnp.float32)
+      return jnp.sum(jnp.sin(h) * (seg[..., None] > 0)) + jnp.sum(out["pooled"].astype(jnp.float32))
+    outs[impl] = jax.jit(jax.value_and_grad(loss))(params)
+  return outs
+
+
 def test_encoder_splash_path_matches_xla_path():
   """The same parameters through model.attention=splash (projections writing [B, H, N, hd], RoPE on
   that layout, the kernel in interpret mode) and through XLA's [B, N, H, hd] path: outputs and every
   parameter's gradient agree."""
   cfg = common.model_config("tiny")
   cfg.update(depth=1)
-  rng = np.random.default_rng(0)
-  n = 128
-  x = jnp.asarray(rng.integers(0, 256, size=(2, n, 14 * 14 * 3)), jnp.uint8)
-  pos = jnp.asarray(rng.integers(0, 8, size=(2, n, 3)), jnp.int32)
-  seg = jnp.asarray([[1] * 70 + [2] * 50 + [0] * 8, [1] * 100 + [0] * 28], jnp.int32)
-  outs = {}
-  for impl in ("xla", "splash"):
-    cfg.attention = impl
-    enc = model_lib.encoder_from_config(cfg)
-    params = enc.init(jax.random.key(0), x, pos, seg) if impl == "xla" else params
-
-    def loss(p):
-      out = enc.apply(p, x, pos, seg)
-      return jnp.sum(jnp.sin(out["last_hidden_state"]) * (seg[..., None] > 0)) + jnp.sum(out["pooled"])
-    outs[impl] = jax.jit(jax.value_and_grad(loss))(params)
+  outs = _encoder_loss_and_grads(cfg, ("xla", "splash"),
+                                 [[1] * 70 + [2] * 50 + [0] * 8, [1] * 100 + [0] * 28])
   (l_x, g_x), (l_s, g_s) = outs["xla"], outs["splash"]
   np.testing.assert_allclose(l_s, l_x, rtol=1e-5)
   # Against the largest gradient anywhere: some are exactly 0 in exact arithmetic (a key bias under
@@ -209,6 +218,44 @@ def test_cudnn_call_matches_xla_reference():
   p = np.exp(logits - logits.max(-1, keepdims=True))
   want = np.einsum("bhqk,bkhd->bqhd", p / p.sum(-1, keepdims=True), vf)
   _assert_close(got, want, TOL[jnp.bfloat16], "cudnn call via xla")
+
+
+_needs_gpu = pytest.mark.skipif(jax.default_backend() != "gpu",
+                                reason="cuDNN numerics need a GPU (run with JAX_PLATFORMS=cuda,cpu there)")
+
+
+@_needs_gpu
+@pytest.mark.parametrize("n", [150, 512])
+def test_cudnn_matches_xla_forward_and_grads_on_gpu(n):
+  """cuDNN flash attention on packed rows with padding against XLA's kernel, bf16, on the GPU."""
+  q, k, v, seg = _packed(2, n, 4, 64, jnp.bfloat16)
+  (_, o_ref), g_ref = _loss_and_grads("xla", q, k, v, seg)
+  (_, o_cud), g_cud = _loss_and_grads("cudnn", q, k, v, seg)
+  real = np.asarray(seg > 0)
+  assert o_cud.dtype == jnp.bfloat16 and o_cud.shape == q.shape
+  _assert_close(np.asarray(o_cud, np.float32)[real], np.asarray(o_ref, np.float32)[real], TOL[jnp.bfloat16],
+                "out")
+  for name, a, b in zip("qkv", g_cud, g_ref):
+    _assert_close(a, b, TOL[jnp.bfloat16], f"d{name}")
+
+
+@_needs_gpu
+def test_encoder_cudnn_path_matches_xla_path_on_gpu():
+  """The bf16 encoder through model.attention=cudnn and through XLA's attention, same parameters."""
+  cfg = common.model_config("tiny")
+  cfg.update(depth=2, dtype="bfloat16")
+  outs = _encoder_loss_and_grads(cfg, ("xla", "cudnn"),
+                                 [[1] * 130 + [2] * 100 + [0] * 26, [1] * 200 + [0] * 56])
+  (l_x, g_x), (l_c, g_c) = outs["xla"], outs["cudnn"]
+  np.testing.assert_allclose(l_c, l_x, rtol=2e-2)
+  # Each leaf against its own scale, floored at 5% of the largest gradient: some (a key bias under the
+  # softmax) are 0 in exact arithmetic and bf16 rounding noise in both paths.
+  top = max(float(np.abs(np.asarray(g, np.float32)).max()) for g in jax.tree.leaves(g_x))
+  for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(g_c), jax.tree.leaves(g_x)):
+    a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+    scale = max(float(np.abs(b).max()), 0.05 * top)
+    np.testing.assert_allclose(a, b, rtol=TOL[jnp.bfloat16], atol=TOL[jnp.bfloat16] * scale,
+                               err_msg=jax.tree_util.keystr(path))
 
 
 def test_auto_picks_per_platform_and_rejects_bad_choices():
