@@ -107,10 +107,16 @@ def test_splash_declares_block_counts_from_its_grids():
       jnp.float32).sum()
   costs = _pallas_costs(jax.make_jaxpr(jax.grad(loss, argnums=(0, 1, 2)))(q, k, v).jaxpr, {})
   assert set(costs) == {"fwd", "dkv"}  # the fused backward: no separate dq kernel
-  # Counted by hand per row (vmap multiplies by the b rows): [H, S, d] bf16 tensors of 96 KiB.
-  t, seg_bytes, blocks = h * n * d * 2, 4 * (n + n), 3
-  fwd = t + 2 * blocks * t + t + 4 * h * n + seg_bytes * blocks
-  dkv = 2 * t + blocks * (2 * t + 8 * h * n + seg_bytes) + 2 * t + blocks * h * n * d * 4
+  # Counted by hand per row (vmap multiplies by the b rows): [H, S, d] bf16 tensors of 96 KiB; 3 blocks
+  # each way, so every block index changes at every grid step that moves it.
+  t, blocks = h * n * d * 2, 3
+  lse_lanes = h * n * 128 * 4                 # the forward's fp32 logsumexp, 128 lanes wide
+  q_ids_lanes = h * n * 128 * 4               # [S, 128] int32 q ids, re-read per head
+  kv_ids_sublanes = h * blocks * n * 8 * 4    # [8, S] int32 k ids, re-read per (head, q block)
+  fwd = t + 2 * blocks * t + t + lse_lanes + q_ids_lanes + kv_ids_sublanes
+  dkv = (2 * t + blocks * (2 * t + 8 * h * n)  # k, v once; q, dO, logsumexp, di per key block
+         + blocks * h * n * 8 * 4 + n * 128 * 4  # q ids [8, S] per (key block, head); k ids [S, 128] once
+         + 2 * t + blocks * h * n * d * 4)     # dk, dv; fp32 dq partials per key block
   assert costs["fwd"].bytes_accessed == b * fwd
   assert costs["dkv"].bytes_accessed == b * dkv
   assert costs["fwd"].flops == b * 4 * h * n * n * d and costs["dkv"].flops == b * 10 * h * n * n * d

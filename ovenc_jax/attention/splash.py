@@ -27,31 +27,44 @@ PAD_SEGMENT = -1
 ACTIVATION_NAMES = ("batch", "length", "act_heads", "kv")
 
 
-def kernel_cost(phase: str, q, k, v, num_q_blocks: int, num_kv_blocks: int) -> pl.CostEstimate:
+def kernel_cost(phase: str, q, k, v, num_q_blocks: int, num_kv_blocks: int,
+                residuals: bool = True) -> pl.CostEstimate:
   """FLOPs, exponentials and HBM bytes of one splash kernel call on q [H, Sq, d], k/v [H, Sk, d].
 
-  A flash kernel streams blocks: the forward reads q once and k, v once per query block; the fused
-  backward (dkv) reads k, v once and q, dO once per key block, and writes dq per key block in fp32
-  (XLA sums them afterwards). The segment mask is applied inside each block (no block is skipped),
-  so every score is computed: forward 2 matmuls over Sq x Sk, backward 4 plus the recomputed scores.
+  A flash kernel streams blocks, and Pallas copies a block in only when its index differs from the
+  previous grid step's. The forward (grid heads x q blocks x k blocks) reads q once, k and v once
+  per head (once per query block when there are several key blocks), and writes o and, when it
+  keeps residuals for a backward, the logsumexp broadcast over 128 lanes in fp32 ([H, Sq, 128]; XLA
+  then slices lane 0). The fused backward (dkv; grid k blocks x heads x q blocks) reads k and v once,
+  q, dO, logsumexp and di once per key block, writes dk and dv, and writes dq partials per key
+  block in fp32 (XLA sums them). Segment ids reach the kernels broadcast: q's over 128 lanes
+  ([Sq, 128] int32) and k's over 8 sublanes ([8, Sk]) in the forward, the other way round in the
+  backward, re-read whenever their block index changes. The segment mask is applied inside each
+  block (no block is skipped), so every score is computed: forward 2 matmuls over Sq x Sk,
+  backward 4 plus the recomputed scores.
   """
   h, sq, d = q.shape
   sk = k.shape[1]
   e = q.dtype.itemsize
+  nq, nk = num_q_blocks, num_kv_blocks
   qo = h * sq * d * e          # q, o, dO or dq in the compute dtype
   kv = h * sk * d * e          # k or v
-  seg = 4 * (sq + sk)
+  lanes, sublanes = 4 * LANES, 4 * 8   # bytes of one segment id broadcast over lanes / sublanes
+  if phase in ("fwd", "dq"):   # grid (heads, q blocks, k blocks)
+    q_seg = lanes * sq * (h if nq > 1 else 1)        # block index follows the q block only
+    kv_seg = sublanes * sk * (h * nq if nk > 1 else 1)
+    kv_reads = 2 * kv * (nq if nk > 1 else 1)
   if phase == "fwd":
-    # q, k and v re-read per query block, o written, logsumexp (fp32) kept for the backward.
-    nbytes = qo + 2 * num_q_blocks * kv + qo + 4 * h * sq + seg * num_q_blocks
+    lse = 4 * h * sq * LANES if residuals else 0
+    nbytes = qo + kv_reads + qo + lse + q_seg + kv_seg
     flops = 4 * h * sq * sk * d
   elif phase == "dkv":
-    # k, v once; q, dO, logsumexp and di per key block; dk, dv written; dq partials in fp32.
-    nbytes = (2 * kv + num_kv_blocks * (2 * qo + 8 * h * sq + seg) + 2 * kv
-              + num_kv_blocks * h * sq * d * 4)
+    q_seg = sublanes * sq * (nk * h if nq > 1 else 1)
+    kv_seg = lanes * sk                               # once per key block
+    nbytes = 2 * kv + nk * (2 * qo + 8 * h * sq) + q_seg + kv_seg + 2 * kv + nk * h * sq * d * 4
     flops = 10 * h * sq * sk * d
-  else:  # dq-only backward (unfused): q, dO once, k, v per query block, dq written.
-    nbytes = 2 * qo + num_q_blocks * (2 * kv + seg) + qo + 8 * h * sq
+  else:  # dq-only backward (unfused): q, dO, logsumexp and di once, k, v as in the forward, dq written.
+    nbytes = 2 * qo + 8 * h * sq + kv_reads + q_seg + kv_seg + qo
     flops = 8 * h * sq * sk * d
   return pl.CostEstimate(flops=int(flops), transcendentals=int(h * sq * sk), bytes_accessed=int(nbytes))
 
@@ -82,7 +95,8 @@ class _CostedPallas:
       # fwd/dq grid: (heads, query blocks, key blocks); dkv grid: (key blocks, heads, query blocks).
       grid = grid_spec.grid
       nq, nk = (grid[2], grid[0]) if phase == "dkv" else (grid[1], grid[2])
-      return call(cost_estimate=kernel_cost(phase, q, k, v, nq, nk))(*operands)
+      return call(cost_estimate=kernel_cost(phase, q, k, v, nq, nk,
+                                            residuals="no_residuals" not in name))(*operands)
 
     return with_cost
 
