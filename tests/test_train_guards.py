@@ -146,6 +146,30 @@ def test_model_and_input_patch_sizes_must_agree(shards, tmp_path):
 
 # ---- host syncs ------------------------------------------------------------------------------
 
+def test_steps_per_s_leaves_out_compilation_and_the_initial_save(shards, tmp_path, monkeypatch):
+  """orbax always checkpoints the first step (on one H200 that blocked for 8 s of a 51-step run);
+  steps_per_s times steps 2..N only. A fake clock in train.py ticks 1 per reading and jumps 1000
+  during the first save: with the jump inside the window, the figure would be below 0.01."""
+  clock = {"t": 0.0}
+
+  def perf_counter():
+    clock["t"] += 1.0
+    return clock["t"]
+  monkeypatch.setattr(train, "time", type("FakeTime", (), {"perf_counter": staticmethod(perf_counter)}))
+  saves = []
+  real_save = train.Trainer._save
+
+  def save(self, *a, **kw):
+    if not saves:
+      clock["t"] += 1000.0
+    saves.append(1)
+    return real_save(self, *a, **kw)
+  monkeypatch.setattr(train.Trainer, "_save", save)
+  summary = train.Trainer(_tiny(shards, total_steps=5, log_every=2), str(tmp_path)).run()
+  assert len(saves) == 5
+  assert 0.1 < summary["steps_per_s"] <= 4.0, summary["steps_per_s"]
+
+
 def test_metrics_reach_the_host_once_per_log_window(shards, tmp_path, monkeypatch):
   calls = []
   real = jax.device_get
