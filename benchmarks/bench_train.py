@@ -20,7 +20,6 @@ metrics_fetch,final_save}_s). XLA's GPU cost analysis omits cuBLAS/cuDNN calls, 
 """
 import argparse
 import collections
-import json
 import math
 import os
 import sys
@@ -36,7 +35,7 @@ import numpy as np  # noqa: E402
 from array_record.python import array_record_module  # noqa: E402
 
 from configs import common, pretrain  # noqa: E402
-from data_prep import records  # noqa: E402
+from data_prep import atomic_io, records  # noqa: E402
 from ovenc_jax import aot, input_pipeline, train  # noqa: E402
 
 
@@ -62,11 +61,12 @@ def write_clip_shards(out_dir: str, n: int = 512, frames: int = 8, grid: int = 1
           patches=rng.integers(0, 256, size=(k, 14, 14, 3), dtype=np.uint8),
           positions=np.stack([t, h, ww], -1).astype(np.int32), grid=np.array([frames, grid, grid], np.int32),
           frame_types="I" + "P" * (frames - 1), source=path, sample_id=records.sample_id_for(path),
-          labels=rng.choice(num_classes, size=num_labels, replace=False).astype(np.int32), signal="mv+residual", class_label=-1)))
+          labels=rng.choice(num_classes, size=num_labels, replace=False).astype(np.int32),
+          signal="mv+residual", class_label=-1)))
     w.close()
   # The completion marker the input pipeline requires (data_prep.codec_patchify writes it last).
-  with open(os.path.join(out_dir, "manifest.json"), "w") as f:
-    json.dump(dict(shards=[records.shard_name(s, num_shards) for s in range(num_shards)], records=n), f)
+  atomic_io.save_json(os.path.join(out_dir, "manifest.json"),
+                      dict(shards=[records.shard_name(s, num_shards) for s in range(num_shards)], records=n))
   return out_dir
 
 
@@ -212,34 +212,13 @@ def gpu_train(args) -> dict:
   return res
 
 
-def main():
-  ap = argparse.ArgumentParser(description=__doc__)
-  ap.add_argument("--json")
-  ap.add_argument("--steps", type=int, default=10)
-  ap.add_argument("--loop_steps", type=int, default=20, help="timed steps of each Trainer.run()")
-  ap.add_argument("--variant", default="tiny")
-  ap.add_argument("--rows", type=int, default=0, help="global batch rows (default 32; --gpu: the preset's)")
-  ap.add_argument("--tokens_per_row", type=int, default=1024)
-  ap.add_argument("--gpu", action="store_true", help="the GPU train run (module doc) instead")
-  ap.add_argument("--peak_tflops", type=float, default=989.0, help="bf16 dense peak a GPU (H100/H200 SXM)")
-  ap.add_argument("--input_workers", type=int, default=0, help="--gpu: input.worker_count")
-  ap.add_argument("--attention", default="", help="--gpu: override the preset's model.attention")
-  ap.add_argument("--num_classes", type=int, default=1_000_000, help="--gpu: centers")
-  args = ap.parse_args()
-  if args.gpu:
-    if args.variant == "tiny":
-      args.variant = "base"
-    res = gpu_train(args)
-    if args.json:
-      with open(args.json + ".tmp", "w") as f:
-        json.dump(res, f, indent=1, sort_keys=True)
-      os.replace(args.json + ".tmp", args.json)
-    return
-  args.rows = args.rows or 32
+def cpu_run(args) -> dict:
+  """Train step + input, input alone and the Trainer.run loop on 8 host devices (module doc)."""
   tmp = tempfile.mkdtemp(prefix="bench_train_")
   data = write_clip_shards(os.path.join(tmp, "data"))
   cfg = pretrain.get_config(f"variant={args.variant},data={data}")
-  cfg.input.update(global_batch_size=args.rows, tokens_per_row=args.tokens_per_row, max_segments=4, max_labels=3)
+  cfg.input.update(global_batch_size=args.rows or 32, tokens_per_row=args.tokens_per_row, max_segments=4,
+                   max_labels=3)
   cfg.loss.num_classes = 1000
   cfg.total_steps, cfg.optim.warmup_steps = 10_000, 10
   trainer = train.Trainer(cfg, os.path.join(tmp, "work"))
@@ -299,10 +278,27 @@ def main():
   print(f"{'metrics every step (before)':30} {'per log window (after)':>24} {'ratio':>7}")
   print(f"{res['steps_per_s_before']:30.2f} {res['steps_per_s']:24.2f} "
         f"{res['steps_per_s'] / res['steps_per_s_before']:6.2f}x")
+  return res
+
+
+def main():
+  ap = argparse.ArgumentParser(description=__doc__)
+  ap.add_argument("--json")
+  ap.add_argument("--steps", type=int, default=10)
+  ap.add_argument("--loop_steps", type=int, default=20, help="timed steps of each Trainer.run()")
+  ap.add_argument("--variant", default=None, help="default tiny; --gpu: base")
+  ap.add_argument("--rows", type=int, default=0, help="global batch rows (default 32; --gpu: the preset's)")
+  ap.add_argument("--tokens_per_row", type=int, default=1024)
+  ap.add_argument("--gpu", action="store_true", help="the GPU train run (module doc) instead")
+  ap.add_argument("--peak_tflops", type=float, default=989.0, help="bf16 dense peak a GPU (H100/H200 SXM)")
+  ap.add_argument("--input_workers", type=int, default=0, help="--gpu: input.worker_count")
+  ap.add_argument("--attention", default="", help="--gpu: override the preset's model.attention")
+  ap.add_argument("--num_classes", type=int, default=1_000_000, help="--gpu: centers")
+  args = ap.parse_args()
+  args.variant = args.variant or ("base" if args.gpu else "tiny")
+  res = gpu_train(args) if args.gpu else cpu_run(args)
   if args.json:
-    with open(args.json + ".tmp", "w") as f:
-      json.dump(res, f, indent=1, sort_keys=True)
-    os.replace(args.json + ".tmp", args.json)
+    atomic_io.save_json(args.json, res)
 
 
 if __name__ == "__main__":
