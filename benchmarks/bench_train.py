@@ -86,6 +86,9 @@ def gpu_train(args) -> dict:
   """Trainer.run and the bare step on the visible GPUs, the h100x8 preset's share a GPU (module doc)."""
   n_gpu = jax.device_count()
   preset = common.POD_PRESETS["h100x8"]
+  if args.variant not in preset["variants"]:
+    raise SystemExit(f"--variant={args.variant!r}: --gpu runs the pod=h100x8 preset, which has "
+                     f"{sorted(preset['variants'])}")
   rows = args.rows or preset["variants"][args.variant][1] // preset["devices"] * n_gpu
   tmp = tempfile.mkdtemp(prefix="bench_train_gpu_")
   num_classes, labels = args.num_classes, 10
