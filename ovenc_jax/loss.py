@@ -33,6 +33,9 @@ _OPTIONAL_DEFAULTS = dict(
     # Several center banks trained together: [{"name", "num_classes", optional "weight", "label_table"
     # and any per-bank loss key}], see bank_specs. Empty = one bank, `num_classes` centers.
     heads=[],
+    # How a sample's own classes are kept out of its negatives: 'auto' | 'scatter' | 'compare'
+    # (OWN_LABEL_MASKS; same result, different cost per platform).
+    own_label_mask="auto",
 )
 
 
@@ -84,6 +87,8 @@ def validate_loss_config(cfg) -> None:
     raise ValueError(f"loss.recipe must be one of {RECIPES}, got {_opt(cfg, 'recipe')!r}")
   if not _opt(cfg, "pfc_positive_slack") > 0:
     raise ValueError(f"loss.pfc_positive_slack must be > 0, got {_opt(cfg, 'pfc_positive_slack')!r}")
+  if _opt(cfg, "own_label_mask") not in OWN_LABEL_MASKS:
+    raise ValueError(f"loss.own_label_mask must be one of {OWN_LABEL_MASKS}, got {_opt(cfg, 'own_label_mask')!r}")
   if not _opt(cfg, "centers_init_std") >= 0:
     raise ValueError(f"loss.centers_init_std must be >= 0 (0 = unit rows), got {_opt(cfg, 'centers_init_std')!r}")
 
@@ -181,18 +186,36 @@ _MAX_FIXED_SPAN = 130.0
 _MAX_FIXED_CLASSES = 100_000_000
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
-def _shard_logits(e, c, drop_col, col_ok, scale, thr, shift):
-  return _shard_logits_fwd(e, c, drop_col, col_ok, scale, thr, shift)[0]
+# How a row's own columns leave its logits (loss.own_label_mask): 'scatter' writes -inf into them
+# (in place; the fastest on CPU); 'compare' keeps a column when it differs from each of the row's few
+# own columns, compares fused into the logits' elementwise pass. XLA's TPU cost model counts the
+# scatter as 8.7 GiB a step for base on v5e-256 (4,096 rows x 202 columns into [4096, 3907]; the
+# whole loss is 13.9 GiB with it, 5.0 without), so 'auto' compares on TPU and scatters elsewhere.
+OWN_LABEL_MASKS = ("auto", "scatter", "compare")
 
 
-def _shard_logits_fwd(e, c, drop_col, col_ok, scale, thr, shift):
+def _own_columns_kept(drop_col, n: int):
+  """[B, n] bool: column j is none of the row's drop_col [B, L] entries (L compares per element)."""
+  cols = jax.lax.broadcasted_iota(jnp.int32, (drop_col.shape[0], n), 1)
+  keep = jnp.ones((drop_col.shape[0], n), bool)
+  for l in range(drop_col.shape[1]):
+    keep = keep & (cols != drop_col[:, l:l + 1])
+  return keep
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
+def _shard_logits(e, c, drop_col, col_ok, scale, thr, shift, mask="scatter"):
+  return _shard_logits_fwd(e, c, drop_col, col_ok, scale, thr, shift, mask)[0]
+
+
+def _shard_logits_fwd(e, c, drop_col, col_ok, scale, thr, shift, mask="scatter"):
   """One shard's part of the softmaxes' negatives, from unit embeddings e [B, D] and raw rows c [n, D].
 
   Returns m [B] and sum_j exp(s*cos_bj - m) [B] over the kept negatives, and their count [B].
   Kept = not in drop_col [B, *] (the row's own labels and padding classes; n = nothing), in col_ok
-  [n] when given (Partial-FC selection), cos <= thr. With `shift` (a float) m is that constant and
-  no row max is computed; shift=None: the row max.
+  [n] when given (Partial-FC selection, or the real classes), cos <= thr. With `shift` (a float) m is
+  that constant and no row max is computed; shift=None: the row max. `mask`: how drop_col is applied
+  ('scatter' | 'compare', OWN_LABEL_MASKS).
 
   The centers are normalised by scaling the logit columns with r = 1/|c| instead of writing
   normalised rows: the residual is q = p * r, and q @ (1/r) (a matvec) recovers the row sums.
@@ -200,9 +223,12 @@ def _shard_logits_fwd(e, c, drop_col, col_ok, scale, thr, shift):
   b = e.shape[0]
   r = _inv_norm(c)                                                                   # [n]
   cos = (e @ c.T) * r[None, :]                                                       # [B, n]
-  # In-place scatter of -inf: never negatives. (A per-column mask folded into the elementwise
-  # pass below is recomputed per element by XLA and costs more than this scatter.)
-  cos = cos.at[jnp.arange(b)[:, None], drop_col].set(-jnp.inf, mode="drop")
+  # A row's own columns are never its negatives. (On CPU, a per-column mask folded into the
+  # elementwise pass below is recomputed per element by XLA and costs more than the in-place scatter.)
+  if mask == "compare":
+    cos = jnp.where(_own_columns_kept(drop_col, cos.shape[1]), cos, -jnp.inf)
+  else:
+    cos = cos.at[jnp.arange(b)[:, None], drop_col].set(-jnp.inf, mode="drop")
   z = scale * cos
   if col_ok is not None:
     z = z + jnp.where(col_ok, 0.0, -jnp.inf)[None, :]
@@ -226,7 +252,7 @@ def _shard_logits_fwd(e, c, drop_col, col_ok, scale, thr, shift):
   return (m, q @ (1.0 / r), n_kept), (e, c, r, q)
 
 
-def _shard_logits_bwd(scale, thr, shift, res, g):
+def _shard_logits_bwd(scale, thr, shift, mask, res, g):
   # With G = s * g_sum * p the gradient of the logits, u_j = sum_b G_bj e_b is the gradient w.r.t.
   # the unit center c_j / |c_j|; then dc_j = r_j (u_j - (u_j.ĉ_j) ĉ_j). Both matmuls use q = p * r
   # and the raw c, so the row weights stay on the small [B, D] side.
@@ -389,6 +415,9 @@ def make_loss_fn(mesh, cfg, batch_axes: Sequence[str] = ("data", "fsdp"),
   rate = float(cfg.sample_rate)
   official = _opt(cfg, "recipe") == "official"
   slack = float(_opt(cfg, "pfc_positive_slack"))
+  mask = _opt(cfg, "own_label_mask")
+  if mask == "auto":
+    mask = "compare" if mesh.devices.flat[0].platform == "tpu" else "scatter"
   n_batch = _axes_size(mesh, batch_axes)
   n_class = _axes_size(mesh, class_axes)
   # The custom-VJP block needs both operands typed alike (varying over every axis in play).
@@ -404,7 +433,7 @@ def make_loss_fn(mesh, cfg, batch_axes: Sequence[str] = ("data", "fsdp"),
   def negatives(e, cs, drop_col, col_ok):
     """This shard's sum-exp over kept negatives [B] on the global shift m [B], and their count."""
     m_loc, s_loc, n_kept = _shard_logits(_vary(e, all_axes), _vary(cs, all_axes), drop_col, col_ok,
-                                         scale, thr, shift)
+                                         scale, thr, shift, mask)
     # The shift only stabilises: no gradient through it.
     m_loc = jax.lax.stop_gradient(m_loc)
     if shift is not None:
@@ -452,12 +481,19 @@ def make_loss_fn(mesh, cfg, batch_axes: Sequence[str] = ("data", "fsdp"),
     n_pad = c_pad - num_classes
 
     def drop_with_padding(col, n_cols):
-      if n_sel is not None:
+      if n_sel is not None or mask == "compare":  # 'compare' drops padding by col_ok (dense_col_ok)
         return col
       # Dense: padding classes (global rows >= C, at most n_pad) are dropped like own labels.
       pad = num_classes + jnp.arange(n_pad) - offset
       pad = jnp.where((pad >= 0) & (pad < n_cols), pad, n_cols)
       return jnp.concatenate([col, jnp.broadcast_to(pad, (b, n_pad))], axis=1)
+
+    def dense_col_ok(col_ok):
+      # Partial FC: the selection; dense with 'compare': the real classes when there is padding
+      # (a per-column mask, not one compare per padding class); dense with 'scatter': in drop_col.
+      if n_sel is not None:
+        return col_ok
+      return row_real if mask == "compare" and n_pad else None
 
     def own_columns(ids_loc, ids_own, inv, n_cols):
       return jnp.where(ids_own, inv[jnp.clip(ids_loc, 0, c_local_n - 1)], n_cols)
@@ -470,7 +506,7 @@ def make_loss_fn(mesh, cfg, batch_axes: Sequence[str] = ("data", "fsdp"),
       lab_loc = lab - offset
       lab_own = lab_valid & (lab_loc >= 0) & (lab_loc < c_local_n)
       col = own_columns(lab_loc, lab_own, inv, n_cols)                                # [B, L]
-      m, s_loc, n_kept = negatives(e, cs, drop_with_padding(col, n_cols), None if n_sel is None else col_ok)
+      m, s_loc, n_kept = negatives(e, cs, drop_with_padding(col, n_cols), dense_col_ok(col_ok))
       # Usable = usable columns - the sample's distinct own labels among them.
       own_ok = lab_own & (col < n_cols) & col_ok[jnp.minimum(col, n_cols - 1)]
       first = jnp.argmax(lab[:, :, None] == lab[:, None, :], axis=2) == jnp.arange(lab.shape[1])
@@ -485,7 +521,7 @@ def make_loss_fn(mesh, cfg, batch_axes: Sequence[str] = ("data", "fsdp"),
                                        n_sel, n_rate)
         n_cols = cs.shape[0]
         col = own_columns(pos_loc[:, k:k + 1], pos_own[:, k:k + 1], inv, n_cols)       # [B, 1]
-        mk, sk, nk = negatives(e, cs, drop_with_padding(col, n_cols), None if n_sel is None else col_ok)
+        mk, sk, nk = negatives(e, cs, drop_with_padding(col, n_cols), dense_col_ok(col_ok))
         own_ok = pos_own[:, k] & (col[:, 0] < n_cols) & col_ok[jnp.minimum(col[:, 0], n_cols - 1)]
         nu = (jnp.sum(col_ok) - own_ok.astype(jnp.int32)).astype(jnp.float32)
         per_slot.append((mk, sk, nk, nu, ovf, jnp.sum(col_ok)))

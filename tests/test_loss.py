@@ -1,8 +1,11 @@
 """Sharded cluster-discrimination loss vs a dense float64 reference, Partial FC, memory, config errors."""
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import tpu_compile
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from ovenc_jax import loss as loss_lib
@@ -303,3 +306,85 @@ def test_positive_cosines_visit_owned_positives_in_chunks(chunk):
                              ref, rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(np.asarray(g_ge), ref_ge, rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(np.asarray(g_gc), ref_gc, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("num_classes,thr,scale,rate", [
+    (1003, 0.3, 64.0, 1.0),    # dense: padding classes leave by the column mask, not by compares
+    (1003, None, 100.0, 1.0),  # the exact row-max path
+    (1003, 0.3, 64.0, 0.3),    # Partial FC
+])
+def test_compare_mask_matches_scatter_and_reference(num_classes, thr, scale, rate):
+  """loss.own_label_mask='compare' (TPU's default) gives the scatter's loss, gradients and metrics."""
+  mesh = _mesh()
+  emb, centers, labels = _problem(num_classes, seed=2)
+  out = {}
+  for mask in ("scatter", "compare"):
+    cfg = _cfg(num_classes, fn_threshold=thr, scale=scale, labels_per_step=4, sample_rate=rate,
+               own_label_mask=mask)
+    out[mask] = jax.tree.map(np.asarray, _grad_fn(mesh, cfg)(emb, centers, labels, jax.random.key(0)))
+  (loss_s, met_s), grads_s = out["scatter"]
+  (loss_c, met_c), grads_c = out["compare"]
+  np.testing.assert_allclose(loss_c, loss_s, rtol=1e-6)
+  for got, want in zip(grads_c, grads_s):
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6 * np.abs(want).max())
+  assert met_c.keys() == met_s.keys()
+  for k in met_s:
+    np.testing.assert_allclose(met_c[k], met_s[k], rtol=1e-6, err_msg=k)
+  if rate == 1.0:
+    ref, ref_ge, ref_gc = dense_reference(emb, centers, labels, num_classes, scale, 0.3, thr)
+    np.testing.assert_allclose(float(loss_c), ref, rtol=1e-5)
+    _close_grads(grads_c[0], ref_ge)
+    _close_grads(grads_c[1][:num_classes], ref_gc)
+  assert not grads_c[1][num_classes:].any(), "padding centers must get no gradient"
+
+
+def _lowered_loss(mesh, cfg, emb, centers, labels):
+  return jax.jit(loss_lib.make_loss_fn(mesh, cfg)).lower(emb, centers, labels, jax.random.key(0)).as_text()
+
+
+def test_own_label_mask_auto_scatters_on_cpu():
+  """'auto' lowers exactly like 'scatter' on a CPU mesh (TPU: test_own_label_mask_on_tpu); a bad value
+  is an error naming the key."""
+  emb, centers, labels = _problem(1003)
+  text = {m: _lowered_loss(_mesh(), _cfg(1003, own_label_mask=m), emb, centers, labels)
+          for m in ("auto", "scatter", "compare")}
+  assert text["auto"] == text["scatter"] != text["compare"]
+  with pytest.raises(ValueError, match="loss.own_label_mask"):
+    loss_lib.make_loss_fn(_mesh(), _cfg(1003, own_label_mask="mask"))
+
+
+_TPU_LOSS_COMPILE = """
+import json
+import jax, jax.numpy as jnp, numpy as np
+from jax.experimental import topologies
+from jax.sharding import NamedSharding, PartitionSpec as P
+from ovenc_jax import loss as loss_lib
+devices = topologies.get_topology_desc(topology_name="v5e:2x2", platform="tpu", chip_config_name="default",
+                                      chips_per_host_bounds=(2, 2, 1), num_slices=1).devices
+mesh = jax.sharding.Mesh(np.asarray(devices).reshape(2, 2, 1), ("data", "fsdp", "tensor"))
+rows = NamedSharding(mesh, P(("data", "fsdp")))
+emb = jax.ShapeDtypeStruct((512, 64), jnp.float32, sharding=rows)
+labels = jax.ShapeDtypeStruct((512, 10), jnp.int32, sharding=rows)
+centers = jax.ShapeDtypeStruct((40004, 64), jnp.float32, sharding=NamedSharding(mesh, P(("data", "fsdp", "tensor"))))
+key = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=NamedSharding(mesh, P()))
+out = {}
+for mask in ("auto", "scatter", "compare"):
+  cfg = loss_lib.default_loss_config()
+  cfg.update(num_classes=40001, labels_per_step=8, own_label_mask=mask)
+  fn = jax.value_and_grad(lambda e, c, l, r: loss_lib.make_loss_fn(mesh, cfg)(e, c, l, r)[0], argnums=(0, 1))
+  with jax.set_mesh(mesh):
+    lowered = jax.jit(fn).lower(emb, centers, labels, key)
+  cost = lowered.compile().cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  out[mask] = dict(text=lowered.as_text(), bytes=cost["bytes accessed"])
+print(json.dumps(dict(auto_is_compare=out["auto"]["text"] == out["compare"]["text"],
+                      bytes={m: out[m]["bytes"] for m in out})))
+"""
+
+
+def test_own_label_mask_on_tpu():
+  """Deviceless compile for a v5e 2x2 slice: 'auto' lowers like 'compare', and XLA's TPU cost model
+  counts fewer bytes for it than for the scatter (the reason it is TPU's default)."""
+  r = json.loads(tpu_compile.run(_TPU_LOSS_COMPILE).strip().splitlines()[-1])
+  assert r["auto_is_compare"]
+  assert r["bytes"]["compare"] < 0.8 * r["bytes"]["scatter"], r["bytes"]
