@@ -374,11 +374,12 @@ for mask in ("auto", "scatter", "compare"):
   fn = jax.value_and_grad(lambda e, c, l, r: loss_lib.make_loss_fn(mesh, cfg)(e, c, l, r)[0], argnums=(0, 1))
   with jax.set_mesh(mesh):
     lowered = jax.jit(fn).lower(emb, centers, labels, key)
-  cost = lowered.compile().cost_analysis()
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  out[mask] = dict(text=lowered.as_text(), bytes=cost["bytes accessed"])
+  out[mask] = dict(text=lowered.as_text())
+  if mask != "compare":  # the same program as auto's (checked below): compiled once
+    cost = lowered.compile().cost_analysis()
+    out[mask]["bytes"] = (cost[0] if isinstance(cost, (list, tuple)) else cost)["bytes accessed"]
 print(json.dumps(dict(auto_is_compare=out["auto"]["text"] == out["compare"]["text"],
-                      bytes={m: out[m]["bytes"] for m in out})))
+                      bytes={m: out[m]["bytes"] for m in ("auto", "scatter")})))
 """
 
 
@@ -387,4 +388,4 @@ def test_own_label_mask_on_tpu():
   counts fewer bytes for it than for the scatter (the reason it is TPU's default)."""
   r = json.loads(tpu_compile.run(_TPU_LOSS_COMPILE).strip().splitlines()[-1])
   assert r["auto_is_compare"]
-  assert r["bytes"]["compare"] < 0.8 * r["bytes"]["scatter"], r["bytes"]
+  assert r["bytes"]["auto"] < 0.8 * r["bytes"]["scatter"], r["bytes"]
