@@ -111,18 +111,21 @@ def _uniforms(rng, b, l, k, n_shards, c_local, sampled):
   return label_u, slot_u
 
 
-@pytest.mark.parametrize("num_classes,rate,thr,scale", [
+@pytest.mark.parametrize("num_classes,rate,thr,scale,mask", [
     # A small scale keeps the zeroed classes' e^0 terms visible next to e^{s cos} (at s=64 they
     # would be within the tolerance of leaving them out).
-    (1003, 1.0, 0.3, 8.0),      # dense, filter on, fixed-shift path
-    (2003, 0.1, 0.3, 8.0),      # Partial FC: one selection per slot
-    (2003, 0.1, None, 64.0),    # no filter
-    (1003, 0.1, 0.3, 100.0),    # span s*(1+u) > 130: exact row-max path with the zeroed logits
+    (1003, 1.0, 0.3, 8.0, "auto"),      # dense, filter on, fixed-shift path
+    (2003, 0.1, 0.3, 8.0, "auto"),      # Partial FC: one selection per slot
+    (2003, 0.1, None, 64.0, "auto"),    # no filter
+    (1003, 0.1, 0.3, 100.0, "auto"),    # span s*(1+u) > 130: exact row-max path with the zeroed logits
+    (1003, 1.0, 0.3, 8.0, "compare"),   # TPU's own-label mask (loss.own_label_mask), dense
+    (2003, 0.1, 0.3, 8.0, "compare"),   # and per slot's selection
 ])
-def test_official_recipe_matches_numpy_transcription(num_classes, rate, thr, scale):
+def test_official_recipe_matches_numpy_transcription(num_classes, rate, thr, scale, mask):
   mesh = Mesh(np.array(jax.devices()[:8]).reshape(2, 2, 2), AXES)
   k = 8
-  cfg = _cfg(num_classes, sample_rate=rate, fn_threshold=thr, scale=scale, labels_per_step=k)
+  cfg = _cfg(num_classes, sample_rate=rate, fn_threshold=thr, scale=scale, labels_per_step=k,
+             own_label_mask=mask)
   emb, centers, labels = _problem(num_classes)
   rng = jax.random.key(3)
   fn = jax.jit(jax.value_and_grad(loss_lib.make_loss_fn(mesh, cfg), argnums=(0, 1), has_aux=True))
