@@ -150,7 +150,10 @@ def bench_beam(args, paths, cfg, tmp):
                       dashboard_address=None) as cluster:
       dask_flags = ["--runner=dask", f"--dask_client_address={cluster.scheduler_address}"]
       timed_job(job_flags(args, paths[0], out("dask_warmup")) + dask_flags)
-      secs["dask"] = timed_job(job_flags(args, pattern, out("dask")) + dask_flags)
+      # Best of as many runs as the DirectRunner got: one run against a best of rounds read 0.81
+      # and 1.06 in two runs of the same code.
+      secs["dask"] = min(timed_job(job_flags(args, pattern, out(f"dask{r}")) + dask_flags)
+                         for r in range(args.beam_rounds))
   secs["dask_cold"] = timed_job(job_flags(args, pattern, out("dask_cold")) + [
       "--runner=dask", f"--dask_workers={w}"])
   vps = {k: n / v for k, v in secs.items()}
@@ -171,7 +174,8 @@ def bench_beam(args, paths, cfg, tmp):
            "dask": f"Beam DaskRunner, {w} workers (up)",
            "dask_cold": f"Beam DaskRunner, {w} workers (started by job)"}
   lines = [f"whole job on {n} videos (wall-clock; decode, patchify and DirectRunner: best of "
-           f"{args.beam_rounds} alternating rounds; Dask: one run each)",
+           f"{args.beam_rounds} alternating rounds; Dask up: best of {args.beam_rounds} after them; "
+           f"Dask started by the job: one run)",
            f"{'mode':<44}{'videos/s':>10}{'vs decode':>11}{'vs direct':>11}"]
   for k, name in names.items():
     lines.append(f"{name:<44}{vps[k]:>10.2f}{vps[k] / vps['decode']:>11.2f}"
