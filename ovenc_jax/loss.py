@@ -482,20 +482,18 @@ def make_loss_fn(mesh, cfg, batch_axes: Sequence[str] = ("data", "fsdp"),
     row_real = offset + jnp.arange(c_local_n) < num_classes
     n_pad = c_pad - num_classes
 
-    def drop_with_padding(col, n_cols):
-      if n_sel is not None or mask == "compare":  # 'compare' drops padding by col_ok (dense_col_ok)
-        return col
-      # Dense: padding classes (global rows >= C, at most n_pad) are dropped like own labels.
+    def kept_columns(col, n_cols, col_ok):
+      """(drop_col, col_ok) for negatives(): the row's own columns `col`, and the columns that may be
+      negatives. Partial FC: its selection. Dense: the padding classes (global rows >= C, at most
+      n_pad) leave with the own labels under 'scatter', by a per-column mask under 'compare' (one
+      compare per padding class would be added to every logit)."""
+      if n_sel is not None:
+        return col, col_ok
+      if mask == "compare":
+        return col, (row_real if n_pad else None)
       pad = num_classes + jnp.arange(n_pad) - offset
       pad = jnp.where((pad >= 0) & (pad < n_cols), pad, n_cols)
-      return jnp.concatenate([col, jnp.broadcast_to(pad, (b, n_pad))], axis=1)
-
-    def dense_col_ok(col_ok):
-      # Partial FC: the selection; dense with 'compare': the real classes when there is padding
-      # (a per-column mask, not one compare per padding class); dense with 'scatter': in drop_col.
-      if n_sel is not None:
-        return col_ok
-      return row_real if mask == "compare" and n_pad else None
+      return jnp.concatenate([col, jnp.broadcast_to(pad, (b, n_pad))], axis=1), None
 
     def own_columns(ids_loc, ids_own, inv, n_cols):
       return jnp.where(ids_own, inv[jnp.clip(ids_loc, 0, c_local_n - 1)], n_cols)
@@ -508,7 +506,7 @@ def make_loss_fn(mesh, cfg, batch_axes: Sequence[str] = ("data", "fsdp"),
       lab_loc = lab - offset
       lab_own = lab_valid & (lab_loc >= 0) & (lab_loc < c_local_n)
       col = own_columns(lab_loc, lab_own, inv, n_cols)                                # [B, L]
-      m, s_loc, n_kept = negatives(e, cs, drop_with_padding(col, n_cols), dense_col_ok(col_ok))
+      m, s_loc, n_kept = negatives(e, cs, *kept_columns(col, n_cols, col_ok))
       # Usable = usable columns - the sample's distinct own labels among them.
       own_ok = lab_own & (col < n_cols) & col_ok[jnp.minimum(col, n_cols - 1)]
       first = jnp.argmax(lab[:, :, None] == lab[:, None, :], axis=2) == jnp.arange(lab.shape[1])
@@ -523,7 +521,7 @@ def make_loss_fn(mesh, cfg, batch_axes: Sequence[str] = ("data", "fsdp"),
                                        n_sel, n_rate)
         n_cols = cs.shape[0]
         col = own_columns(pos_loc[:, k:k + 1], pos_own[:, k:k + 1], inv, n_cols)       # [B, 1]
-        mk, sk, nk = negatives(e, cs, drop_with_padding(col, n_cols), dense_col_ok(col_ok))
+        mk, sk, nk = negatives(e, cs, *kept_columns(col, n_cols, col_ok))
         own_ok = pos_own[:, k] & (col[:, 0] < n_cols) & col_ok[jnp.minimum(col[:, 0], n_cols - 1)]
         nu = (jnp.sum(col_ok) - own_ok.astype(jnp.int32)).astype(jnp.float32)
         per_slot.append((mk, sk, nk, nu, ovf, jnp.sum(col_ok)))
