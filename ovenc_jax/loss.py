@@ -206,11 +206,11 @@ def _own_columns_kept(drop_col, n: int):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
-def _shard_logits(e, c, drop_col, col_ok, scale, thr, shift, mask="scatter"):
+def _shard_logits(e, c, drop_col, col_ok, scale, thr, shift, mask):
   return _shard_logits_fwd(e, c, drop_col, col_ok, scale, thr, shift, mask)[0]
 
 
-def _shard_logits_fwd(e, c, drop_col, col_ok, scale, thr, shift, mask="scatter"):
+def _shard_logits_fwd(e, c, drop_col, col_ok, scale, thr, shift, mask):
   """One shard's part of the softmaxes' negatives, from unit embeddings e [B, D] and raw rows c [n, D].
 
   Returns m [B] and sum_j exp(s*cos_bj - m) [B] over the kept negatives, and their count [B].
@@ -225,8 +225,7 @@ def _shard_logits_fwd(e, c, drop_col, col_ok, scale, thr, shift, mask="scatter")
   b = e.shape[0]
   r = _inv_norm(c)                                                                   # [n]
   cos = (e @ c.T) * r[None, :]                                                       # [B, n]
-  # A row's own columns are never its negatives. (On CPU, a per-column mask folded into the
-  # elementwise pass below is recomputed per element by XLA and costs more than the in-place scatter.)
+  # A row's own columns are never its negatives (which mask where: OWN_LABEL_MASKS).
   if mask == "compare":
     cos = jnp.where(_own_columns_kept(drop_col, cos.shape[1]), cos, -jnp.inf)
   else:
