@@ -2,6 +2,7 @@
 cost and accuracy of --interval_frames, the whole Beam job on the DirectRunner and on a Dask
 cluster, the job's peak RSS at 1x and 10x, and the shard codecs' CPU and size on the job's records."""
 import argparse
+import contextlib
 import functools
 import glob
 import json
@@ -48,6 +49,32 @@ def record(path: str, cfg) -> bytes:
 def patchify(path: str, cfg) -> int:
   """(c): the record's length (a pool returns it, not the record)."""
   return len(record(path, cfg))
+
+
+@contextlib.contextmanager
+def between_samples_free():
+  """(c0), a counterfactual: the patchify as (c) runs it (every frame decoded, its vectors read and
+  queued for the scorer), except that frames between samples are scored at no cost, i.e. not at
+  all; the ceiling of any rule that scores every decoded frame. Its records equal
+  --interval_frames 1's (tests/test_codec_patchify.py)."""
+  scorer = codec_signals.IntervalScorer
+  score = scorer._score
+
+  def sampled_only(self, n, *args, **kwargs):
+    if n in self.idx_list:
+      score(self, n, *args, **kwargs)
+
+  scorer._score = sampled_only
+  try:
+    yield
+  finally:
+    scorer._score = score
+
+
+def patchify_between_free(path: str, cfg) -> int:
+  """(c0) of one video (module level: a process pool runs it)."""
+  with between_samples_free():
+    return patchify(path, cfg)
 
 
 def transcode_cost(paths, cfg, rounds: int) -> dict:
@@ -126,10 +153,19 @@ def bench_beam(args, paths, cfg, tmp):
   startup_glob = os.path.join(tmp, "startup_in", "*")
   # Rounds alternate the modes and keep each one's best: this machine's speed drifts by up to
   # 2x over minutes, which one sequential run per mode turns into noise in the ratios.
-  runs = {"decode": [], "patchify": [], "direct": [], "direct_mp": [], "startup": []}
-  with ctx.Pool(w) as pool:
+  runs = {"decode": [], "patchify": [], "direct": [], "direct_mp": [], "startup": [], "dask": []}
+  ceiling = cfg.interval_frames == 0
+  if ceiling:
+    runs["between_free"] = []
+  # The Dask cluster is up through the rounds, as a user's is, and its job takes its turn in each
+  # round: run after the others, its best of rounds read 0.81, 1.06 and 0.85 of the DirectRunner's
+  # for the same code as the machine's speed drifted between the two blocks.
+  with ctx.Pool(w) as pool, dask.config.set({"distributed.worker.daemon": False}), LocalCluster(
+      n_workers=w, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
+    dask_flags = ["--runner=dask", f"--dask_client_address={cluster.scheduler_address}"]
     pool.map(_decode_plain, videos[:w])  # workers up and imports done
     pool.map(functools.partial(patchify, cfg=cfg), videos[:w])
+    timed_job(job_flags(args, paths[0], out("dask_warmup")) + dask_flags)
     for r in range(args.beam_rounds):
       t0 = time.perf_counter()
       pool.map(_decode_plain, videos, chunksize=1)
@@ -138,22 +174,18 @@ def bench_beam(args, paths, cfg, tmp):
       t0 = time.perf_counter()
       pool.map(functools.partial(patchify, cfg=cfg), videos, chunksize=1)
       runs["patchify"].append(time.perf_counter() - t0)
+      if ceiling:
+        t0 = time.perf_counter()
+        pool.map(functools.partial(patchify_between_free, cfg=cfg), videos, chunksize=1)
+        runs["between_free"].append(time.perf_counter() - t0)
       runs["direct"].append(timed_job(job_flags(args, pattern, out(f"direct{r}")) + direct))
+      runs["dask"].append(timed_job(job_flags(args, pattern, out(f"dask{r}")) + dask_flags))
       runs["direct_mp"].append(timed_job(job_flags(args, pattern, out(f"direct_mp{r}"))
                                          + direct_mp))
       runs["startup"].append(timed_job(job_flags(args, startup_glob, out(f"startup{r}"))
                                        + direct))
   secs = {k: min(v) for k, v in runs.items()}
   startup = secs.pop("startup")
-  with dask.config.set({"distributed.worker.daemon": False}):
-    with LocalCluster(n_workers=w, threads_per_worker=1, processes=True,
-                      dashboard_address=None) as cluster:
-      dask_flags = ["--runner=dask", f"--dask_client_address={cluster.scheduler_address}"]
-      timed_job(job_flags(args, paths[0], out("dask_warmup")) + dask_flags)
-      # Best of as many runs as the DirectRunner got: one run against a best of rounds read 0.81
-      # and 1.06 in two runs of the same code.
-      secs["dask"] = min(timed_job(job_flags(args, pattern, out(f"dask{r}")) + dask_flags)
-                         for r in range(args.beam_rounds))
   secs["dask_cold"] = timed_job(job_flags(args, pattern, out("dask_cold")) + [
       "--runner=dask", f"--dask_workers={w}"])
   vps = {k: n / v for k, v in secs.items()}
@@ -167,17 +199,24 @@ def bench_beam(args, paths, cfg, tmp):
   fig["dask_over_direct"] = vps["dask"] / vps["direct"]
   fig["dask_cold_over_direct"] = vps["dask_cold"] / vps["direct"]
   fig["beam_processes_over_decode"] = vps["direct_mp"] / vps["decode"]
+  if ceiling:
+    # What this runner would reach if the every-frame rule cost nothing between samples: the
+    # pool's (c0) over decode, times the runner's share measured on the real patchify.
+    fig["beam_every_frame_ceiling_over_decode"] = (vps["between_free"] / vps["decode"]
+                                                   * fig["beam_over_patchify_pool"])
   names = {"decode": f"bare decode, pool of {w}",
            "patchify": f"patchify (c), pool of {w}, no runner",
+           "between_free": f"(c0) frames between samples free, pool of {w}",
            "direct": f"Beam DirectRunner, {w} workers (job default)",
            "direct_mp": f"Beam DirectRunner, {w} worker processes",
            "dask": f"Beam DaskRunner, {w} workers (up)",
            "dask_cold": f"Beam DaskRunner, {w} workers (started by job)"}
-  lines = [f"whole job on {n} videos (wall-clock; decode, patchify and DirectRunner: best of "
-           f"{args.beam_rounds} alternating rounds; Dask up: best of {args.beam_rounds} after them; "
-           f"Dask started by the job: one run)",
+  lines = [f"whole job on {n} videos (wall-clock; best of {args.beam_rounds} alternating rounds; "
+           f"Dask started by the job: one run after them)",
            f"{'mode':<44}{'videos/s':>10}{'vs decode':>11}{'vs direct':>11}"]
   for k, name in names.items():
+    if k not in vps:
+      continue
     lines.append(f"{name:<44}{vps[k]:>10.2f}{vps[k] / vps['decode']:>11.2f}"
                  f"{vps[k] / vps['direct']:>11.2f}")
   lines.append(f"DirectRunner start-up + finalisation (a job of {w} videos): {startup:.1f} s; "
@@ -187,6 +226,11 @@ def bench_beam(args, paths, cfg, tmp):
                f"dask_over_direct = {fig['dask_over_direct']:.2f} (goal >= 0.9); "
                f"beam_over_patchify_pool = {fig['beam_over_patchify_pool']:.2f} (the runner's "
                f"share)")
+  if ceiling:
+    lines.append(f"beam_every_frame_ceiling_over_decode = "
+                 f"{fig['beam_every_frame_ceiling_over_decode']:.2f}: (c0) on the pool over decode, "
+                 f"times beam_over_patchify_pool (the job if the frames between samples cost "
+                 f"nothing to score)")
   return fig, lines
 
 
@@ -255,6 +299,8 @@ def bench_codec_modes(args, paths, cfg, tmp):
   modes = {"a_decode": lambda p: decode_all(p, False),
            "b_decode_mvs": lambda p: decode_all(p, True),
            "c_patchify": lambda p: patchify(p, cfg)}
+  if cfg.interval_frames == 0:  # (c0) is the ceiling of the every-frame rule only
+    modes["c0_between_free"] = lambda p: patchify_between_free(p, cfg)
   wall = {m: [] for m in modes}
   cpu = {m: [] for m in modes}
   for _ in range(args.rounds):
@@ -282,11 +328,13 @@ def bench_codec_modes(args, paths, cfg, tmp):
   fig["patchify_over_decode"] = best["a_decode"] / best["c_patchify"]
   fig["patchify_over_decode_median"] = med["a_decode"] / med["c_patchify"]
   fig["patchify_over_decode_wall"] = best_wall["a_decode"] / best_wall["c_patchify"]
+  if "c0_between_free" in modes:
+    fig["every_frame_ceiling_over_decode"] = best["a_decode"] / best["c0_between_free"]
   lines = [f"one video at a time: best of {args.rounds} rounds of CPU time (median) and wall-clock",
            f"{'mode':<24}{'videos/s':>18}{'frames/s':>10}{'vs (a)':>8}"
            f"{'wall videos/s':>15}{'wall vs (a)':>12}"]
   names = {"a_decode": "(a) bare decode", "b_decode_mvs": "(b) decode + MV export",
-           "c_patchify": "(c) full patchify"}
+           "c_patchify": "(c) full patchify", "c0_between_free": "(c0) (c), between free"}
   for m in modes:
     lines.append(
         f"{names[m]:<24}{fig[f'{m}_videos_per_s']:>9.1f} ({fig[f'{m}_median_videos_per_s']:6.1f})"
@@ -295,6 +343,11 @@ def bench_codec_modes(args, paths, cfg, tmp):
   lines.append(f"patchify_over_decode (c/a) = {fig['patchify_over_decode']:.2f} CPU time "
                f"(median {fig['patchify_over_decode_median']:.2f}, wall-clock "
                f"{fig['patchify_over_decode_wall']:.2f}); target >= 0.7")
+  if "c0_between_free" in modes:
+    lines.append(f"every_frame_ceiling_over_decode (c0/a) = "
+                 f"{fig['every_frame_ceiling_over_decode']:.2f}: (c) with the frames between "
+                 f"samples decoded and read but scored for free, the most any every-frame rule "
+                 f"reaches")
   return fig, lines
 
 

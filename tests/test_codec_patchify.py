@@ -1,5 +1,6 @@
 """End-to-end runs of the Beam job data_prep.codec_patchify: bad inputs, outputs, runner modes."""
 import collections
+import dataclasses
 import glob
 import json
 import os
@@ -14,6 +15,7 @@ from data_prep import codec_patchify
 from data_prep import codec_signals as cs
 from data_prep import make_demo_data as md
 from data_prep import records
+from tests.test_bench_interval import _bench as _bench_codec
 
 FLAGS = ["--image_size", "56", "--patch_size", "14", "--num_frames", "8", "--budget", "0.25"]
 
@@ -396,11 +398,7 @@ def test_visualize_marks_kept_patches(mixed_run, tmp_path):
 
 
 def test_benchmark_smoke(tmp_path):
-  import importlib.util
-  spec = importlib.util.spec_from_file_location(
-      "bench_codec", os.path.join(os.path.dirname(__file__), "..", "benchmarks", "bench_codec.py"))
-  bench = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(bench)
+  bench = _bench_codec()
   path = str(tmp_path / "b.json")
   # The beam section (DirectRunner and Dask jobs, ~40 s here) is left out; test_dask_runner and
   # the tests above run those jobs.
@@ -412,10 +410,28 @@ def test_benchmark_smoke(tmp_path):
   assert saved["rss_ratio_10x"] == pytest.approx(
       saved["rss_peak_gib_10x"] / saved["rss_peak_gib_1x"])
   for key in ("patchify_over_decode", "a_decode_frames_per_s", "b_decode_mvs_videos_per_s",
-              "c_patchify_frames_per_s", "rss_ratio_10x", "transcode_over_patchify"):
+              "c_patchify_frames_per_s", "rss_ratio_10x", "transcode_over_patchify",
+              "every_frame_ceiling_over_decode"):
     assert isinstance(saved[key], float) and saved[key] > 0 and saved[key] == fig[key]
   assert saved["patchify_over_decode"] == pytest.approx(
       saved["c_patchify_videos_per_s"] / saved["a_decode_videos_per_s"])
+
+
+@pytest.mark.parametrize("options", [{"bf": "0", "g": "12"},
+                                     {"bf": "3", "b-pyramid": "none", "refs": "1", "g": "12"}])
+def test_benchmark_ceiling_scores_only_the_sampled_frames(tmp_path, options):
+  """bench_codec's (c0) counterfactual reads every frame as the default does but scores only the
+  sampled ones: its records are --interval_frames 1's, and not the default's."""
+  from tests.test_codec_v2 import _encode, _pan_and_square
+  bench = _bench_codec()
+  path = str(tmp_path / "c.mp4")
+  _encode(path, _pan_and_square(n=40, size=128), options=options)
+  cfg = cs.PatchifyConfig(image_size=128, patch_size=16, num_frames=4, budget=0.25).validate()
+  with bench.between_samples_free():
+    free = bench.record(path, cfg)
+  assert cs.IntervalScorer._score.__name__ == "_score"  # restored
+  assert free == bench.record(path, dataclasses.replace(cfg, interval_frames=1))
+  assert free != bench.record(path, cfg)
 
 
 def test_decode_worker_reports_a_crashed_decoder_and_recovers(tmp_path):
