@@ -39,20 +39,20 @@ $py -m data_prep.cluster --embeddings "$out/teacher" --num_clusters 32 --top_k 3
 # lr 5e-4, not tiny's 2e-3: on these clips 2e-3 first collapses the embeddings for ~150 steps and
 # ends anywhere between kNN 0.37 and 0.63 depending on Beam's record order; 5e-4 reached 0.72.
 step "4/7 train the tiny encoder (cluster discrimination, $steps steps); kNN on held-out digits at start and end"
-$py -m ovenc_jax.main --config "configs/pretrain.py:variant=tiny,data=$out/records/data,eval_data=$out/records/eval_data" \
+$py -m ovenc_jax.main --config "ovenc_jax/configs/pretrain.py:variant=tiny,data=$out/records/data,eval_data=$out/records/eval_data" \
   --workdir "$out/train" --config.input.label_table="$out/concepts/labels.npz" \
   --config.loss.num_classes=32 --config.total_steps="$steps" --config.optim.lr=5e-4 --config.log_every=50 \
   ${DEMO_TRAIN_FLAGS:-} \
   | tee "$out/train.log"
 
 step "5/7 export to PyTorch; run one held-out clip in PyTorch and JAX"
-$py -m ovenc_jax.export_torch --workdir "$out/train" --output "$out/torch"
+$py -m ovenc_jax.interop.export_torch --workdir "$out/train" --output "$out/torch"
 $py - "$out" <<'EOF'
 import logging, sys
 import numpy as np, torch
 from data_prep import records
 from ovenc_jax import checkpoint, embed, model as model_lib
-from ovenc_jax.torch_model import OVEncoder
+from ovenc_jax.interop.torch_model import OVEncoder
 logging.getLogger("absl").setLevel(logging.ERROR)  # orbax: "directory is read only"
 out = sys.argv[1]
 rec = next(records.read_all(f"{out}/records/eval_data"))
@@ -68,7 +68,7 @@ print(f"PyTorch vs JAX pooled embedding of {rec['source'].split('/')[-1]}: max a
 EOF
 
 step "6/7 plots"
-$py -m ovenc_jax.plot_metrics --workdir "$out/train" --output "$out/loss_curve.png"
+$py -m ovenc_jax.train.plot_metrics --workdir "$out/train" --output "$out/loss_curve.png"
 
 step "7/7 summary"
 $py - "$out" <<'EOF'

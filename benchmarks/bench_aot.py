@@ -2,17 +2,17 @@
 
 python benchmarks/bench_aot.py [--json PATH] [--out DIR] [--cases large_v5p128,base_v5e256,base_h100x8]
 
-Each case is one `python -m ovenc_jax.aot` run (its own process, one at a time) of a `pod=` preset
-(configs/common.py) on 16-frame clips at 12.5% (512 tokens, one clip a row), 1M centers, up to 10
+Each case is one `python -m ovenc_jax.aot.compile` run (its own process, one at a time) of a `pod=` preset
+(ovenc_jax/configs/common.py) on 16-frame clips at 12.5% (512 tokens, one clip a row), 1M centers, up to 10
 labels a sample. From its report:
 - compute_fraction = t_compute / max(t_compute, t_hbm): t_compute is the model's own FLOP count at
   the chip's peak, t_hbm XLA's bytes accessed at the chip's HBM bandwidth (the splash kernels declare
-  their FLOPs and K/V re-reads to XLA: ovenc_jax/attention/splash.py; the fused MLP kernels their
-  FLOPs, recomputation included, and streamed bytes: ovenc_jax/fused_mlp.py). XLA's bytes are an upper bound
+  their FLOPs and K/V re-reads to XLA: ovenc_jax/model/attention/splash.py; the fused MLP kernels their
+  FLOPs, recomputation included, and streamed bytes: ovenc_jax/model/fused_mlp.py). XLA's bytes are an upper bound
   of HBM traffic (each op's operands and results, VMEM prefetch copies included), so this fraction is
   a lower bound. GPU targets have no XLA cost analysis: n/a there.
 - compute_fraction_hbm_traffic: the same with t_hbm from the bytes the compiled program keeps in HBM,
-  each counted once (ovenc_jax/hlo_traffic.py): on TPU, XLA's bytes also count operands that
+  each counted once (ovenc_jax/aot/hlo_traffic.py): on TPU, XLA's bytes also count operands that
   memory-space assignment placed in VMEM, and a sliced prefetch once per slice for its whole source.
   Beside the issue's figure, not instead of it; on GPU targets it is the only one.
 - model_over_xla_flops, memory per device (and whether it fits), collective bytes per device per step
@@ -31,7 +31,7 @@ import tempfile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from data_prep import atomic_io  # noqa: E402
+from ovenc_format import atomic_io  # noqa: E402
 # name: (variant, pod preset / topology)
 CASES = {
     "large_v5p128": ("large", "v5p-128"),
@@ -49,7 +49,7 @@ def compile_case(name: str, out_dir: str) -> dict | None:
   variant, pod = CASES[name]
   path = os.path.join(out_dir, f"{name}.json")
   if not os.path.exists(path):
-    cmd = [sys.executable, "-m", "ovenc_jax.aot", f"--config=configs/pretrain.py:variant={variant},pod={pod}",
+    cmd = [sys.executable, "-m", "ovenc_jax.aot.compile", f"--config=ovenc_jax/configs/pretrain.py:variant={variant},pod={pod}",
            f"--topology={pod}", f"--json={path}", *INPUT]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     fallback = not os.path.exists(path) and "cuDNN not found" in proc.stderr
@@ -68,7 +68,7 @@ def compile_case(name: str, out_dir: str) -> dict | None:
 
 
 def figures(name: str, r: dict) -> dict:
-  """The issue's figures from one `ovenc_jax.aot` report, as plain numbers under `<name>_*`."""
+  """The issue's figures from one `ovenc_jax.aot.compile` report, as plain numbers under `<name>_*`."""
   t = r["shardings"]["tensors"]
   state = [row for group in ("params", "centers", "opt_state") for row in t[group].values()]
   state_per_device = sum(row["bytes_per_device"] for row in state)

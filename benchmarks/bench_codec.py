@@ -19,7 +19,7 @@ import av
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from data_prep import codec_signals  # noqa: E402
+from data_prep.codec import signals as codec_signals  # noqa: E402
 from data_prep import make_demo_data  # noqa: E402
 
 

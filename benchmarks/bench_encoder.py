@@ -11,7 +11,7 @@ Default: tiny and base budget tables, the dense 16-frame memory run, then the Py
 
 PyTorch comparison: base, one 16-frame 224x224 clip (4,096-token grid) at budgets 12.5% (512 tokens),
 25% and 6.25%, fp32, batch 1, loss = mean(pooled^2). The same tokens go through the JAX encoder
-(jit, `model.attention=auto` -> xla on CPU) and `ovenc_jax.torch_model.OVEncoder` in eager mode
+(jit, `model.attention=auto` -> xla on CPU) and `ovenc_jax.interop.torch_model.OVEncoder` in eager mode
 (random weights; timing only), forward alone (torch under no_grad) and forward+backward (all
 parameter gradients). Both use as many threads as the process may run on: XLA's intra-op pool
 takes one per CPU of the affinity mask, torch gets torch.set_num_threads(that count). Timings are
@@ -33,8 +33,8 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from configs import common  # noqa: E402
-from ovenc_jax import model as model_lib  # noqa: E402
+from ovenc_jax.configs import common  # noqa: E402
+from ovenc_jax.model import encoder as model_lib  # noqa: E402
 
 BUDGETS = (1.0, 0.25, 0.125, 0.0625)
 GRID = 16  # 224 / 14
@@ -144,11 +144,11 @@ def _min_time(fn, reps):
 
 
 def torch_compare(reps, results, frames=16, budgets=COMPARE_BUDGETS):
-  """JAX vs PyTorch eager (ovenc_jax.torch_model), base fp32 on CPU: forward and forward+backward."""
+  """JAX vs PyTorch eager (ovenc_jax.interop.torch_model), base fp32 on CPU: forward and forward+backward."""
   import torch  # noqa: PLC0415  (only this section needs it)
 
-  from ovenc_jax import torch_layout  # noqa: PLC0415
-  from ovenc_jax import torch_model  # noqa: PLC0415
+  from ovenc_jax.interop import torch_layout  # noqa: PLC0415
+  from ovenc_jax.interop import torch_model  # noqa: PLC0415
 
   threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
   torch.set_num_threads(threads)

@@ -12,8 +12,8 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 import numpy as np  # noqa: E402
 from array_record.python import array_record_module  # noqa: E402
 
-from data_prep import records  # noqa: E402
-from ovenc_jax import input_pipeline as ip  # noqa: E402
+from ovenc_format import records  # noqa: E402
+from ovenc_jax.input import pipeline as ip  # noqa: E402
 
 PATCH = 14
 GRID = (8, 16, 16)  # 8 frames of a 224x224 clip in 14-pixel patches

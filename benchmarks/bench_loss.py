@@ -18,7 +18,7 @@ import numpy as np  # noqa: E402
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from ovenc_jax import loss as loss_lib  # noqa: E402
+from ovenc_jax.loss import discrimination as loss_lib  # noqa: E402
 
 BATCH_AXES = ("data", "fsdp")
 CLASS_AXES = ("data", "fsdp", "tensor")

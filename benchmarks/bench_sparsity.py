@@ -21,9 +21,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from configs import pretrain  # noqa: E402
-from data_prep import atomic_io, cluster, codec_patchify, glyph_teacher, make_demo_data  # noqa: E402
-from ovenc_jax import input_pipeline, train  # noqa: E402
+from ovenc_jax.configs import pretrain  # noqa: E402
+from data_prep import cluster, codec_patchify, glyph_teacher, make_demo_data  # noqa: E402
+from ovenc_format import atomic_io
+from ovenc_jax.input import pipeline as input_pipeline  # noqa: E402
+from ovenc_jax.train import trainer as train
 
 RULES = ("codec", "random", "uniform_frames")  # at each budget; dense once
 NUM_CONCEPTS = 32

@@ -11,7 +11,7 @@ clip a row), 1M centers, 10 labels a clip, as bench_aot compiles it. It times Tr
 --loop_steps steps (input pipeline, metrics and the final checkpoint save included; timed after the
 compiling step, before the save), the compiled step alone on one device-resident batch, the input
 pipeline alone, and a bf16 8192^3 matmul as the measured ceiling. MFU = the model's matmul FLOPs
-(ovenc_jax.aot.model_flops, no recompute) / step time / (GPUs x --peak_tflops). JSON: gpu_<variant>_
+(ovenc_jax.aot.compile.model_flops, no recompute) / step time / (GPUs x --peak_tflops). JSON: gpu_<variant>_
 run_tokens_per_s, gpu_<variant>_run_mfu, gpu_<variant>_step_s, gpu_<variant>_step_tokens_per_s,
 gpu_<variant>_step_mfu, gpu_input_tokens_per_s, gpu_matmul_tflops, gpu_<variant>_peak_gib_per_gpu, and
 where Trainer.run's time went (gpu_<variant>_run_{median_step,dispatch,device_wait,checkpoint_manager,
@@ -34,9 +34,13 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from array_record.python import array_record_module  # noqa: E402
 
-from configs import common, pretrain  # noqa: E402
-from data_prep import atomic_io, records  # noqa: E402
-from ovenc_jax import aot, input_pipeline, train  # noqa: E402
+from ovenc_jax.configs import common  # noqa: E402
+from ovenc_jax.configs import pretrain
+from ovenc_format import atomic_io  # noqa: E402
+from ovenc_format import records
+from ovenc_jax.aot import compile as aot  # noqa: E402
+from ovenc_jax.input import pipeline as input_pipeline
+from ovenc_jax.train import trainer as train
 
 
 def write_clip_shards(out_dir: str, n: int = 512, frames: int = 8, grid: int = 16, keep: float = 0.2,

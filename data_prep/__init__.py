@@ -1,0 +1,1 @@
+"""Offline data preparation: codec patchification (Beam), teachers and concept clustering."""

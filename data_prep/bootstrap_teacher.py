@@ -4,8 +4,8 @@ import os
 
 import numpy as np
 
-from data_prep import atomic_io
-from data_prep import records
+from ovenc_format import atomic_io
+from ovenc_format import records
 
 # Luminance weights (ITU-R BT.601) for the grey-level features.
 _LUMA = np.array([0.299, 0.587, 0.114], np.float32)

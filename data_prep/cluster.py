@@ -11,8 +11,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from data_prep import atomic_io
-from data_prep import label_table
+from ovenc_format import atomic_io
+from ovenc_format import label_table
 
 MESH_AXES = ("data", "model")
 _CENTER_BUDGET_BYTES = 1 << 30  # per-device bytes for centers (+ sums) before the model axis is used
@@ -360,7 +360,7 @@ def main(argv=None):
     if not a.records:
       ap.error("--encoder_workdir needs --records (the ArrayRecord folder to embed)")
     # Imported here so that clustering teacher embeddings does not pull in the model code.
-    from ovenc_jax import embed
+    from ovenc_jax.eval import embed
     x, ids = embed.embed_records(a.encoder_workdir, a.records, step=a.encoder_step)
     source = f"{a.records} embedded by {a.encoder_workdir}"
   else:

@@ -21,9 +21,9 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.runners.portability.fn_api_runner import FnApiRunner
 
-from data_prep import codec_signals
-from data_prep import records
-from data_prep import selectors
+from data_prep.codec import signals as codec_signals
+from ovenc_format import records
+from data_prep.codec import selection as selectors
 
 log = logging.getLogger("codec_patchify")
 
@@ -496,7 +496,7 @@ def build_parser():
                   help="vectors are clipped to this length when warping")
   ap.add_argument("--selector", choices=selectors.NAMES, default=d.selector,
                   help="video patch rule: codec top-K, or a baseline (random K, uniform whole "
-                  "frames, dense = every patch; see data_prep/selectors.py)")
+                  "frames, dense = every patch; see data_prep/codec/selection.py)")
   ap.add_argument("--class_labels", default=None,
                   help="JSON {input path: int}; fills class_label (-1 when absent)")
   ap.add_argument("--shard_mb", type=float, default=256.0,
@@ -641,7 +641,7 @@ def run(argv=None):
   if not _is_url(staging):
     os.makedirs(staging)
   header = {
-      "format": "ovenc codec patches (data_prep/records.py)",
+      "format": "ovenc codec patches (ovenc_format/records.py)",
       "format_version": records.FORMAT_VERSION, "created_by": "data_prep.codec_patchify",
       "num_inputs": len(paths), "options": dataclasses.asdict(cfg),
       "num_keep_per_video": cfg.num_keep(), "grid": [cfg.num_frames, cfg.grid_side, cfg.grid_side],

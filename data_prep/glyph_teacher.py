@@ -6,8 +6,8 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage
 
-from data_prep import atomic_io
-from data_prep import records
+from ovenc_format import atomic_io
+from ovenc_format import records
 
 # Luminance weights (ITU-R BT.601): ink is found by brightness, whatever its tint.
 _LUMA = np.array([0.299, 0.587, 0.114], np.float32)

@@ -7,8 +7,8 @@ import av
 import numpy as np
 from PIL import Image, ImageDraw
 
-from data_prep import codec_signals
-from data_prep import records
+from data_prep.codec import signals as codec_signals
+from ovenc_format import records
 
 
 def record_at(output_dir: str, index: int) -> dict:

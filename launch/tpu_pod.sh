@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # TPU pod slice: the same command on every worker; jax.distributed.initialize() reads the TPU metadata.
-#   launch/tpu_pod.sh TPU_NAME ZONE gs://bucket/workdir configs/pretrain.py:variant=base [--config.x=y ...]
+#   launch/tpu_pod.sh TPU_NAME ZONE gs://bucket/workdir ovenc_jax/configs/pretrain.py:variant=base [--config.x=y ...]
 # The repo must be checked out at ~/ovenc-jax on every worker (e.g. one `git clone` via --worker=all).
 set -euo pipefail
 name=${1:?tpu name}; zone=${2:?zone}; workdir=${3:?workdir (gs:// path)}; config=${4:?config}

@@ -1,0 +1,1 @@
+"""OneVision-Encoder pretraining in JAX/Flax: model, loss, input, training, evaluation, export."""

@@ -1,4 +1,4 @@
-"""Entry point: python -m ovenc_jax.main --config configs/pretrain.py:variant=tiny --workdir DIR."""
+"""Training entry point: `python -m ovenc_jax.main --config PATH/pretrain.py:variant=tiny --workdir DIR`."""
 import json
 import logging
 import os
@@ -6,7 +6,11 @@ import os
 from absl import app, flags
 from ml_collections import config_flags
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "configs/pretrain.py:ARGS", lock_config=True)
+# The packaged pretraining config, so an installed copy trains without knowing where its files live.
+DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "pretrain.py")
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", DEFAULT_CONFIG, "a config file and its args, e.g. ovenc_jax/configs/pretrain.py:variant=base "
+    "(default: the packaged pretrain.py, variant tiny)", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "checkpoints, metrics.jsonl and TensorBoard events go here")
 _DISTRIBUTED = flags.DEFINE_enum(
     "distributed", "auto", ["auto", "on", "off"],
@@ -53,7 +57,7 @@ def main(argv):
   logging.getLogger("jax").setLevel(logging.WARNING)  # e.g. every backend it could not load
   initialize_distributed()
   import jax
-  from ovenc_jax import train  # after distributed init: nothing may touch devices before it
+  from ovenc_jax.train import trainer as train  # after distributed init: nothing may touch devices before it
   logging.info("process %d/%d, %d local / %d global devices", jax.process_index(), jax.process_count(),
                jax.local_device_count(), jax.device_count())
   trainer = train.Trainer(_CONFIG.value, _WORKDIR.value)
@@ -63,6 +67,9 @@ def main(argv):
     print("SUMMARY " + json.dumps(summary, default=float), flush=True)
 
 
-if __name__ == "__main__":
-  flags.mark_flags_as_required(["config"])
+def cli():
   app.run(main)
+
+
+if __name__ == "__main__":
+  cli()

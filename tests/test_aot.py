@@ -1,4 +1,4 @@
-"""ovenc_jax.aot: the real train step compiled for compile-only TPU / GPU devices, run as the CLI in subprocesses."""
+"""ovenc_jax.aot.compile: the real train step compiled for compile-only TPU / GPU devices, run as the CLI in subprocesses."""
 import contextlib
 import fcntl
 import importlib.util
@@ -12,9 +12,11 @@ import jax
 import numpy as np
 import pytest
 
-import digit_shards
-from configs import pretrain
-from ovenc_jax import aot, input_pipeline, train
+from tests.helpers import digit_shards
+from ovenc_jax.configs import pretrain
+from ovenc_jax.aot import compile as aot
+from ovenc_jax.input import pipeline as input_pipeline
+from ovenc_jax.train import trainer as train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # One compile at a time across test processes: each takes a core and up to a few GB.
@@ -41,7 +43,7 @@ def _compile_slot():
 
 def run_aot(tmp_path, variant, topology, overrides=(), extra=()):
   out = tmp_path / "report.json"
-  cmd = [sys.executable, "-m", "ovenc_jax.aot", f"--config=configs/pretrain.py:variant={variant}",
+  cmd = [sys.executable, "-m", "ovenc_jax.aot.compile", f"--config=ovenc_jax/configs/pretrain.py:variant={variant}",
          f"--topology={topology}", f"--json={out}", *[f"--config.{k}={v}" for k, v in dict(overrides).items()],
          *extra]
   with _compile_slot():

@@ -8,14 +8,14 @@ import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from tolerances import assert_reorder_close
-import tpu_compile
+from tests.helpers.tolerances import assert_reorder_close
+from tests.helpers import tpu_compile
 
-from configs import common
-from ovenc_jax import attention as attn_lib
-from ovenc_jax import model as model_lib
+from ovenc_jax.configs import common
+from ovenc_jax.model import attention as attn_lib
+from ovenc_jax.model import encoder as model_lib
 from ovenc_jax import sharding as sharding_lib
-from ovenc_jax.attention import cudnn, splash
+from ovenc_jax.model.attention import cudnn, splash
 
 # (fp32, bf16) tolerances from the issue; bf16 is relative to the output/gradient scale.
 TOL = {jnp.float32: 1e-5, jnp.bfloat16: 2e-2}
@@ -285,8 +285,8 @@ _TPU_COMPILE = """
 import jax, jax.numpy as jnp, numpy as np
 from jax.experimental import topologies
 from jax.sharding import NamedSharding, PartitionSpec as P
-from configs import common
-from ovenc_jax import attention as attn_lib
+from ovenc_jax.configs import common
+from ovenc_jax.model import attention as attn_lib
 devices = topologies.get_topology_desc(topology_name="v5e:2x2", platform="tpu", chip_config_name="default",
                                       chips_per_host_bounds=(2, 2, 1), num_slices=1).devices
 mesh = jax.sharding.Mesh(np.asarray(devices).reshape(2, 1, 2), ("data", "fsdp", "tensor"))

@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 from array_record.python import array_record_module
 
-import digit_shards
-from data_prep import records
-from ovenc_jax import input_pipeline
-from test_train import make_config
+from tests.helpers import digit_shards
+from ovenc_format import records
+from ovenc_jax.input import pipeline as input_pipeline
+from tests.test_train import make_config
 
 
 def _unreadable(path):
@@ -50,7 +50,7 @@ def test_corrupt_record_is_skipped_counted_and_named(corrupt, caplog):
   folder, shard, index, bad_id = corrupt
   before = input_pipeline.skipped_records()
   it = input_pipeline.make_train_iterator(_config(folder))
-  with caplog.at_level(logging.WARNING, logger="ovenc_jax.input_pipeline"):
+  with caplog.at_level(logging.WARNING, logger="ovenc_jax.input.pipeline"):
     seen = np.concatenate([next(it)["sample_id"].ravel() for _ in range(40)])  # > 2 epochs
   all_ids = {r["sample_id"] for p in records.list_shards(folder) if p != shard for r in records.read_shard(p)}
   assert bad_id not in set(seen.tolist())

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh
 
-from ovenc_jax import loss as loss_lib
-from test_loss import _close_grads, dense_reference
+from ovenc_jax.loss import discrimination as loss_lib
+from tests.test_loss import _close_grads, dense_reference
 
 AXES = ("data", "fsdp", "tensor")
 IMAGE = dict(name="image", num_classes=1003, margin=0.3, fn_threshold=0.3, scale=64.0, weight=1.0)
@@ -84,12 +84,15 @@ def test_two_banks_two_sources_train_export_import(tmp_path):
   keeps {bank: centers}, reports per-bank metrics; --with_centers exports and imports every bank."""
   import json
 
-  from configs import pretrain
-  from data_prep import records
+  from ovenc_jax.configs import pretrain
+  from ovenc_format import records
   from digit_shards import write_digit_shards
-  from ovenc_jax import checkpoint as ckpt_lib
-  from ovenc_jax import export_torch, import_torch, input_pipeline, train
-  from test_train import overrides
+  from ovenc_jax.train import checkpoint as ckpt_lib
+  from ovenc_jax.interop import export_torch
+  from ovenc_jax.interop import import_torch
+  from ovenc_jax.input import pipeline as input_pipeline
+  from ovenc_jax.train import trainer as train
+  from tests.test_train import overrides
 
   img = write_digit_shards(str(tmp_path / "img"), 0, 120)
   vid = write_digit_shards(str(tmp_path / "vid"), 1000, 120, seed=1)

@@ -5,7 +5,7 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from ovenc_jax import checkpoint
+from ovenc_jax.train import checkpoint
 
 
 def test_replicated_and_sharded_arrays_round_trip_and_small_ones_compile_nothing(tmp_path, caplog):

@@ -4,9 +4,11 @@ import os
 import numpy as np
 import pytest
 
-import digit_shards
-from tolerances import assert_reorder_close
-from data_prep import bootstrap_teacher, cluster, label_table, records
+from tests.helpers import digit_shards
+from tests.helpers.tolerances import assert_reorder_close
+from data_prep import bootstrap_teacher, cluster
+from ovenc_format import label_table
+from ovenc_format import records
 
 
 def _planted(num_clusters, per_cluster, dim, noise, seed):
@@ -236,7 +238,7 @@ def test_bootstrap_teacher(tmp_path):
 
 
 def test_atomic_write_keeps_the_old_file_when_a_write_fails(tmp_path):
-  from data_prep import atomic_io
+  from ovenc_format import atomic_io
   path = str(tmp_path / "centers.npy")
   atomic_io.save_npy(path, np.arange(3))
 
@@ -250,7 +252,7 @@ def test_atomic_write_keeps_the_old_file_when_a_write_fails(tmp_path):
 
 
 def test_embedding_folder_refuses_duplicate_sample_ids(tmp_path):
-  from data_prep import atomic_io
+  from ovenc_format import atomic_io
   with pytest.raises(ValueError, match=r"shards/: duplicate sample_id\(s\) across records, e.g. \[7\]"):
     atomic_io.write_embedding_folder(str(tmp_path / "emb"), np.ones((3, 2), np.float32), np.array([7, 1, 7]),
                                      source="shards/")

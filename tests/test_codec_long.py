@@ -4,7 +4,7 @@ import av
 import numpy as np
 import pytest
 
-from data_prep import codec_signals as cs
+from data_prep.codec import signals as cs
 from data_prep import make_demo_data as md
 
 N, FPS, SIZE = 400, 25, 64  # 16 s

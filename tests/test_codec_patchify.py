@@ -12,9 +12,9 @@ import pytest
 from PIL import Image
 
 from data_prep import codec_patchify
-from data_prep import codec_signals as cs
+from data_prep.codec import signals as cs
 from data_prep import make_demo_data as md
-from data_prep import records
+from ovenc_format import records
 from tests.test_bench_interval import _bench as _bench_codec
 
 FLAGS = ["--image_size", "56", "--patch_size", "14", "--num_frames", "8", "--budget", "0.25"]
@@ -183,7 +183,7 @@ def test_crash_mid_job_leaves_no_final_shard_or_manifest(tmp_path, monkeypatch):
   assert len(list(staging.glob("part-*.array_record"))) == 2
   with pytest.raises(ValueError, match="no data-"):
     records.list_shards(str(out))
-  from ovenc_jax import input_pipeline
+  from ovenc_jax.input import pipeline as input_pipeline
   # A driver that died after renaming the shards but before the manifest: complete-looking ...
   os.rename(next(staging.glob("part-*.array_record")), out / "data-00000-of-00001.array_record")
   with pytest.raises(ValueError, match="eval.path: no manifest.json"):
@@ -192,7 +192,7 @@ def test_crash_mid_job_leaves_no_final_shard_or_manifest(tmp_path, monkeypatch):
 
 def _digit_rows(ids):
   from sklearn.datasets import load_digits
-  import digit_shards
+  from tests.helpers import digit_shards
   d = load_digits()
   rng = np.random.default_rng(0)
   recs = [digit_shards.digit_record(d.images[i], int(d.target[i]), i, rng) for i in ids]

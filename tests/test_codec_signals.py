@@ -1,10 +1,10 @@
-"""Codec signals and selection (data_prep.codec_signals) against numpy references and real clips."""
+"""Codec signals and selection (data_prep.codec.signals) against numpy references and real clips."""
 import av
 import numpy as np
 import pytest
 from PIL import Image
 
-from data_prep import codec_signals as cs
+from data_prep.codec import signals as cs
 from data_prep import make_demo_data as md
 
 S, P, G = 112, 14, 8  # image size, patch size, grid side used by most tests

@@ -4,9 +4,9 @@ import av
 import numpy as np
 import pytest
 
-from data_prep import codec_signals as cs
+from data_prep.codec import signals as cs
 from data_prep import make_demo_data as md
-from conftest import keep_scheduling_policy
+from tests.helpers.scheduling import keep_scheduling_policy
 from tests.test_codec_signals import _real_frames
 
 S, P, G = 112, 14, 8

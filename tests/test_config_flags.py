@@ -5,9 +5,9 @@ import sys
 
 import pytest
 
-from configs import pretrain
-from ovenc_jax import input_pipeline
-from test_train import ROOT
+from ovenc_jax.configs import pretrain
+from ovenc_jax.input import pipeline as input_pipeline
+from tests.test_train import ROOT
 
 # key -> (command-line value, parsed value); README / docs name each of them.
 OVERRIDES = {
@@ -28,7 +28,7 @@ OVERRIDES = {
 
 
 def _printed(config_arg, *flags):
-  r = subprocess.run([sys.executable, "-m", "ovenc_jax.main", f"--config=configs/pretrain.py:{config_arg}",
+  r = subprocess.run([sys.executable, "-m", "ovenc_jax.main", f"--config=ovenc_jax/configs/pretrain.py:{config_arg}",
                       "--print_config", *flags], cwd=ROOT, capture_output=True, text=True, timeout=300)
   assert r.returncode == 0, r.stderr[-3000:]
   return json.loads(r.stdout)

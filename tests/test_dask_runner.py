@@ -15,7 +15,7 @@ from PIL import Image
 
 from data_prep import codec_patchify
 from data_prep import make_demo_data as md
-from data_prep import records
+from ovenc_format import records
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DASK = [sys.executable, "-m", "dask"]  # the `dask` command of this environment
@@ -175,7 +175,7 @@ def test_killing_a_worker_mid_job_loses_nothing(inputs, cluster, direct, tmp_pat
 
 
 def test_runner_shorthand_and_partition_size():
-  from data_prep import codec_signals as cs
+  from data_prep.codec import signals as cs
   cfg = cs.PatchifyConfig(image_size=28, patch_size=14, num_frames=4, budget=0.5).validate()
   args, on_dask = codec_patchify._dask_args(["--runner", "dask", "--x=1"], 1000, cfg, 2**30)
   assert on_dask and args == ["--x=1", f"--runner={codec_patchify.DASK_RUNNER}",

@@ -8,7 +8,7 @@ import textwrap
 import numpy as np
 
 from data_prep import codec_patchify
-from data_prep import codec_signals as cs
+from data_prep.codec import signals as cs
 from data_prep import make_demo_data as md
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -30,7 +30,7 @@ def test_child_does_not_reimport_the_parents_main(tmp_path):
       if __name__ != "__main__":
         open({mark!r}, "w").write(__name__)
       sys.path.insert(0, {REPO!r})
-      from data_prep import codec_signals as cs
+      from data_prep.codec import signals as cs
       if __name__ == "__main__":
         cfg = cs.PatchifyConfig(image_size=28, patch_size=14, num_frames=4).validate()
         w = cs.DecodeWorker(cfg, 60)

@@ -6,9 +6,10 @@ import os
 import numpy as np
 import pytest
 
-from configs import pretrain
-from data_prep import cluster, codec_patchify, glyph_teacher, make_demo_data, records
-from ovenc_jax import train
+from ovenc_jax.configs import pretrain
+from data_prep import cluster, codec_patchify, glyph_teacher, make_demo_data
+from ovenc_format import records
+from ovenc_jax.train import trainer as train
 
 NUM_CONCEPTS = 32
 
@@ -55,8 +56,10 @@ def test_demo_clips_train_lowers_loss_and_lifts_knn(demo_chain, tmp_path):
 
   # The trained encoder, exported, runs in PyTorch on a real demo record like it does in JAX.
   torch = pytest.importorskip("torch")
-  from ovenc_jax import checkpoint, export_torch, torch_model
-  from ovenc_jax import model as model_lib
+  from ovenc_jax.train import checkpoint
+  from ovenc_jax.interop import export_torch
+  from ovenc_jax.interop import torch_model
+  from ovenc_jax.model import encoder as model_lib
   out = str(tmp_path / "torch")
   export_torch.main(["--workdir", str(tmp_path), "--output", out])
   rec = next(records.read_all(shards["eval"]))

@@ -4,10 +4,10 @@ import numpy as np
 import torch
 from flax import linen as nn
 
-from configs import common
-from ovenc_jax import model as model_lib
-from ovenc_jax import torch_layout as layout_lib
-from ovenc_jax import torch_model
+from ovenc_jax.configs import common
+from ovenc_jax.model import encoder as model_lib
+from ovenc_jax.interop import torch_layout as layout_lib
+from ovenc_jax.interop import torch_model
 
 P = 14
 

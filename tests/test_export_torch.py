@@ -13,16 +13,18 @@ from flax import linen as nn
 import torch
 from safetensors.numpy import load_file, save_file
 from sklearn.datasets import load_sample_image
-from tolerances import assert_reorder_close
+from tests.helpers.tolerances import assert_reorder_close
 
-from configs import common, pretrain
-from ovenc_jax import checkpoint as ckpt_lib
-from ovenc_jax import embed as embed_lib
-from ovenc_jax import export_torch, import_torch
-from ovenc_jax import model as model_lib
-from ovenc_jax import rope as rope_lib
-from ovenc_jax import torch_layout as layout_lib
-from ovenc_jax import torch_model
+from ovenc_jax.configs import common
+from ovenc_jax.configs import pretrain
+from ovenc_jax.train import checkpoint as ckpt_lib
+from ovenc_jax.eval import embed as embed_lib
+from ovenc_jax.interop import export_torch
+from ovenc_jax.interop import import_torch
+from ovenc_jax.model import encoder as model_lib
+from ovenc_jax.model import rope as rope_lib
+from ovenc_jax.interop import torch_layout as layout_lib
+from ovenc_jax.interop import torch_model
 
 P = 14
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -308,12 +310,12 @@ def test_clis_from_real_checkpoint(consistent, tmp_path):
   ckpt_lib.write_params_checkpoint(work, {"encoder": older, "centers": centers}, step=3)
   ckpt_lib.write_params_checkpoint(work, {"encoder": params, "centers": centers}, step=7)
 
-  r = _run_cli("ovenc_jax.export_torch", "--workdir", work, "--output", str(tmp_path / "pt"), "--with_centers")
+  r = _run_cli("ovenc_jax.interop.export_torch", "--workdir", work, "--output", str(tmp_path / "pt"), "--with_centers")
   assert r.returncode == 0, r.stderr
   with open(tmp_path / "pt" / "config.json") as f:
     hf_cfg = json.load(f)
   assert hf_cfg["rope_layout"] == layout and hf_cfg["ovenc_jax"]["step"] == 7
-  r = _run_cli("ovenc_jax.import_torch", "--input", str(tmp_path / "pt"), "--workdir", str(tmp_path / "back"))
+  r = _run_cli("ovenc_jax.interop.import_torch", "--input", str(tmp_path / "pt"), "--workdir", str(tmp_path / "back"))
   assert r.returncode == 0, r.stderr
   step, back = ckpt_lib.load_params(str(tmp_path / "back"))
   assert step == 0
@@ -324,7 +326,7 @@ def test_clis_from_real_checkpoint(consistent, tmp_path):
   export_torch.main(["--workdir", work, "--step", "3", "--output", str(tmp_path / "pt3")])
   _, back3 = import_torch.read_export(str(tmp_path / "pt3"))
   _assert_bitwise_equal(back3, {"encoder": older})
-  r = _run_cli("ovenc_jax.import_torch", "--input", str(tmp_path / "pt"), "--workdir", str(tmp_path / "back"))
+  r = _run_cli("ovenc_jax.interop.import_torch", "--input", str(tmp_path / "pt"), "--workdir", str(tmp_path / "back"))
   assert r.returncode != 0 and "already holds checkpoints" in r.stderr
   # A workdir without config.json exports from the shapes alone (official RoPE unless told).
   bare = str(tmp_path / "bare")

@@ -1,16 +1,17 @@
-"""The fused LayerNorm -> MLP -> residual kernel (ovenc_jax/fused_mlp.py) vs plain jnp and vs the model's
+"""The fused LayerNorm -> MLP -> residual kernel (ovenc_jax/model/fused_mlp.py) vs plain jnp and vs the model's
 XLA path: forward and gradients in interpret mode, on 8 host devices under FSDP, and as Mosaic kernels
 compiled for a TPU target."""
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from tolerances import assert_reorder_close
-import tpu_compile
+from tests.helpers.tolerances import assert_reorder_close
+from tests.helpers import tpu_compile
 
-from configs import common, pretrain
-from ovenc_jax import fused_mlp
-from ovenc_jax import model as model_lib
+from ovenc_jax.configs import common
+from ovenc_jax.configs import pretrain
+from ovenc_jax.model import fused_mlp
+from ovenc_jax.model import encoder as model_lib
 from ovenc_jax import sharding as sharding_lib
 
 TOL = {jnp.float32: 1e-5, jnp.bfloat16: 2e-2}  # bf16: relative to the output/gradient scale
@@ -165,7 +166,7 @@ _TPU_COMPILE = """
 import jax, jax.numpy as jnp, numpy as np
 from jax.experimental import topologies
 from jax.sharding import NamedSharding, PartitionSpec as P
-from ovenc_jax import fused_mlp
+from ovenc_jax.model import fused_mlp
 devices = topologies.get_topology_desc(topology_name="v5e:2x2", platform="tpu", chip_config_name="default",
                                       chips_per_host_bounds=(2, 2, 1), num_slices=1).devices
 mesh = jax.sharding.Mesh(np.asarray(devices).reshape(1, 4, 1), ("data", "fsdp", "tensor"))

@@ -4,10 +4,12 @@ import os
 import numpy as np
 import pytest
 
-import digit_shards
-from data_prep import bootstrap_teacher, codec_signals, glyph_teacher, records
+from tests.helpers import digit_shards
+from data_prep import bootstrap_teacher, glyph_teacher
+from data_prep.codec import signals as codec_signals
+from ovenc_format import records
 from data_prep import make_demo_data as md
-from ovenc_jax import evaluate
+from ovenc_jax.eval import probes as evaluate
 
 P = 14
 # A blocky '7' on a 3 px lattice: 12 rows x 8 cols of cells -> 36 x 24 px.

@@ -1,10 +1,10 @@
-"""HBM traffic from optimised HLO (ovenc_jax/hlo_traffic.py): hand-counted HLO text and v5e compiles."""
+"""HBM traffic from optimised HLO (ovenc_jax/aot/hlo_traffic.py): hand-counted HLO text and v5e compiles."""
 import json
 
 import pytest
 
-import tpu_compile
-from ovenc_jax import hlo_traffic
+from tests.helpers import tpu_compile
+from ovenc_jax.aot import hlo_traffic
 
 MiB = 2 ** 20
 
@@ -91,7 +91,7 @@ import json
 import jax, jax.numpy as jnp, numpy as np
 from jax.experimental import topologies
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-from ovenc_jax import hlo_traffic
+from ovenc_jax.aot import hlo_traffic
 topo = topologies.get_topology_desc(topology_name="v5e:2x2", platform="tpu", chip_config_name="default",
                                     chips_per_host_bounds=(2, 2, 1), num_slices=1)
 sh = NamedSharding(Mesh(np.array(topo.devices[:1]), ("x",)), P())

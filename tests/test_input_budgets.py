@@ -4,10 +4,10 @@ import ml_collections
 import numpy as np
 import pytest
 
-import digit_shards
-from data_prep import records
-from ovenc_jax import input_pipeline as ip
-from ovenc_jax import torch_layout
+from tests.helpers import digit_shards
+from ovenc_format import records
+from ovenc_jax.input import pipeline as ip
+from ovenc_jax.interop import torch_layout
 
 PATCH = 4
 GRID = (8, 3, 4)

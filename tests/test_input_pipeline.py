@@ -12,9 +12,10 @@ import pytest
 from array_record.python import array_record_module
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-import digit_shards
-from data_prep import label_table, records
-from ovenc_jax import input_pipeline as ip
+from tests.helpers import digit_shards
+from ovenc_format import label_table
+from ovenc_format import records
+from ovenc_jax.input import pipeline as ip
 
 PATCH = 4
 GRID = (2, 5, 6)

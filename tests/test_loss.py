@@ -5,10 +5,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import tpu_compile
+from tests.helpers import tpu_compile
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from ovenc_jax import loss as loss_lib
+from ovenc_jax.loss import discrimination as loss_lib
 
 AXES = ("data", "fsdp", "tensor")
 
@@ -259,7 +259,7 @@ def test_config_errors_name_the_key():
 
 def test_centers_logical_axes_shard_rows_over_every_axis():
   import flax.linen as nn
-  from configs import common
+  from ovenc_jax.configs import common
   spec = nn.logical_to_mesh_axes(loss_lib.CENTERS_LOGICAL_AXES, common.LOGICAL_AXIS_RULES)
   assert spec == P(("data", "fsdp", "tensor"), None)
 
@@ -358,7 +358,7 @@ import json
 import jax, jax.numpy as jnp, numpy as np
 from jax.experimental import topologies
 from jax.sharding import NamedSharding, PartitionSpec as P
-from ovenc_jax import loss as loss_lib
+from ovenc_jax.loss import discrimination as loss_lib
 devices = topologies.get_topology_desc(topology_name="v5e:2x2", platform="tpu", chip_config_name="default",
                                       chips_per_host_bounds=(2, 2, 1), num_slices=1).devices
 mesh = jax.sharding.Mesh(np.asarray(devices).reshape(2, 2, 1), ("data", "fsdp", "tensor"))

@@ -5,8 +5,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh
 
-from ovenc_jax import loss as loss_lib
-from test_loss import _close_grads, dense_reference
+from ovenc_jax.loss import discrimination as loss_lib
+from tests.test_loss import _close_grads, dense_reference
 
 AXES = ("data", "fsdp", "tensor")
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh
 
-from ovenc_jax import loss as loss_lib
+from ovenc_jax.loss import discrimination as loss_lib
 
 AXES = ("data", "fsdp", "tensor")
 
@@ -170,8 +170,8 @@ def test_recipe_config_error_names_key():
 
 
 def test_official_preset_config_clipping_and_init():
-  from configs import pretrain
-  from ovenc_jax import optim
+  from ovenc_jax.configs import pretrain
+  from ovenc_jax.train import optim
   c = pretrain.get_config("tiny,recipe=official")
   assert (c.loss.recipe, c.loss.sample_rate, c.loss.centers_init_std, c.loss.centers_weight_decay) == (
       "official", 0.1, 0.01, 0.05)

@@ -6,7 +6,7 @@ import jax
 import numpy as np
 import pytest
 
-from configs import common
+from ovenc_jax.configs import common
 from ovenc_jax import sharding as sharding_lib
 
 

@@ -4,12 +4,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from sklearn.datasets import load_sample_image
-from tolerances import assert_reorder_close
+from tests.helpers.tolerances import assert_reorder_close
 
-from configs import common, pretrain
-from ovenc_jax import attention as attn_lib
-from ovenc_jax import model as model_lib
-from ovenc_jax import rope as rope_lib
+from ovenc_jax.configs import common
+from ovenc_jax.configs import pretrain
+from ovenc_jax.model import attention as attn_lib
+from ovenc_jax.model import encoder as model_lib
+from ovenc_jax.model import rope as rope_lib
 from ovenc_jax import sharding as sharding_lib
 
 P = 14

@@ -7,11 +7,12 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from configs import common, pretrain
-from ovenc_jax import attention as attn_lib
-from ovenc_jax import model as model_lib
+from ovenc_jax.configs import common
+from ovenc_jax.configs import pretrain
+from ovenc_jax.model import attention as attn_lib
+from ovenc_jax.model import encoder as model_lib
 from ovenc_jax import sharding as sharding_lib
-from ovenc_jax import train as train_lib
+from ovenc_jax.train import trainer as train_lib
 
 HBM_GIB = {"v5e-256": 16, "v5p-128": 95, "h100x8": 80}
 CASES = [(pod, v) for pod, p in common.POD_PRESETS.items() for v in p["variants"]]

@@ -7,9 +7,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs import pretrain
-from ovenc_jax import precision
-from ovenc_jax import train as train_lib
+from ovenc_jax.configs import pretrain
+from ovenc_jax.model import precision
+from ovenc_jax.train import trainer as train_lib
 
 SPECS = {  # the model's matmul shapes: Linear, q/k/v and output projections (also heads first: splash)
     "ai,io->ao": ((6, 5), (5, 7), (7,)),
@@ -94,7 +94,7 @@ def test_train_step_dtypes_in_lowered_hlo(grad_reduce_dtype):
   for op, found in types.items():
     assert {d for shape, d in found if shape[-1] != mlp_dim} == {"f32"}, (op, found)
   heads, tokens = 4, 64
-  # The self-attention softmax over [B, H, Nq, Nk] (ovenc_jax/attention/xla.py).
+  # The self-attention softmax over [B, H, Nq, Nk] (ovenc_jax/model/attention/xla.py).
   assert ((8, heads, tokens, tokens), "f32") in types["exponential"]
 
 

@@ -7,9 +7,9 @@ import time
 
 import pytest
 
-import digit_shards
-from test_train import ROOT, _free_port, cli, losses
-from test_train import finish as _finish
+from tests.helpers import digit_shards
+from tests.test_train import ROOT, _free_port, cli, losses
+from tests.test_train import finish as _finish
 
 STEPS = 16
 

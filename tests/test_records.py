@@ -1,4 +1,4 @@
-"""Round trip and validation of data_prep.records (the codec-patch record format)."""
+"""Round trip and validation of ovenc_format.records (the codec-patch record format)."""
 import hashlib
 import os
 
@@ -6,7 +6,7 @@ import msgpack
 import numpy as np
 import pytest
 
-from data_prep import records
+from ovenc_format import records
 
 
 def _record(k=5, p=4, grid=(3, 4, 5), seed=0):

@@ -3,7 +3,7 @@ import msgpack
 import numpy as np
 import pytest
 
-from data_prep import records
+from ovenc_format import records
 from tests.test_records import _record
 
 

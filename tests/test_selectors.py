@@ -1,14 +1,14 @@
-"""Selection rules (data_prep/selectors.py) against numpy expectations, and through codec_patchify."""
+"""Selection rules (data_prep/codec/selection.py) against numpy expectations, and through codec_patchify."""
 import json
 
 import numpy as np
 import pytest
 
 from data_prep import codec_patchify
-from data_prep import codec_signals as cs
+from data_prep.codec import signals as cs
 from data_prep import make_demo_data as md
-from data_prep import records
-from data_prep import selectors
+from ovenc_format import records
+from data_prep.codec import selection as selectors
 
 GRID = (16, 8, 8)
 FLAGS = ["--image_size", "56", "--patch_size", "14", "--num_frames", "8", "--decode_timeout", "0"]

@@ -1,12 +1,12 @@
-"""The compiled per-frame signal (data_prep/signal_kernels.py) against the numpy path of
+"""The compiled per-frame signal (data_prep/codec/kernels.py) against the numpy path of
 codec_signals.FrameSignals on decoded frames: P-only and B-frame H.264, frames without vectors,
 busy frames, quarter turns, a strided lattice, uneven patch bins, decoder line padding."""
 import av
 import numpy as np
 import pytest
 
-from data_prep import codec_signals as cs
-from data_prep import signal_kernels as sk
+from data_prep.codec import signals as cs
+from data_prep.codec import kernels as sk
 from tests.test_codec_v2 import _encode, _pan_and_square
 
 

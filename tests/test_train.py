@@ -9,10 +9,10 @@ import jax
 import numpy as np
 import pytest
 
-import digit_shards
-from tolerances import assert_reorder_close
-from configs import pretrain
-from ovenc_jax import train
+from tests.helpers import digit_shards
+from tests.helpers.tolerances import assert_reorder_close
+from ovenc_jax.configs import pretrain
+from ovenc_jax.train import trainer as train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -53,7 +53,7 @@ def losses(workdir):
 
 def cli(workdir, train_dir, eval_dir="", extra=(), **kw):
   args = [sys.executable, "-m", "ovenc_jax.main", "--workdir", str(workdir),
-          f"--config=configs/pretrain.py:variant=tiny,data={train_dir},eval_data={eval_dir}"]
+          f"--config=ovenc_jax/configs/pretrain.py:variant=tiny,data={train_dir},eval_data={eval_dir}"]
   args += [f"--config.{k}={v}" for k, v in overrides(**kw).items()]
   return args + list(extra)
 
@@ -161,8 +161,9 @@ def test_unknown_config_key_on_command_line(data, tmp_path):
 
 def test_embed_from_workdir_feeds_clustering(data, tmp_path):
   from data_prep import cluster
-  from data_prep import atomic_io
-  from ovenc_jax import embed, input_pipeline
+  from ovenc_format import atomic_io
+  from ovenc_jax.eval import embed
+  from ovenc_jax.input import pipeline as input_pipeline
   cfg = make_config(*data, total_steps=2, async_ckpt=False)
   trainer = train.Trainer(cfg, str(tmp_path))
   trainer.run()

@@ -7,12 +7,13 @@ import numpy as np
 import pytest
 from sklearn.datasets import load_digits
 
-import digit_shards
-from data_prep import label_table as label_table_lib
-from data_prep import records
-from ovenc_jax import checkpoint as ckpt_lib
-from ovenc_jax import input_pipeline, train
-from test_train import losses, make_config
+from tests.helpers import digit_shards
+from ovenc_format import label_table as label_table_lib
+from ovenc_format import records
+from ovenc_jax.train import checkpoint as ckpt_lib
+from ovenc_jax.input import pipeline as input_pipeline
+from ovenc_jax.train import trainer as train
+from tests.test_train import losses, make_config
 
 
 @pytest.fixture(scope="module")

@@ -1,9 +1,9 @@
 """The recipe=official preset trains end to end: published init, per-group clipping, official loss."""
 import numpy as np
 
-from configs import pretrain
-from ovenc_jax import train
-from test_train import data, overrides  # noqa: F401  (data is a fixture)
+from ovenc_jax.configs import pretrain
+from ovenc_jax.train import trainer as train
+from tests.test_train import data, overrides  # noqa: F401  (data is a fixture)
 
 
 def test_official_preset_trains(data, tmp_path):

@@ -2,7 +2,7 @@
 import av
 import numpy as np
 
-from data_prep import codec_signals as cs
+from data_prep.codec import signals as cs
 from data_prep import make_demo_data as md
 from data_prep import visualize
 

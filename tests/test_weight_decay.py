@@ -4,10 +4,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from configs import common
-from ovenc_jax import loss as loss_lib
-from ovenc_jax import model as model_lib
-from ovenc_jax import optim
+from ovenc_jax.configs import common
+from ovenc_jax.loss import discrimination as loss_lib
+from ovenc_jax.model import encoder as model_lib
+from ovenc_jax.train import optim
 
 
 def _paths(tree):

@@ -1,0 +1,1 @@
+"""The codec path: decode, codec signals, patch scoring and selection."""

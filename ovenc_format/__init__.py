@@ -1,0 +1,1 @@
+"""The sample format shared by data prep and training: records, label tables, atomic writes."""

@@ -1,0 +1,1 @@
+"""Evaluation: embedding records with a trained encoder and probing the embeddings."""

@@ -1,0 +1,1 @@
+"""Input pipeline: grain over ArrayRecord shards, packed into fixed-length rows on the mesh."""

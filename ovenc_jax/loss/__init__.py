@@ -1,0 +1,1 @@
+"""Cluster discrimination: margin softmax against sharded concept centers, with Partial FC."""

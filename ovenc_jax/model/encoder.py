@@ -1,0 +1,335 @@
+"""OV-Encoder ViT (Flax linen): sparse (t, h, w) tokens, shared 3D RoPE, segment masks, probe pooling."""
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ovenc_jax.model import attention as attn_lib
+from ovenc_jax.model import fused_mlp
+from ovenc_jax.model import precision
+from ovenc_jax.model import rope as rope_lib
+from ovenc_jax import sharding as sharding_lib
+
+# CLIP pixel statistics, applied when patches arrive as uint8.
+CLIP_MEAN = np.array([0.48145466, 0.4578275, 0.40821073], np.float32)
+CLIP_STD = np.array([0.26862954, 0.26130258, 0.27577711], np.float32)
+LN_EPS = 1e-6
+
+_dense_init = nn.initializers.lecun_normal()
+_zeros = nn.initializers.zeros_init()
+_ones = nn.initializers.ones_init()
+
+# 'auto' decides per trace (fused_mlp.auto_picks_kernel): the fused kernel on TPU meshes whose tensor
+# axis does not split the MLP; XLA elsewhere (off TPU the kernel would run in interpret mode).
+MLP_KERNELS = ("auto", "xla", "pallas")
+
+REMAT_POLICIES = {
+    "none": None,
+    "block": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def normalize_pixels(patches: jnp.ndarray) -> jnp.ndarray:
+  """uint8 [..., p*p*3] -> CLIP-normalised float32; float input passes through unchanged."""
+  if patches.dtype != jnp.uint8:
+    return patches.astype(jnp.float32)
+  x = patches.astype(jnp.float32).reshape(*patches.shape[:-1], -1, 3) / 255.0
+  x = (x - CLIP_MEAN) / CLIP_STD
+  return x.reshape(patches.shape)
+
+
+class _Module(nn.Module):
+  """Holds the logical-axis plumbing and the precision policy (ovenc_jax/model/precision.py) of every layer."""
+  dtype: Any = jnp.float32
+  axis_rules: Sequence[tuple[str, Any]] = ()
+  grad_reduce_dtype: Any = jnp.float32
+
+  def _kw(self):
+    return dict(dtype=self.dtype, axis_rules=self.axis_rules, grad_reduce_dtype=self.grad_reduce_dtype)
+
+  def _p(self, name, init, shape, names):
+    return self.param(name, nn.with_logical_partitioning(init, names), shape, precision.PARAM_DTYPE)
+
+  def _dense(self, spec, x, kernel, bias, names=None):
+    """`names`: the kernel's logical axes, for FSDP (precision.fsdp_specs) under the axis rules."""
+    fsdp = None
+    if self.axis_rules and names is not None:
+      rules = tuple(self.axis_rules)
+      fsdp = precision.fsdp_specs(nn.logical_to_mesh_axes(names, rules),
+                                  nn.logical_to_mesh_axes(("batch",), rules)[0])
+    return precision.dense(spec, x, kernel, bias, self.dtype, self.grad_reduce_dtype, fsdp)
+
+  def _constrain(self, x, names):
+    if not self.axis_rules:
+      return x
+    return nn.with_logical_constraint(x, names, rules=tuple(self.axis_rules))
+
+  def _stored_spec(self, names):
+    return nn.logical_to_mesh_axes(names, tuple(self.axis_rules))
+
+
+class LayerNorm(_Module):
+  eps: float = LN_EPS
+  params_only: bool = False  # return (scale, bias) for a fused kernel instead of applying them
+
+  @nn.compact
+  def __call__(self, x):
+    d = x.shape[-1]
+    scale = self._p("scale", _ones, (d,), ("norm",))
+    bias = self._p("bias", _zeros, (d,), ("norm",))
+    if self.params_only:
+      return scale, bias
+    return precision.layer_norm(x, scale, bias, self.eps).astype(self.dtype)
+
+
+class RMSNorm(_Module):
+  eps: float = LN_EPS
+
+  @nn.compact
+  def __call__(self, x):
+    scale = self._p("scale", _ones, (x.shape[-1],), ("norm",))
+    xf = x.astype(jnp.float32)
+    y = xf * jax.lax.rsqrt(jnp.square(xf).mean(-1, keepdims=True) + self.eps) * scale
+    return y.astype(self.dtype)
+
+
+class Linear(_Module):
+  """y = x W + b with W [in, out]; logical names (in_name, out_name)."""
+  features: int = 0
+  names: tuple[str, str] = ("embed", "mlp")
+  use_bias: bool = True
+  params_only: bool = False  # return (kernel, bias) for a fused kernel instead of applying them
+
+  @nn.compact
+  def __call__(self, x):
+    kernel = self._p("kernel", _dense_init, (x.shape[-1], self.features), self.names)
+    bias = self._p("bias", _zeros, (self.features,), (self.names[1],)) if self.use_bias else None
+    if self.params_only:
+      return kernel, bias
+    lead = "abcdefg"[:x.ndim - 1]
+    return self._dense(f"{lead}i,io->{lead}o", x, kernel, bias, self.names)
+
+
+class HeadProjection(_Module):
+  """[B, N, D] -> [B, N, H, hd] (heads_first: [B, H, N, hd]; q/k/v projections), kernel [D, H, hd]
+  sharded over heads."""
+  num_heads: int = 1
+  head_dim: int = 64
+  heads_first: bool = False
+
+  @nn.compact
+  def __call__(self, x):
+    kernel = self._p("kernel", _dense_init, (x.shape[-1], self.num_heads, self.head_dim),
+                     ("embed", "heads", "kv"))
+    bias = self._p("bias", _zeros, (self.num_heads, self.head_dim), ("heads", "kv"))
+    spec = "bnd,dhk->bhnk" if self.heads_first else "bnd,dhk->bnhk"
+    return self._dense(spec, x, kernel, bias, ("embed", "heads", "kv"))
+
+
+class OutProjection(_Module):
+  """[B, N, H, hd] (heads_first: [B, H, N, hd]) -> [B, N, D], kernel [H, hd, D]."""
+  features: int = 0
+  heads_first: bool = False
+
+  @nn.compact
+  def __call__(self, x):
+    h, k = (x.shape[1], x.shape[3]) if self.heads_first else x.shape[-2:]
+    kernel = self._p("kernel", _dense_init, (h, k, self.features), ("heads", "kv", "embed"))
+    bias = self._p("bias", _zeros, (self.features,), ("norm",))
+    spec = "bhnk,hkd->bnd" if self.heads_first else "bnhk,hkd->bnd"
+    return self._dense(spec, x, kernel, bias, ("heads", "kv", "embed"))
+
+
+class Attention(_Module):
+  """Multi-head attention; RoPE on q and k when angles are given (self-attention)."""
+  num_heads: int = 1
+  rope_layout: str = "official"
+  impl: str = "xla"
+  chunk_size: int = 512
+
+  @nn.compact
+  def __call__(self, x_q, x_kv, q_segments, kv_segments, angles=None):
+    d = x_kv.shape[-1]
+    hd = d // self.num_heads
+    # The splash kernel takes [B, H, N, hd]: the projections write that layout themselves (their
+    # matmuls' output order), instead of XLA transposing q, k, v and the output around every call.
+    heads_first = self.impl in attn_lib.HEADS_FIRST
+    kw = dict(self._kw(), num_heads=self.num_heads, head_dim=hd, heads_first=heads_first)
+    q = HeadProjection(name="q_proj", **kw)(x_q)
+    k = HeadProjection(name="k_proj", **kw)(x_kv)
+    v = HeadProjection(name="v_proj", **kw)(x_kv)
+    if angles is not None:
+      q = rope_lib.apply_rope(q, angles, self.rope_layout, heads_first)
+      k = rope_lib.apply_rope(k, angles, self.rope_layout, heads_first)
+    names = ("batch", "act_heads", "length", "kv") if heads_first else ("batch", "length", "act_heads", "kv")
+    q, k, v = (self._constrain(t, names) for t in (q, k, v))
+    o = attn_lib.dot_product_attention(q, k, v, q_segments, kv_segments, impl=self.impl,
+                                       chunk_size=self.chunk_size, axis_rules=self.axis_rules,
+                                       heads_first=heads_first)
+    o = self._constrain(o, names)
+    return OutProjection(name="out_proj", features=d, heads_first=heads_first, **self._kw())(o)
+
+
+class Mlp(_Module):
+  mlp_dim: int = 0
+  params_only: bool = False  # return (fc1 kernel, fc1 bias, fc2 kernel, fc2 bias) for a fused kernel
+
+  @nn.compact
+  def __call__(self, x):
+    d = x.shape[-1]
+    kw = dict(self._kw(), params_only=self.params_only)
+    fc1 = Linear(name="fc1", features=self.mlp_dim, names=("embed", "mlp"), **kw)
+    fc2 = Linear(name="fc2", features=d, names=("mlp", "embed"), **kw)
+    if self.params_only:  # the fused kernel's operands, created as the layers below create them
+      return fc1(x) + fc2(jax.ShapeDtypeStruct((1, self.mlp_dim), x.dtype))
+    h = self._constrain(nn.gelu(fc1(x), approximate=False), ("batch", "length", "act_mlp"))
+    return fc2(h)
+
+
+class EncoderLayer(_Module):
+  """Pre-LN block: x + attn(ln1(x)); x + mlp(ln2(x))."""
+  num_heads: int = 1
+  mlp_dim: int = 0
+  rope_layout: str = "official"
+  impl: str = "xla"
+  chunk_size: int = 512
+  mlp_kernel: str = "xla"
+
+  @nn.compact
+  def __call__(self, x, segments, angles):
+    kw = self._kw()
+    h = LayerNorm(name="layer_norm1", **kw)(x)
+    x = x + Attention(name="self_attn", num_heads=self.num_heads, rope_layout=self.rope_layout,
+                      impl=self.impl, chunk_size=self.chunk_size, **kw)(h, h, segments, segments, angles)
+    x = self._constrain(x, ("batch", "length", "act_embed"))
+    specs, batch = self._mlp_layout()
+    if self.mlp_kernel == "pallas" or (
+        self.mlp_kernel == "auto" and fused_mlp.auto_picks_kernel(
+            sharding_lib.mesh_platform(), specs, batch, x.shape[-1], self.mlp_dim, self.dtype)):
+      return self._constrain(self._fused_mlp(x, specs, batch), ("batch", "length", "act_embed"))
+    h = LayerNorm(name="layer_norm2", **kw)(x)
+    x = x + Mlp(name="mlp", mlp_dim=self.mlp_dim, **kw)(h)
+    return self._constrain(x, ("batch", "length", "act_embed"))
+
+  def _mlp_layout(self):
+    """The stored specs of (ln scale, ln bias, fc1 kernel, fc1 bias, fc2 kernel, fc2 bias) and the
+    batch's mesh axes, under the axis rules (None, None without them)."""
+    if not self.axis_rules:
+      return None, None
+    names = (("norm",), ("norm",), ("embed", "mlp"), ("mlp",), ("mlp", "embed"), ("embed",))
+    return tuple(self._stored_spec(n) for n in names), self._stored_spec(("batch",))[0]
+
+  def _fused_mlp(self, x, specs, batch):
+    """x + mlp(layer_norm2(x)) in one kernel, on the same parameters as the two modules above."""
+    kw = dict(self._kw(), params_only=True)
+    params = LayerNorm(name="layer_norm2", **kw)(x) + Mlp(name="mlp", mlp_dim=self.mlp_dim, **kw)(x)
+    return fused_mlp.mlp_block(x, *params, eps=LN_EPS, compute_dtype=self.dtype,
+                               grad_reduce_dtype=self.grad_reduce_dtype, stored_specs=specs,
+                               batch_axes=batch)
+
+
+class ProbeHead(_Module):
+  """SigLIP2-style attention pooling: one probe query per segment -> RMSNorm -> MLP residual; empty slots are 0."""
+  num_heads: int = 1
+  mlp_dim: int = 0
+
+  @nn.compact
+  def __call__(self, x, segments, num_segments):
+    b, _, d = x.shape
+    kw = self._kw()
+    probe = self._p("probe", nn.initializers.xavier_uniform(), (1, 1, d), (None, None, "embed"))
+    # Broadcast before the cast: the probe's gradient, a sum over rows and segments, stays fp32.
+    queries = jnp.broadcast_to(probe, (b, num_segments, d)).astype(self.dtype)
+    q_segments = jnp.broadcast_to(jnp.arange(1, num_segments + 1, dtype=jnp.int32), (b, num_segments))
+    h = Attention(name="attention", num_heads=self.num_heads, impl="xla", **kw)(
+        queries, x, q_segments, segments)
+    y = RMSNorm(name="norm", **kw)(h)
+    out = h + Mlp(name="mlp", mlp_dim=self.mlp_dim, **kw)(y)
+    # An empty slot's probe sees no token (its softmax spreads over the whole row): zeros instead.
+    present = jnp.any(q_segments[:, :, None] == segments[:, None, :], axis=-1)
+    return jnp.where(present[..., None], out, jnp.zeros_like(out))
+
+
+class Encoder(_Module):
+  """The OV-Encoder ViT. Returns last hidden states [B, N, D] and pooled [B, S, D] per segment."""
+  patch_size: int = 14
+  width: int = 768
+  depth: int = 12
+  num_heads: int = 12
+  mlp_dim: int = 3072
+  rope_layout: str = "official"
+  rope_theta: float = 10000.0
+  attention: str = "xla"
+  attn_chunk_size: int = 512
+  mlp_kernel: str = "xla"  # 'auto' | 'xla' | 'pallas' (MLP_KERNELS; workdirs saved before the key: xla)
+  remat: str = "none"
+
+  @nn.compact
+  def __call__(self, patches, positions, segment_ids, num_segments: int = 1):
+    kw = self._kw()
+    x = normalize_pixels(patches)
+    x = Linear(name="patch_embedding", features=self.width, names=("patch", "embed"),
+               use_bias=False, **kw)(x)
+    x = self._constrain(x, ("batch", "length", "act_embed"))
+    angles = rope_lib.rope_angles(positions, self.width // self.num_heads, self.rope_theta)
+    x = LayerNorm(name="layernorm_pre", **kw)(x)
+    layer_cls = EncoderLayer
+    if self.remat != "none":
+      layer_cls = nn.remat(EncoderLayer, policy=REMAT_POLICIES[self.remat])
+    for i in range(self.depth):
+      x = layer_cls(name=f"layers_{i}", num_heads=self.num_heads, mlp_dim=self.mlp_dim,
+                    rope_layout=self.rope_layout, impl=self.attention,
+                    chunk_size=self.attn_chunk_size, mlp_kernel=self.mlp_kernel, **kw)(
+                        x, segment_ids, angles)
+    x = LayerNorm(name="layernorm_post", **kw)(x)
+    pooled = ProbeHead(name="head", num_heads=self.num_heads, mlp_dim=self.mlp_dim, **kw)(
+        x, segment_ids, num_segments)
+    return {"last_hidden_state": x, "pooled": pooled}
+
+
+def encoder_from_config(model_cfg, axis_rules=(), platform=None) -> Encoder:
+  """Builds the Encoder from a `config.model` ConfigDict (validated first).
+
+  `platform` ('cpu', 'tpu', 'gpu'; default: JAX's default backend) resolves `model.attention=auto`;
+  pass the target's platform when compiling for devices other than the local ones.
+  """
+  validate_model_config(model_cfg)
+  attention = attn_lib.resolve(model_cfg.attention, platform or jax.default_backend(), model_cfg.dtype)
+  return Encoder(
+      patch_size=model_cfg.patch_size, width=model_cfg.width, depth=model_cfg.depth,
+      num_heads=model_cfg.num_heads, mlp_dim=model_cfg.mlp_dim, rope_layout=model_cfg.rope_layout,
+      rope_theta=model_cfg.rope_theta, attention=attention,
+      attn_chunk_size=model_cfg.attn_chunk_size, mlp_kernel=model_cfg.get("mlp_kernel", "xla"),
+      remat=model_cfg.remat,
+      dtype=jnp.dtype(model_cfg.dtype), grad_reduce_dtype=jnp.dtype(grad_reduce_dtype(model_cfg)),
+      axis_rules=tuple(axis_rules))
+
+
+def grad_reduce_dtype(m) -> str:
+  # Workdirs saved before the key existed reduced in... whatever autodiff gave; fp32 is the policy now.
+  return m.get("grad_reduce_dtype", "float32")
+
+
+def validate_model_config(m) -> None:
+  """Raises ValueError naming the offending `model.*` key."""
+  for key in ("patch_size", "width", "depth", "num_heads", "mlp_dim", "attn_chunk_size"):
+    if int(m[key]) <= 0:
+      raise ValueError(f"model.{key}={m[key]} must be a positive integer")
+  if m.width % m.num_heads:
+    raise ValueError(f"model.width={m.width} is not divisible by model.num_heads={m.num_heads}")
+  rope_lib.axis_frequencies(m.width // m.num_heads)
+  if m.rope_layout not in ("official", "consistent"):
+    raise ValueError(f"model.rope_layout={m.rope_layout!r}: expected 'official' or 'consistent'")
+  if m.attention not in attn_lib.IMPLEMENTATIONS:
+    raise ValueError(f"model.attention={m.attention!r}: expected one of {attn_lib.IMPLEMENTATIONS}")
+  if m.get("mlp_kernel", "xla") not in MLP_KERNELS:
+    raise ValueError(f"model.mlp_kernel={m.mlp_kernel!r}: expected one of {MLP_KERNELS}")
+  if m.remat not in REMAT_POLICIES:
+    raise ValueError(f"model.remat={m.remat!r}: expected one of {tuple(REMAT_POLICIES)}")
+  if m.dtype not in precision.COMPUTE_DTYPES:
+    raise ValueError(f"model.dtype={m.dtype!r}: expected one of {precision.COMPUTE_DTYPES}")
+  if grad_reduce_dtype(m) not in precision.REDUCE_DTYPES:
+    raise ValueError(f"model.grad_reduce_dtype={grad_reduce_dtype(m)!r}: expected one of {precision.REDUCE_DTYPES}")

@@ -1,0 +1,1 @@
+"""Training: the trainer, its optimizer, and orbax checkpoints."""

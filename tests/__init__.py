@@ -1,0 +1,1 @@
+"""Test suite (run with ./run_tests.sh)."""

@@ -1,0 +1,1 @@
+"""Shared test helpers: synthetic shards, tolerances, compile-only TPU targets."""
