@@ -7,12 +7,7 @@ set -euo pipefail
 cd "$(dirname "$0")"
 out=${1:-demo_out}
 steps=${DEMO_STEPS:-600}
-if [ ! -x .venv/bin/python ]; then python3 -m venv .venv; fi
-if ! cmp -s requirements.txt .venv/.requirements.installed; then
-  .venv/bin/pip install -q --upgrade pip
-  .venv/bin/pip install -q -r requirements.txt
-  cp requirements.txt .venv/.requirements.installed
-fi
+scripts/ensure_venv.sh
 py=.venv/bin/python
 rm -rf "$out"
 mkdir -p "$out"
@@ -36,8 +31,8 @@ step "3/7 bootstrap teacher embeddings (no download) and spherical k-means conce
 $py -m data_prep.glyph_teacher --records "$out/records/data" --output "$out/teacher"
 $py -m data_prep.cluster --embeddings "$out/teacher" --num_clusters 32 --top_k 3 --output "$out/concepts"
 
-# lr 5e-4, not tiny's 2e-3: on these clips 2e-3 first collapses the embeddings for ~150 steps and
-# ends anywhere between kNN 0.37 and 0.63 depending on Beam's record order; 5e-4 reached 0.72.
+# lr 5e-4, not tiny's 2e-3: on these few clips 2e-3 first collapses the embeddings and its final kNN
+# then depends on Beam's record order (docs/benchmarks.md, "Demo").
 step "4/7 train the tiny encoder (cluster discrimination, $steps steps); kNN on held-out digits at start and end"
 $py -m ovenc_jax.main --config "ovenc_jax/configs/pretrain.py:variant=tiny,data=$out/records/data,eval_data=$out/records/eval_data" \
   --workdir "$out/train" --config.input.label_table="$out/concepts/labels.npz" \
@@ -50,8 +45,10 @@ $py -m ovenc_jax.interop.export_torch --workdir "$out/train" --output "$out/torc
 $py - "$out" <<'EOF'
 import logging, sys
 import numpy as np, torch
-from data_prep import records
-from ovenc_jax import checkpoint, embed, model as model_lib
+from ovenc_format import records
+from ovenc_jax.eval import embed
+from ovenc_jax.model import encoder as model_lib
+from ovenc_jax.train import checkpoint
 from ovenc_jax.interop.torch_model import OVEncoder
 logging.getLogger("absl").setLevel(logging.ERROR)  # orbax: "directory is read only"
 out = sys.argv[1]

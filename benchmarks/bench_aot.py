@@ -4,7 +4,7 @@ python benchmarks/bench_aot.py [--json PATH] [--out DIR] [--cases large_v5p128,b
 
 Each case is one `python -m ovenc_jax.aot.compile` run (its own process, one at a time) of a `pod=` preset
 (ovenc_jax/configs/common.py) on 16-frame clips at 12.5% (512 tokens, one clip a row), 1M centers, up to 10
-labels a sample. From its report:
+labels a sample. From its report (ovenc_jax.aot.figures):
 - compute_fraction = t_compute / max(t_compute, t_hbm): t_compute is the model's own FLOP count at
   the chip's peak, t_hbm XLA's bytes accessed at the chip's HBM bandwidth (the splash kernels declare
   their FLOPs and K/V re-reads to XLA: ovenc_jax/model/attention/splash.py; the fused MLP kernels their
@@ -14,12 +14,12 @@ labels a sample. From its report:
 - compute_fraction_hbm_traffic: the same with t_hbm from the bytes the compiled program keeps in HBM,
   each counted once (ovenc_jax/aot/hlo_traffic.py): on TPU, XLA's bytes also count operands that
   memory-space assignment placed in VMEM, and a sliced prefetch once per slice for its whole source.
-  Beside the issue's figure, not instead of it; on GPU targets it is the only one.
+  Beside compute_fraction, not instead of it; on GPU targets it is the only one.
 - model_over_xla_flops, memory per device (and whether it fits), collective bytes per device per step
   (results of every collective, counted once per op in the program) beside the parameter bytes,
   parameter + optimizer bytes per device against their total over the mesh's fsdp size, and the
   replicated tensors over 64 MiB.
-Goals (issue 13): large_v5p128_compute_fraction >= 0.6, base_v5e256_compute_fraction >= 0.5, both fit,
+Goals: large_v5p128_compute_fraction >= 0.6, base_v5e256_compute_fraction >= 0.5, both fit,
 nothing replicated over 64 MiB, parameter + optimizer bytes per device <= 1.25 x total / fsdp.
 """
 import argparse
@@ -29,9 +29,10 @@ import subprocess
 import sys
 import tempfile
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-from ovenc_format import atomic_io  # noqa: E402
+from ovenc_format import atomic_io
+from ovenc_jax.aot import compile as aot
+from ovenc_jax.aot.figures import figures
+
 # name: (variant, pod preset / topology)
 CASES = {
     "large_v5p128": ("large", "v5p-128"),
@@ -49,12 +50,12 @@ def compile_case(name: str, out_dir: str) -> dict | None:
   variant, pod = CASES[name]
   path = os.path.join(out_dir, f"{name}.json")
   if not os.path.exists(path):
-    cmd = [sys.executable, "-m", "ovenc_jax.aot.compile", f"--config=ovenc_jax/configs/pretrain.py:variant={variant},pod={pod}",
+    cmd = [sys.executable, "-m", "ovenc_jax.aot.compile", f"--config={aot.PRETRAIN_CONFIG}:variant={variant},pod={pod}",
            f"--topology={pod}", f"--json={path}", *INPUT]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    proc = subprocess.run(cmd, capture_output=True, text=True)
     fallback = not os.path.exists(path) and "cuDNN not found" in proc.stderr
     if fallback:
-      proc = subprocess.run(cmd + ["--config.model.attention=xla"], cwd=ROOT, capture_output=True, text=True)
+      proc = subprocess.run(cmd + ["--config.model.attention=xla"], capture_output=True, text=True)
     if proc.returncode not in (0, 1) or not os.path.exists(path):
       print(f"{name}: compile failed (rc {proc.returncode})\n{proc.stderr[-3000:]}", file=sys.stderr)
       return None
@@ -65,43 +66,6 @@ def compile_case(name: str, out_dir: str) -> dict | None:
     return report
   with open(path) as f:  # a report kept from an earlier run (--out)
     return json.load(f)
-
-
-def figures(name: str, r: dict) -> dict:
-  """The issue's figures from one `ovenc_jax.aot.compile` report, as plain numbers under `<name>_*`."""
-  t = r["shardings"]["tensors"]
-  state = [row for group in ("params", "centers", "opt_state") for row in t[group].values()]
-  state_per_device = sum(row["bytes_per_device"] for row in state)
-  state_total = sum(row["bytes"] for row in state)
-  fsdp = r["mesh"]["fsdp"]
-  t_compute = r["model_flops_per_device"] / r["peak_flops"]
-  accessed = r.get("bytes_accessed_per_device")
-  t_hbm = None if accessed is None else accessed / r["hbm_bandwidth"]
-  traffic = r.get("hbm_traffic_per_device")
-  t_traffic = None if traffic is None else traffic / r["hbm_bandwidth"]
-  coll = r.get("collectives", {}).get("by_kind", {})
-  out = {
-      "compute_fraction": None if t_hbm is None else t_compute / max(t_compute, t_hbm),
-      "step_s_model_flops": t_compute, "step_s_hbm": t_hbm,
-      "bytes_accessed_per_device": accessed, "hbm_traffic_bytes_per_device": traffic,
-      "step_s_hbm_traffic": t_traffic,
-      "compute_fraction_hbm_traffic": None if t_traffic is None else t_compute / max(t_compute, t_traffic),
-      "model_over_xla_flops": (r["model_flops_per_device"] / r["xla_flops_per_device"]
-                               if r.get("xla_flops_per_device") else None),
-      "memory_gib": r["memory"]["total"] / 2 ** 30 if "memory" in r else None,
-      "hbm_gib": r["hbm_bytes"] / 2 ** 30, "fits": int(bool(r["fits"])),
-      "collective_bytes_per_device": sum(v["bytes"] for v in coll.values()),
-      "param_bytes_per_device": sum(row["bytes_per_device"] for row in t["params"].values()),
-      "param_bytes_total": sum(row["bytes"] for row in t["params"].values()),
-      "param_opt_bytes_per_device": state_per_device,
-      "param_opt_over_total_per_fsdp": state_per_device / (state_total / fsdp),
-      "replicated_over_64mib": len(r["shardings"]["warnings"]),
-      "fsdp": fsdp, "devices": r["num_devices"], "global_batch": r["global_batch"],
-      "compile_s": r["compile_s"], "attention_fallback_xla": r.get("attention_fallback_xla", 0),
-  }
-  for kind, v in coll.items():
-    out[f"{kind.replace('-', '_')}_bytes_per_device"] = v["bytes"]
-  return {f"{name}_{k}": v for k, v in out.items()}
 
 
 def _gib(v):

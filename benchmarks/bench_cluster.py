@@ -1,23 +1,14 @@
-"""Sharded spherical k-means at laptop size (20k points x 256 dims x 1k centers): seconds per phase, purity.
-
-python benchmarks/bench_cluster.py [--json PATH] [--points 20000] [--dim 256] [--clusters 1000]
-"""
+"""Sharded spherical k-means at laptop size (default 20k points x 256 dims x 1k centers): seconds per phase, purity."""
+import argparse
+import json
 import os
+import time
 
-if "--xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
-  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
-os.environ.setdefault("JAX_PLATFORMS", "cpu")
+import jax
+import numpy as np
 
-import argparse  # noqa: E402
-import json  # noqa: E402
-import sys  # noqa: E402
-import time  # noqa: E402
-
-import jax  # noqa: E402
-import numpy as np  # noqa: E402
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from data_prep import cluster  # noqa: E402
+from data_prep import cluster
+from ovenc_jax import sharding
 
 
 def planted(n, dim, clusters, noise, seed=0):
@@ -37,6 +28,7 @@ def purity(pred, truth):
 
 
 def main():
+  sharding.use_host_cpu_devices()
   ap = argparse.ArgumentParser(description=__doc__)
   ap.add_argument("--points", type=int, default=20_000)
   ap.add_argument("--dim", type=int, default=256)

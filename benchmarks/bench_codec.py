@@ -1,8 +1,9 @@
-"""Codec patchify throughput vs bare PyAV decode on one set of clips (videos/s, frames/s, c/a), the
-cost and accuracy of --interval_frames, the whole Beam job on the DirectRunner and on a Dask
-cluster, the job's peak RSS at 1x and 10x, and the shard codecs' CPU and size on the job's records."""
+"""Codec patchify throughput against bare PyAV decode, and the Beam job's speed, memory and shards."""
+# On one set of clips: videos/s, frames/s and c/a; the cost and accuracy of --interval_frames; the
+# whole Beam job on the DirectRunner and on a Dask cluster; the job's peak RSS at 1x and 10x; and
+# the shard codecs' CPU and size on the job's records.
 import argparse
-import contextlib
+import dataclasses
 import functools
 import glob
 import json
@@ -17,10 +18,8 @@ import time
 
 import av
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from data_prep.codec import signals as codec_signals  # noqa: E402
-from data_prep import make_demo_data  # noqa: E402
+from data_prep import make_demo_data
+from data_prep.codec import clip, config
 
 
 def decode_all(path: str, export_mvs: bool) -> int:
@@ -38,9 +37,9 @@ def decode_all(path: str, export_mvs: bool) -> int:
   return n
 
 
-def record(path: str, cfg) -> bytes:
+def record(path: str, cfg, free_between_samples: bool = False) -> bytes:
   """Decode, signals, selection and the encoded record, as one pipeline element does."""
-  result = codec_signals.process_path(path, -1, cfg)
+  result = clip.process_path(path, -1, cfg, free_between_samples=free_between_samples)
   if result[0] != "ok":
     raise RuntimeError(f"{path}: {result[1]}")
   return result[1]
@@ -51,42 +50,23 @@ def patchify(path: str, cfg) -> int:
   return len(record(path, cfg))
 
 
-@contextlib.contextmanager
-def between_samples_free():
-  """(c0), a counterfactual: the patchify as (c) runs it (every frame decoded, its vectors read and
-  queued for the scorer), except that frames between samples are scored at no cost, i.e. not at
-  all; the ceiling of any rule that scores every decoded frame. Its records equal
-  --interval_frames 1's (tests/test_codec_patchify.py)."""
-  scorer = codec_signals.IntervalScorer
-  score = scorer._score
-
-  def sampled_only(self, n, *args, **kwargs):
-    if n in self.idx_list:
-      score(self, n, *args, **kwargs)
-
-  scorer._score = sampled_only
-  try:
-    yield
-  finally:
-    scorer._score = score
-
-
 def has_ceiling(cfg) -> bool:
   """(c0) bounds the every-frame rule only (--interval_frames 0, the default)."""
   return cfg.interval_frames == 0
 
 
 def patchify_between_free(path: str, cfg) -> int:
-  """(c0) of one video (module level: a process pool runs it)."""
-  with between_samples_free():
-    return patchify(path, cfg)
+  """(c0), a counterfactual: the patchify as (c) runs it (every frame decoded, its vectors read and
+  queued for the scorer), except that frames between samples are scored at no cost, i.e. not at
+  all (IntervalScorer's free_between_samples); the ceiling of any rule that scores every decoded
+  frame. Module level: a process pool runs it."""
+  return len(record(path, cfg, free_between_samples=True))
 
 
 def transcode_cost(paths, cfg, rounds: int) -> dict:
   """(d): the full patchify with --transcode always (decode, re-encode to P-only H.264 at the
   working size, decode that with vectors, signals, selection) against (c) on the same clips; the
   ratio is what a stream without usable vectors (HEVC, VP9, AV1) costs over one with them."""
-  import dataclasses
   plain = dataclasses.replace(cfg, transcode="never")
   coded = dataclasses.replace(cfg, transcode="always")
   cpu = {"c": [], "d": []}
@@ -120,6 +100,10 @@ def make_copies(paths, count: int, out_dir: str) -> list:
   return out
 
 
+def _job_output(tmp: str, name: str) -> str:
+  return os.path.join(tmp, "beam_out", name)
+
+
 def job_flags(args, paths_glob: str, output_dir: str) -> list:
   return ["--input", paths_glob, "--output_dir", output_dir, "--budget", str(args.budget),
           "--num_frames", str(args.num_frames), "--image_size", str(args.image_size),
@@ -147,7 +131,7 @@ def bench_beam(args, paths, cfg, tmp):
   n = len(videos)
   pattern = os.path.join(tmp, "beam_in", "*")
   ctx = multiprocessing.get_context("spawn")
-  out = lambda name: os.path.join(tmp, "beam_out", name)  # noqa: E731
+  out = functools.partial(_job_output, tmp)
   # The job's default DirectRunner mode (worker threads, each feeding its decoder child), and
   # Beam's worker processes for comparison.
   direct = [f"--direct_num_workers={w}"]
@@ -156,15 +140,15 @@ def bench_beam(args, paths, cfg, tmp):
   # dataset-sized job amortises; the rest of the direct job's time is its steady state.
   make_copies(paths, w, os.path.join(tmp, "startup_in"))
   startup_glob = os.path.join(tmp, "startup_in", "*")
-  # Rounds alternate the modes and keep each one's best: this machine's speed drifts by up to
-  # 2x over minutes, which one sequential run per mode turns into noise in the ratios.
+  # Rounds alternate the modes and keep each one's best: a shared machine's speed drifts over
+  # minutes, which one sequential run per mode turns into noise in the ratios.
   runs = {"decode": [], "patchify": [], "direct": [], "direct_mp": [], "startup": [], "dask": []}
   ceiling = has_ceiling(cfg)
   if ceiling:
     runs["between_free"] = []
   # The Dask cluster is up through the rounds, as a user's is, and its job takes its turn in each
-  # round: run after the rounds, the same code read 0.81 and 1.06 of the DirectRunner (one run
-  # each) and 0.85 (best of three), as the machine's speed drifted between the two blocks.
+  # round: run after the rounds instead, its ratio to the DirectRunner moved with the machine's
+  # speed between the two blocks.
   with ctx.Pool(w) as pool, dask.config.set({"distributed.worker.daemon": False}), LocalCluster(
       n_workers=w, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
     dask_flags = ["--runner=dask", f"--dask_client_address={cluster.scheduler_address}"]
@@ -243,7 +227,7 @@ def bench_compression(args, paths, cfg, tmp):
   """Shard writing per codec on the job's own records (the clips' patchify output): CPU per
   record and file size over the raw records; the job's --shard_compression picks one."""
   from array_record.python import array_record_module
-  from data_prep import codec_patchify
+  from data_prep import patchify_output
   recs = [record(p, cfg) for p in paths]
   raw = sum(map(len, recs))
   fig, rows = {}, []
@@ -252,7 +236,7 @@ def bench_compression(args, paths, cfg, tmp):
     best = float("inf")
     for _ in range(args.rounds):
       c0 = time.process_time()
-      w = array_record_module.ArrayRecordWriter(path, codec_patchify.writer_options(codec))
+      w = array_record_module.ArrayRecordWriter(path, patchify_output.writer_options(codec))
       for _ in range(5):
         for r in recs:
           w.write(r)
@@ -261,7 +245,7 @@ def bench_compression(args, paths, cfg, tmp):
     key = codec.replace(":", "")
     fig[f"compression_{key}_ms_per_record"] = 1e3 * best
     fig[f"compression_{key}_size_ratio"] = os.path.getsize(path) / (5 * raw)
-    rows.append(f"{codec + (' (job default)' if codec == codec_patchify.DEFAULT_COMPRESSION else ''):<26}"
+    rows.append(f"{codec + (' (job default)' if codec == patchify_output.DEFAULT_COMPRESSION else ''):<26}"
                 f"{1e3 * best:>12.2f}{fig[f'compression_{key}_size_ratio']:>12.3f}")
   lines = [f"shard compression ({len(recs)} records of {raw / len(recs) / 1024:.0f} KiB; CPU, best "
            f"of {args.rounds})", f"{'codec':<26}{'ms/record':>12}{'size/raw':>12}"] + rows
@@ -276,15 +260,13 @@ _RSS_JOB = ("import sys; from data_prep import codec_patchify; codec_patchify.ru
 
 def bench_rss(args, paths, cfg, tmp):
   """Peak RSS of the job's driver process (DirectRunner, defaults) at 1x and 10x the videos."""
-  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   peak = {}
   for scale in (1, 10):
     d = os.path.join(tmp, f"rss_in_{scale}")
     make_copies(paths, args.rss_videos * scale, d)
     cmd = [sys.executable, "-c", _RSS_JOB] + job_flags(args, os.path.join(d, "*"),
                                                        os.path.join(tmp, f"rss_out_{scale}"))
-    run = subprocess.run(cmd, cwd=repo, capture_output=True, text=True,
-                         env=dict(os.environ, PYTHONPATH=repo))
+    run = subprocess.run(cmd, capture_output=True, text=True)
     if run.returncode:
       raise RuntimeError(f"rss job failed:\n{run.stderr[-3000:]}")
     peak[scale] = int(run.stdout.split("PEAK_RSS_KB")[-1].split()[0]) / 2**20  # GiB
@@ -366,42 +348,6 @@ def bench_transcode(args, paths, cfg, tmp):
                f"{'':>18}{fig['transcode_over_patchify']:>8.2f} of (c): --transcode always, CPU time"]
 
 
-def motion_case_clip(path: str, interval: int, num_frames: int, objects, size: int = 112) -> list:
-  """The issue's two motion cases on a textured background, `interval` decoded frames per
-  sampling interval: 'travel', a square that moves 18 px during each interval but stands still at
-  the sampled frames, and 'jitter', one that moves 4 px only at the sampled frames. Returns each
-  frame's boxes {name: (y0, x0, y1, x1)}."""
-  import numpy as np
-  rng = np.random.default_rng(0)
-  n = interval * num_frames
-  sampled = set(codec_signals.sample_indices(n, num_frames).tolist())
-  idx = codec_signals.sample_indices(n, num_frames)
-  bg = make_demo_data.textured_background(rng, size, size)
-  tex = [rng.uniform(0, 255, (6, 6, 3)).repeat(4, 0).repeat(4, 1) for _ in range(2)]
-  x, trav = 0.0, []
-  for i in range(n):
-    if i > 0 and i not in sampled:  # back and forth, 18 px per interval
-      x += (1 if np.searchsorted(idx, i) % 2 else -1) * 18 / (interval - 1)
-    trav.append(x)
-  trav = np.asarray(trav) - min(trav)
-  frames, boxes = [], []
-  for i in range(n):
-    f, b = bg.copy(), {}
-    if "travel" in objects:
-      x0 = int(round(8 + trav[i]))
-      f[10:34, x0:x0 + 24] = tex[0]
-      b["travel"] = (10, x0, 34, x0 + 24)
-    if "jitter" in objects:
-      x0 = 60 + (4 if i in sampled else 0)
-      f[70:94, x0:x0 + 24] = tex[1]
-      b["jitter"] = (70, x0, 94, x0 + 24)
-    frames.append(f)
-    boxes.append(b)
-  make_demo_data.encode_clip(path, np.clip(np.rint(np.stack(frames)), 0, 255).astype(np.uint8),
-                             gop=n)
-  return boxes
-
-
 def kept_on(positions, boxes, idx, name: str, patch: int) -> int:
   """Kept patches that overlap the object anywhere in their slot's sampling interval."""
   count = 0
@@ -419,13 +365,12 @@ INTERVAL_VALUES = (0, 1, 2, 4, 8)
 def bench_interval(args, paths, cfg, tmp):
   """--interval_frames M: kept patches on the two motion cases (T=8, 112 px, K=64; intervals of 6
   and 16 decoded frames) and the CPU cost of (c) on the benchmark clips, per M."""
-  import dataclasses
   fig, lines = {}, []
   cases = {}
   for interval in (6, 16):
     for objects in (("travel",), ("travel", "jitter")):
       path = os.path.join(tmp, f"motion_{interval}_{'_'.join(objects)}.mp4")
-      cases[(interval, objects)] = (path, motion_case_clip(path, interval, 8, objects))
+      cases[(interval, objects)] = (path, make_demo_data.motion_case_clip(path, interval, 8, objects))
   head = f"{'M':>4}{'c/a CPU':>9}" + "".join(
       f"{f'L={i} ' + ('alone' if len(o) == 1 else 'both t/j'):>14}" for i, o in cases)
   lines += ["--interval_frames M: (c)/(a) CPU time on the clips above; kept of 64 on the "
@@ -446,10 +391,10 @@ def bench_interval(args, paths, cfg, tmp):
     fig[f"interval_{m}_patchify_over_decode"] = ratio
     row = f"{m:>4}{ratio:>9.2f}"
     for (interval, objects), (path, boxes) in cases.items():
-      small = codec_signals.PatchifyConfig(budget=0.125, num_frames=8, image_size=112,
+      small = config.PatchifyConfig(budget=0.125, num_frames=8, image_size=112,
                                            patch_size=14, iframe="scored",
                                            interval_frames=m).validate()
-      rec = codec_signals.patchify_file(path, small)
+      rec = clip.patchify_file(path, small)
       idx = rec["frame_indices"]
       got = [kept_on(rec["positions"], boxes, idx, o, 14) for o in objects]
       key = f"interval_{m}_L{interval}_{'both' if len(objects) > 1 else 'alone'}"
@@ -472,10 +417,10 @@ def make_clips(out_dir, count, size, frames, background, noise, seed):
   rng = np.random.default_rng(seed)
   paths = []
   for i in range(count):
-    clip, _ = make_demo_data.render_clip(rng, size, frames, int(rng.integers(10)),
-                                         int(rng.integers(1, 4)), background, noise)
+    video, _ = make_demo_data.render_clip(rng, size, frames, int(rng.integers(10)),
+                                          int(rng.integers(1, 4)), background, noise)
     path = os.path.join(out_dir, f"bench_{i:03d}.mp4")
-    make_demo_data.encode_clip(path, clip)
+    make_demo_data.encode_clip(path, video)
     paths.append(path)
   return paths
 
@@ -514,7 +459,7 @@ def main(argv=None):
   unknown = sorted(set(sections) - set(SECTIONS))
   if unknown:
     ap.error(f"--sections: unknown {unknown}; known: {list(SECTIONS)}")
-  cfg = codec_signals.PatchifyConfig(budget=args.budget, num_frames=args.num_frames,
+  cfg = config.PatchifyConfig(budget=args.budget, num_frames=args.num_frames,
                                      image_size=args.image_size,
                                      patch_size=args.patch_size,
                                      interval_frames=args.interval_frames).validate()

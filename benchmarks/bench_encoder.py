@@ -18,23 +18,20 @@ takes one per CPU of the affinity mask, torch gets torch.set_num_threads(that co
 interleaved (JAX, torch, JAX, torch...) and the minimum of --reps rounds is kept, so background
 load hits both alike. JSON: cpu_fwd_s_<b>, cpu_fwd_bwd_s_<b> (JAX), torch_cpu_fwd_s_<b>,
 torch_cpu_fwd_bwd_s_<b>, cpu_fwd_ratio_<b>, cpu_fwd_bwd_ratio_<b> (JAX / torch) for b in 12_5, 25,
-6_25. The target (issue 13): cpu_fwd_bwd_ratio_12_5 <= 1.2.
+6_25. The target: cpu_fwd_bwd_ratio_12_5 <= 1.2.
 """
 import argparse
 import json
 import os
 import resource
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import jax
+import jax.numpy as jnp
+import numpy as np
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-
-from ovenc_jax.configs import common  # noqa: E402
-from ovenc_jax.model import encoder as model_lib  # noqa: E402
+from ovenc_jax.model import defaults as model_defaults
+from ovenc_jax.model import encoder as model_lib
 
 BUDGETS = (1.0, 0.25, 0.125, 0.0625)
 GRID = 16  # 224 / 14
@@ -80,7 +77,7 @@ def time_step(cfg, frames, budget, reps):
 
 
 def budget_table(variant, frames, reps, results, key):
-  cfg = common.model_config(variant)
+  cfg = model_defaults.model_config(variant)
   rows = []
   for b in BUDGETS:
     sec, tokens, temp_gb = time_step(cfg, frames, b, reps if b < 1 else max(1, reps - 1))
@@ -108,11 +105,11 @@ def flop_ratio(cfg, dense_tokens, tokens):
 
 def dense_memory_run(reps, results):
   """The dense 16-frame base clip (4,096 tokens) with chunked attention and per-block remat."""
-  cfg = common.model_config("base")
+  cfg = model_defaults.model_config("base")
   cfg.update(dict(attention="chunked", attn_chunk_size=512, remat="block"))
   sec, tokens, temp_gb = time_step(cfg, 16, 1.0, reps)
   rss_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-  plain = common.model_config("base")
+  plain = model_defaults.model_config("base")
   plain.update(dict(remat="block"))
   _, step = make_step(plain)
   inputs = clip_tokens(16, 1.0)
@@ -152,7 +149,7 @@ def torch_compare(reps, results, frames=16, budgets=COMPARE_BUDGETS):
 
   threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
   torch.set_num_threads(threads)
-  cfg = common.model_config("base")
+  cfg = model_defaults.model_config("base")
   enc = model_lib.encoder_from_config(cfg, platform="cpu")
   torch.manual_seed(0)
   tmodel = torch_model.OVEncoder(torch_layout.Arch(cfg.width, cfg.depth, cfg.num_heads, cfg.mlp_dim,
@@ -210,7 +207,7 @@ def torch_compare(reps, results, frames=16, budgets=COMPARE_BUDGETS):
 
 def gpu_run(results):
   """`large` at 224 in bf16 on one GPU: tokens/s and MFU (peak from --peak_tflops)."""
-  cfg = common.model_config("large")
+  cfg = model_defaults.model_config("large")
   cfg.update(dict(dtype="bfloat16", attention="cudnn"))
   frames, batch = 8, 8
   enc, step = make_step(cfg)

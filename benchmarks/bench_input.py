@@ -2,18 +2,15 @@
 import argparse
 import json
 import os
-import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-os.environ.setdefault("JAX_PLATFORMS", "cpu")
+import numpy as np
+from array_record.python import array_record_module
 
-import numpy as np  # noqa: E402
-from array_record.python import array_record_module  # noqa: E402
-
-from ovenc_format import records  # noqa: E402
-from ovenc_jax.input import pipeline as ip  # noqa: E402
+from ovenc_format import atomic_io
+from ovenc_format import records
+from ovenc_jax.input import defaults
 
 PATCH = 14
 GRID = (8, 16, 16)  # 8 frames of a 224x224 clip in 14-pixel patches
@@ -42,6 +39,10 @@ def write_clip_shards(out_dir: str, num_records: int, num_shards: int, mean_toke
       total += k
     writer.close()
     os.replace(tmp, final)  # atomic: a shard is either complete or absent
+  # The completion marker the input pipeline requires (data_prep.codec_patchify writes it last).
+  atomic_io.save_json(os.path.join(out_dir, "manifest.json"),
+                      dict(shards=[records.shard_name(s, num_shards) for s in range(num_shards)],
+                           records=num_records))
   return total
 
 
@@ -60,6 +61,7 @@ def decode_only_rate(data_dir: str, seconds: float) -> tuple[float, float]:
 
 
 def pipeline_rate(cfg, seconds: float, read_threads: int) -> dict[str, float]:
+  from ovenc_jax.input import pipeline as ip
   ds = ip.make_train_dataset(cfg, process_index=0, process_count=1, read_threads=read_threads)
   it = iter(ds)
   next(it)  # start-up (threads, workers, first packing group) is not steady state
@@ -77,6 +79,9 @@ def pipeline_rate(cfg, seconds: float, read_threads: int) -> dict[str, float]:
 
 
 def main():
+  # Before jax is imported (by the pipeline): the input needs no accelerator.
+  os.environ.setdefault("JAX_PLATFORMS", "cpu")
+  from ovenc_jax.input import pipeline as ip
   parser = argparse.ArgumentParser(description=__doc__)
   parser.add_argument("--records", type=int, default=512)
   parser.add_argument("--shards", type=int, default=4)
@@ -106,7 +111,7 @@ def main():
     for pack in (True, False):
       for workers in args.workers:
         for threads in args.read_threads:
-          cfg = ip.default_input_config()
+          cfg = defaults.default_input_config()
           cfg.update(sources=[{"path": data, "weight": 1.0}], global_batch_size=args.batch,
                      tokens_per_row=args.tokens_per_row, max_segments=args.max_segments if pack else 1,
                      pack=pack, hflip=True, worker_count=workers, patch_size=PATCH)

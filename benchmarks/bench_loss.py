@@ -1,24 +1,20 @@
-"""Sharded cluster-discrimination loss vs a bare sharded matmul (per-device center memory, step time),
-and Partial FC (rate 0.1) vs dense at a pod-sized batch."""
+"""Sharded loss vs a bare sharded matmul (center memory per device, step time), and Partial FC vs dense at a large batch."""
+import argparse
+import json
 import os
+import tempfile
+import time
 
-if "--xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
-  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
-os.environ.setdefault("JAX_PLATFORMS", "cpu")
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-import argparse  # noqa: E402
-import json  # noqa: E402
-import sys  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
-
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P  # noqa: E402
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from ovenc_jax.loss import discrimination as loss_lib  # noqa: E402
+from ovenc_jax import sharding
+from ovenc_jax.loss import centers as centers_lib
+from ovenc_jax.loss import discrimination as loss_lib
+from ovenc_jax.loss import partial_fc
+from ovenc_jax.loss.defaults import default_loss_config
 
 BATCH_AXES = ("data", "fsdp")
 CLASS_AXES = ("data", "fsdp", "tensor")
@@ -42,7 +38,7 @@ def _matmul_step(mesh):
 
 
 def _loss_step(mesh, num_classes, sample_rate):
-  cfg = loss_lib.default_loss_config()
+  cfg = default_loss_config()
   cfg.num_classes = num_classes
   cfg.sample_rate = sample_rate
   fn = loss_lib.make_loss_fn(mesh, cfg, BATCH_AXES, CLASS_AXES)
@@ -75,8 +71,8 @@ def _problem(mesh, c, dim, batch, labels_per_sample):
                        NamedSharding(mesh, P(BATCH_AXES, None)))
   labels = jax.device_put(rng.integers(0, c, (batch, labels_per_sample)).astype(np.int32),
                           NamedSharding(mesh, P(BATCH_AXES, None)))
-  centers = loss_lib.init_centers(jax.random.key(0), c, dim, mesh.size,
-                                  sharding=loss_lib.centers_sharding(mesh, CLASS_AXES))
+  centers = centers_lib.init_centers(jax.random.key(0), c, dim, mesh.size,
+                                     sharding=centers_lib.centers_sharding(mesh, CLASS_AXES))
   return emb, labels, centers, jax.random.key(1)
 
 
@@ -85,7 +81,7 @@ def run(classes, dim, batch, labels_per_sample, iters, pfc_rate):
   n = mesh.size
   rows = []
   for c in classes:
-    c_pad = loss_lib.padded_num_classes(c, n)
+    c_pad = centers_lib.padded_num_classes(c, n)
     emb, labels, centers, key = _problem(mesh, c, dim, batch, labels_per_sample)
     loss_step = _loss_step(mesh, c, 1.0)
     compiled = loss_step.lower(emb, centers, labels, key).compile()
@@ -115,7 +111,7 @@ def run(classes, dim, batch, labels_per_sample, iters, pfc_rate):
 
 
 def run_pfc(classes, dim, batch, labels_per_sample, iters, pfc_rate):
-  """Dense vs Partial-FC step time at a large batch, where sizing the selection by B*K went dense."""
+  """Dense vs Partial-FC step time at a large batch, whose B*K positives outnumber a shard's rows."""
   mesh = _class_mesh()
   n = mesh.size
   rows = []
@@ -125,8 +121,8 @@ def run_pfc(classes, dim, batch, labels_per_sample, iters, pfc_rate):
     args = (emb, centers, labels, key)
     _, metrics = pfc(*args)[0]
     (t_dense, t_pfc), raw = _time([(dense, args), (pfc, args)], iters)
-    c_local = loss_lib.padded_num_classes(c, n) // n
-    _, n_sel = loss_lib.selection_size(c_local, pfc_rate, batch * labels_per_sample, n, 2.0)
+    c_local = centers_lib.padded_num_classes(c, n) // n
+    _, n_sel = partial_fc.selection_size(c_local, pfc_rate, batch * labels_per_sample, n, 2.0)
     rows.append(dict(classes=c, batch=batch, labels=labels_per_sample, pfc_rate=pfc_rate,
                      dense_ms=1e3 * t_dense, pfc_ms=1e3 * t_pfc,
                      speedup=float(np.median(np.array(raw[0]) / np.array(raw[1]))),
@@ -137,6 +133,7 @@ def run_pfc(classes, dim, batch, labels_per_sample, iters, pfc_rate):
 
 
 def main(argv=None):
+  sharding.use_host_cpu_devices()
   ap = argparse.ArgumentParser(description=__doc__)
   ap.add_argument("--classes", default="10000,100000,1000000")
   ap.add_argument("--dim", type=int, default=64)

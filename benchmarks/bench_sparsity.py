@@ -1,36 +1,31 @@
-"""Accuracy against training FLOPs by token budget and selection rule (codec, random, uniform frames, dense).
-
-python benchmarks/bench_sparsity.py [--quick] [--json PATH] [--workdir DIR] [--plot PNG] [--steps N]
-
-Demo clips (train + held-out, as run_demo.sh makes them) -> codec_patchify once per rule and budget ->
-one label table (glyph teacher on the dense records + k-means) shared by every run, joined by sample_id ->
-the tiny encoder trained for the same steps on one clip per row (K tokens, no padding) -> kNN top-1 and
-linear probe on the held-out clips' digits, encoded with the run's rule. Training FLOPs are XLA's count
-of the compiled train step times the steps.
-"""
+"""Accuracy against training FLOPs by token budget and selection rule (codec, random, uniform frames, dense)."""
+# python benchmarks/bench_sparsity.py [--quick] [--json PATH] [--workdir DIR] [--plot PNG] [--steps N]
+#
+# Demo clips (train + held-out, as run_demo.sh makes them) -> codec_patchify once per rule and budget ->
+# one label table (glyph teacher on the dense records + k-means) shared by every run, joined by sample_id ->
+# the tiny encoder trained for the same steps on one clip per row (K tokens, no padding) -> kNN top-1 and
+# linear probe on the held-out clips' digits, encoded with the run's rule. Training FLOPs are XLA's count
+# of the compiled train step times the steps.
 import argparse
 import json
 import logging
 import os
-import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import jax
+import numpy as np
 
-import jax  # noqa: E402
-import numpy as np  # noqa: E402
-
-from ovenc_jax.configs import pretrain  # noqa: E402
-from data_prep import cluster, codec_patchify, glyph_teacher, make_demo_data  # noqa: E402
+from data_prep import cluster, codec_patchify, glyph_teacher, make_demo_data
 from ovenc_format import atomic_io
-from ovenc_jax.input import pipeline as input_pipeline  # noqa: E402
+from ovenc_jax.configs import pretrain
+from ovenc_jax.input import pipeline as input_pipeline
 from ovenc_jax.train import trainer as train
 
 RULES = ("codec", "random", "uniform_frames")  # at each budget; dense once
 NUM_CONCEPTS = 32
-# Full run: the demo's clips and image size; 8 of each clip's 16 frames so dense (512 tokens) trains on
-# two CPU cores within the half hour. Quick: a few small clips, one budget, one seed, a few steps.
+# Full run: the demo's clips and image size; 8 of each clip's 16 frames so that dense (512 tokens) stays
+# affordable on a two-core CPU machine. Quick: a few small clips, one budget, one seed, a few steps.
 FULL = dict(train_clips=800, eval_clips=150, image_size=112, num_frames=8, budgets=(0.0625, 0.125, 0.25),
             seeds=3, steps=200, batch=16, lr=5e-4, warmup=20)
 QUICK = dict(train_clips=40, eval_clips=60, image_size=56, num_frames=4, budgets=(0.125,), seeds=1,
@@ -86,7 +81,7 @@ def mean_std(xs):
 
 def format_table(cells, a):
   dense = next((c for c in cells if c["rule"] == "dense"), None)
-  lines = [f"| rule | budget | tokens/clip | train TFLOPs | vs dense | wall s | kNN top-1 | linear probe |",
+  lines = ["| rule | budget | tokens/clip | train TFLOPs | vs dense | wall s | kNN top-1 | linear probe |",
            "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
   for c in cells:
     ratio = f"{c['train_flops'] / dense['train_flops']:.3f}" if dense else "-"
@@ -126,7 +121,7 @@ def plot(cells, path):
 
 def main(argv=None):
   ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  ap.add_argument("--quick", action="store_true", help="a ~1 minute run on a few small clips")
+  ap.add_argument("--quick", action="store_true", help="a short run on a few small clips")
   ap.add_argument("--json")
   ap.add_argument("--workdir", help="data, records, runs, table.md (default: a temp dir)")
   ap.add_argument("--plot", help="PNG path (default WORKDIR/sparsity.png)")

@@ -5,7 +5,7 @@ python benchmarks/bench_train.py [--json PATH] [--steps N] [--loop_steps N] [--v
     [--tokens_per_row 1024]
 python benchmarks/bench_train.py --gpu [--json PATH] [--variant base] [--loop_steps 50] [--peak_tflops 989]
 
---gpu (issue 13): a real train on the visible GPUs with the `pod=h100x8` preset's per-GPU share (base:
+--gpu: a real train on the visible GPUs with the `pod=h100x8` preset's per-GPU share (base:
 32 rows a GPU, data parallel, bf16, cuDNN flash attention) on 16-frame clips at 12.5% (512 tokens, one
 clip a row), 1M centers, 10 labels a clip, as bench_aot compiles it. It times Trainer.run over
 --loop_steps steps (input pipeline, metrics and the final checkpoint save included; timed after the
@@ -22,25 +22,17 @@ import argparse
 import collections
 import math
 import os
-import sys
 import tempfile
 import time
 
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import numpy as np
+from array_record.python import array_record_module
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-from array_record.python import array_record_module  # noqa: E402
-
-from ovenc_jax.configs import common  # noqa: E402
-from ovenc_jax.configs import pretrain
-from ovenc_format import atomic_io  # noqa: E402
+from ovenc_format import atomic_io
 from ovenc_format import records
-from ovenc_jax.aot import compile as aot  # noqa: E402
-from ovenc_jax.input import pipeline as input_pipeline
-from ovenc_jax.train import trainer as train
+from ovenc_jax.aot import compile as aot
+from ovenc_jax.configs import common
+from ovenc_jax.configs import pretrain
 
 
 def write_clip_shards(out_dir: str, n: int = 512, frames: int = 8, grid: int = 16, keep: float = 0.2,
@@ -76,6 +68,8 @@ def write_clip_shards(out_dir: str, n: int = 512, frames: int = 8, grid: int = 1
 
 def _bf16_matmul_tflops(n: int = 8192, reps: int = 10) -> float:
   """The measured ceiling: a bf16 n^3 matmul on the first device, TFLOP/s."""
+  import jax
+  import jax.numpy as jnp
   a = jax.random.normal(jax.random.key(0), (n, n), jnp.bfloat16)
   f = jax.jit(lambda x: x @ x)
   jax.block_until_ready(f(a))
@@ -88,6 +82,10 @@ def _bf16_matmul_tflops(n: int = 8192, reps: int = 10) -> float:
 
 def gpu_train(args) -> dict:
   """Trainer.run and the bare step on the visible GPUs, the h100x8 preset's share a GPU (module doc)."""
+  import jax
+  from ovenc_jax.input import global_arrays
+  from ovenc_jax.input import pipeline as input_pipeline
+  from ovenc_jax.train import trainer as train
   n_gpu = jax.device_count()
   preset = common.POD_PRESETS["h100x8"]
   if args.variant not in preset["variants"]:
@@ -110,7 +108,7 @@ def gpu_train(args) -> dict:
   cfg.log_every, cfg.ckpt_every, cfg.eval_every = 10, 10 ** 6, 0
   trainer = train.Trainer(cfg, os.path.join(tmp, "work"))
   mesh = dict(trainer.mesh.shape)
-  flops = aot.model_flops(cfg, math.prod(mesh[a] for a in train.CLASS_AXES),
+  flops = aot.model_flops(cfg, math.prod(mesh[a] for a in trainer.class_axes),
                           trainer.abstract_state["params"]["centers"].shape[0], mesh["tensor"])["total"]
   tokens_per_step = rows * 512
   peak = args.peak_tflops * 1e12 * n_gpu
@@ -118,8 +116,7 @@ def gpu_train(args) -> dict:
 
   it = input_pipeline.make_train_iterator(cfg.input)
   host_batch = next(it)
-  # Every worker must be up before timing: with 8 workers, 3 batches of warm-up timed their start-up
-  # (16 to 200 batches/s across runs on one H200).
+  # Every worker must be up before timing: with many workers, 3 batches of warm-up timed their start-up.
   for _ in range(3 + 4 * args.input_workers):
     next(it)
   t0, n_in = time.perf_counter(), 100
@@ -176,7 +173,7 @@ def gpu_train(args) -> dict:
 
   # The compiled step alone on one batch already on the devices: the ceiling the loop could reach.
   state = trainer.state
-  batch = input_pipeline.global_batch(host_batch, trainer.mesh, train.BATCH_AXES)
+  batch = global_arrays.global_batch(host_batch, trainer.mesh, trainer.batch_axes)
   with jax.set_mesh(trainer.mesh):
     for _ in range(3):
       state, m = trainer._step_fn(state, batch)
@@ -223,6 +220,9 @@ def gpu_train(args) -> dict:
 
 def cpu_run(args) -> dict:
   """Train step + input, input alone and the Trainer.run loop on 8 host devices (module doc)."""
+  import jax
+  from ovenc_jax.input import pipeline as input_pipeline
+  from ovenc_jax.train import trainer as train
   tmp = tempfile.mkdtemp(prefix="bench_train_")
   data = write_clip_shards(os.path.join(tmp, "data"))
   cfg = pretrain.get_config(f"variant={args.variant},data={data}")
@@ -261,7 +261,7 @@ def cpu_run(args) -> dict:
   step_rate = args.steps / dt_step
 
   # The trainer's own loop (Trainer.run), timed after its first (compiling) step: metrics reach the
-  # host once per log window, waiting one step behind, vs the old device_get after every step.
+  # host once per log window, waiting one step behind, vs a device_get after every step.
   # The two runs alternate twice so machine noise hits both alike; each keeps its faster run.
   c = trainer.config
   c.total_steps, c.log_every, c.ckpt_every, c.eval_every = args.loop_steps + 1, 10, 10**6, 0
@@ -305,6 +305,8 @@ def main():
   ap.add_argument("--num_classes", type=int, default=1_000_000, help="--gpu: centers")
   args = ap.parse_args()
   args.variant = args.variant or ("base" if args.gpu else "tiny")
+  # Before jax is imported (by the runs): the CPU runs use 8 host devices.
+  os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
   res = gpu_train(args) if args.gpu else cpu_run(args)
   if args.json:
     atomic_io.save_json(args.json, res)

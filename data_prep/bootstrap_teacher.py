@@ -1,6 +1,5 @@
 """No-download bootstrap teacher: pooled patch-pixel statistics of each record, standardised and PCA-projected."""
 import argparse
-import os
 
 import numpy as np
 

@@ -338,12 +338,9 @@ def write_outputs(output_dir, result: dict, params: dict) -> dict:
 
 def main(argv=None):
   ap = argparse.ArgumentParser(prog="python -m data_prep.cluster", description=__doc__)
-  src = ap.add_mutually_exclusive_group(required=True)
-  src.add_argument("--embeddings", help="embeddings .npy (+ sibling sample_ids .npy) or a folder")
-  src.add_argument("--encoder_workdir",
-                   help="a training workdir: embed --records with its latest (or --encoder_step) checkpoint")
-  ap.add_argument("--records", help="ArrayRecord shard folder to embed (with --encoder_workdir)")
-  ap.add_argument("--encoder_step", type=int, default=None)
+  ap.add_argument("--embeddings", required=True,
+                  help="embeddings .npy (+ sibling sample_ids .npy) or a folder of them, e.g. a teacher's "
+                       "output or `python -m ovenc_jax.eval.embed --output DIR` for a trained encoder")
   ap.add_argument("--num_clusters", type=int, required=True)
   ap.add_argument("--top_k", type=int, default=10)
   ap.add_argument("--output", required=True)
@@ -356,21 +353,12 @@ def main(argv=None):
   ap.add_argument("--init_trials", type=int, default=None,
                   help="k-means++ candidates per step (default 2 + ln C; 1 = plain k-means++)")
   a = ap.parse_args(argv)
-  if a.encoder_workdir:
-    if not a.records:
-      ap.error("--encoder_workdir needs --records (the ArrayRecord folder to embed)")
-    # Imported here so that clustering teacher embeddings does not pull in the model code.
-    from ovenc_jax.eval import embed
-    x, ids = embed.embed_records(a.encoder_workdir, a.records, step=a.encoder_step)
-    source = f"{a.records} embedded by {a.encoder_workdir}"
-  else:
-    x, ids = load_embeddings(a.embeddings)
-    source = a.embeddings
-  print(f"{x.shape[0]} embeddings of dim {x.shape[1]} from {source}; devices: {jax.local_device_count()}")
+  x, ids = load_embeddings(a.embeddings)
+  print(f"{x.shape[0]} embeddings of dim {x.shape[1]} from {a.embeddings}; devices: {jax.local_device_count()}")
   res = run_clustering(x, ids, a.num_clusters, a.top_k, iters=a.iters, seed=a.seed, init=a.init,
                        model_shards=a.model_shards, chunk_size=a.chunk_size,
                        init_trials=a.init_trials, log=print)
-  params = dict(embeddings=source, num_clusters=a.num_clusters, top_k=a.top_k,
+  params = dict(embeddings=a.embeddings, num_clusters=a.num_clusters, top_k=a.top_k,
                 iters=a.iters, seed=a.seed, init=a.init)
   paths = write_outputs(a.output, res, params)
   print("wrote " + ", ".join(paths.values()))

@@ -1,18 +1,13 @@
 """Apache Beam job: videos/images -> codec-selected patch records in ArrayRecord shards."""
 import argparse
-import collections
 import contextlib
 import dataclasses
-import hashlib
 import json
 import logging
 import math
 import multiprocessing
 import os
-import re
-import shutil
 import sys
-import tempfile
 import time
 import uuid
 
@@ -21,16 +16,17 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import PipelineOptions
 from apache_beam.runners.portability.fn_api_runner import FnApiRunner
 
-from data_prep.codec import signals as codec_signals
+from data_prep import patchify_output as output
+from data_prep.codec import clip, config
+from data_prep.codec.worker import DecodeWorker
 from ovenc_format import records
-from data_prep.codec import selection as selectors
 
 log = logging.getLogger("codec_patchify")
 
 MEDIA_EXTENSIONS = frozenset({
     ".mp4", ".m4v", ".mov", ".mkv", ".webm", ".avi", ".mpg", ".mpeg", ".ts", ".m2ts", ".flv",
     ".wmv", ".3gp", ".ogv", ".y4m", ".h264", ".264", ".hevc", ".265", ".ivf", ".gif",
-}) | codec_signals.IMAGE_EXTENSIONS
+}) | config.IMAGE_EXTENSIONS
 LIST_EXTENSIONS = frozenset({".txt", ".list", ".lst"})
 METRICS_NAMESPACE = "codec_patchify"
 
@@ -38,19 +34,10 @@ METRICS_NAMESPACE = "codec_patchify"
 # ----------------------------------------------------------------------------------------------
 # Inputs.
 
-def _is_url(path: str) -> bool:
-  return "://" in path
-
-
 def _canonical(path: str) -> str:
   """Local paths become absolute with symlinks resolved (a stable `source` and sample_id, and a
   link is not a second sample); URLs stay as written."""
-  return path if _is_url(path) else os.path.realpath(path)
-
-
-def _read_text(path: str) -> str:
-  with FileSystems.open(path) as f:
-    return f.read().decode("utf-8")
+  return path if output.is_url(path) else os.path.realpath(path)
 
 
 def expand_inputs(specs) -> list:
@@ -67,7 +54,7 @@ def expand_inputs(specs) -> list:
       out.extend(matched)
     elif ext in LIST_EXTENSIONS:
       try:
-        text = _read_text(spec)
+        text = output.read_text(spec)
       except Exception as e:
         raise ValueError(f"--input {spec!r}: cannot read list file ({e})") from e
       base = os.path.dirname(spec)
@@ -75,8 +62,8 @@ def expand_inputs(specs) -> list:
         line = line.strip()
         if line and not line.startswith("#"):
           # Relative entries are relative to the list file, so the list travels with its data.
-          out.append(line if _is_url(line) or os.path.isabs(line) else os.path.join(base, line))
-    elif not _is_url(spec) and os.path.isdir(spec):
+          out.append(line if output.is_url(line) or os.path.isabs(line) else os.path.join(base, line))
+    elif not output.is_url(spec) and os.path.isdir(spec):
       found = [os.path.join(root, name) for root, _, names in os.walk(spec) for name in names
                if os.path.splitext(name)[1].lower() in MEDIA_EXTENSIONS]
       if not found:
@@ -91,7 +78,7 @@ def expand_inputs(specs) -> list:
 def load_class_labels(path: str) -> dict:
   """JSON object {input path: int label} -> {canonical path: label}."""
   try:
-    raw = json.loads(_read_text(path))
+    raw = json.loads(output.read_text(path))
   except Exception as e:
     raise ValueError(f"--class_labels {path!r}: cannot read JSON ({e})") from e
   if not isinstance(raw, dict):
@@ -104,24 +91,6 @@ def load_class_labels(path: str) -> dict:
   return out
 
 
-def _fetch(url: str) -> str:
-  """Copies a remote input (gs://, s3://, ...) to a local temp file PyAV can open."""
-  fd, local = tempfile.mkstemp(suffix=os.path.splitext(url)[1])
-  with os.fdopen(fd, "wb") as dst, FileSystems.open(url) as src:
-    shutil.copyfileobj(src, dst, 1 << 22)
-  return local
-
-
-def _upload(local: str, dst: str):
-  """Moves a local file to dst (any Beam filesystem; an object store makes it visible whole)."""
-  if _is_url(dst):
-    with open(local, "rb") as src, FileSystems.create(dst) as out:
-      shutil.copyfileobj(src, out, 1 << 22)
-    os.remove(local)
-  else:
-    shutil.move(local, dst)  # a rename when both are on one filesystem (PartWriter's temp files)
-
-
 # Decoder children kept between Dask partitions, one per worker process (see PatchifyFn.teardown).
 _IDLE_DECODERS = {}
 
@@ -132,8 +101,8 @@ DAEMON_WORKER_ERROR = (
 
 
 def _in_dask_worker() -> bool:
-  # Not imported = not a Dask worker; importing distributed to ask costs ~0.3 s per worker
-  # teardown, which the DirectRunner pays one worker after another at the end of every job.
+  # Not imported = not a Dask worker; importing distributed only to ask would cost every worker's
+  # teardown an import, which the DirectRunner pays one worker after another at the end of a job.
   if "distributed" not in sys.modules:
     return False
   try:
@@ -144,32 +113,11 @@ def _in_dask_worker() -> bool:
   return True
 
 
-# ArrayRecord's own default is zstd level 3. Level 1 on the benchmark's 301 KiB records
-# (bench_codec.py --sections compression): 0.8 ms of CPU a record instead of 1.8 (up to 3.7 inside a
-# running job), files 5% larger (0.616 of raw instead of 0.584); snappy 0.33 ms and 0.690. Readers
-# take any of them (each shard names its codec).
-DEFAULT_COMPRESSION = "zstd:1"
-_COMPRESSION = re.compile(r"^(uncompressed|snappy|zstd:(\d+)|brotli:(\d+))$")
-
-
-def writer_options(compression: str) -> str:
-  """--shard_compression -> ArrayRecordWriter options (one record per chunk: random access)."""
-  m = _COMPRESSION.match(compression)
-  if not m or (m.group(2) and not 1 <= int(m.group(2)) <= 22) or (
-      m.group(3) and not 0 <= int(m.group(3)) <= 11):
-    raise ValueError(f"--shard_compression={compression!r}: expected zstd:LEVEL (1..22), "
-                     f"brotli:LEVEL (0..11), snappy or uncompressed")
-  return f"group_size:1,{compression}"
-
-
-DEFAULT_WRITER_OPTIONS = writer_options(DEFAULT_COMPRESSION)
-
-
 class PatchifyFn(beam.DoFn):
   """paths -> records written straight into this bundle's shards; failures into its parts."""
 
   def __init__(self, cfg, class_labels: dict, timeout: float, log_every_s: float, staging: str,
-               shard_bytes: int, writer_options: str = DEFAULT_WRITER_OPTIONS):
+               shard_bytes: int, writer_options: str = output.DEFAULT_WRITER_OPTIONS):
     self.cfg = cfg
     self.class_labels = class_labels
     self.timeout = timeout
@@ -188,7 +136,7 @@ class PatchifyFn(beam.DoFn):
       if multiprocessing.current_process().daemon:
         raise RuntimeError(DAEMON_WORKER_ERROR)
       self.worker = (_IDLE_DECODERS.pop(self._decoder_key(), None)
-                     or codec_signals.DecodeWorker(self.cfg, self.timeout))
+                     or DecodeWorker(self.cfg, self.timeout))
       try:
         self.worker.prestart()  # the child's imports overlap with the runner's own start-up
       except OSError as e:  # run() starts it again and reports per file if it still fails
@@ -201,19 +149,19 @@ class PatchifyFn(beam.DoFn):
     return (repr(self.cfg), self.timeout)
 
   def start_bundle(self):
-    self.part = PartWriter(self.staging, self.shard_bytes, self.writer_options)
+    self.part = output.PartWriter(self.staging, self.shard_bytes, self.writer_options)
 
   def process(self, path):
     label = self.class_labels.get(path, -1)
     t0 = time.time()
     try:
-      local = _fetch(path) if _is_url(path) else path
+      local = output.fetch(path) if output.is_url(path) else path
     except Exception as e:  # an unreadable remote file is a failure row, not a crash
       result = ("fail", f"cannot fetch input ({type(e).__name__}: {e})")
     else:
       try:
         if self.worker is None:
-          result = codec_signals.process_path(local, label, self.cfg, source=path)
+          result = clip.process_path(local, label, self.cfg, source=path)
         else:
           result = self.worker.run(local, label, source=path)
       except Exception as e:  # e.g. the worker cannot start: still one failure row per file
@@ -249,8 +197,8 @@ class PatchifyFn(beam.DoFn):
     if worker is None:
       return
     if _in_dask_worker():
-      # The DaskRunner calls setup/teardown around every partition; starting a decoder child
-      # costs about a second, so this process keeps one for its next partition.
+      # The DaskRunner calls setup/teardown around every partition, and starting a decoder child
+      # is slow, so this process keeps one for its next partition.
       for idle in _IDLE_DECODERS.values():
         idle.close()
       _IDLE_DECODERS.clear()
@@ -260,190 +208,10 @@ class PatchifyFn(beam.DoFn):
 
 
 # ----------------------------------------------------------------------------------------------
-# Output: bundle-scoped shards in a staging folder, committed by the driver.
-
-STAGING_PREFIX = "beam-temp-"
-PART_GLOB = "part-*.json"
-
-
-class PartWriter:
-  """One bundle's output. Records stream into a shard file, cut when it reaches shard_bytes.
-
-  A part commits as: its shard renamed from a temp name (or copied, for remote dirs), then
-  part-<hash>.json written atomically, holding each record's (sample_id, source, tokens, kind,
-  signal) and the bundle's failure rows. The hash is of the part's content, so a retried bundle
-  that redoes the same inputs (a Dask task rerun after a worker died) overwrites its own earlier
-  part instead of adding a second one; the driver removes any other overlap (finalize_output).
-  """
-
-  def __init__(self, staging: str, shard_bytes: int, writer_options: str = DEFAULT_WRITER_OPTIONS):
-    self.staging = staging
-    self.shard_bytes = shard_bytes
-    self.writer_options = writer_options
-    self.writer = None
-    self.rows, self.failures, self.nbytes = [], [], 0
-
-  def add(self, data: bytes, row: list):
-    if self.writer is None:
-      from array_record.python import array_record_module
-      fd, self.local = tempfile.mkstemp(
-          dir=None if _is_url(self.staging) else self.staging,
-          prefix=f".tmp-{os.getpid()}-", suffix=".array_record")
-      os.close(fd)
-      self.writer = array_record_module.ArrayRecordWriter(self.local, self.writer_options)
-    self.writer.write(data)
-    self.rows.append(row)
-    self.nbytes += len(data)
-    if self.nbytes >= self.shard_bytes:
-      self._commit()
-
-  def fail(self, row: dict):
-    self.failures.append(row)
-
-  def close(self):
-    if self.rows or self.failures:
-      self._commit()
-
-  def _commit(self):
-    key = json.dumps([sorted(r[0] for r in self.rows), sorted(f["path"] for f in self.failures)])
-    name = "part-" + hashlib.sha1(key.encode()).hexdigest()[:24]
-    shard = None
-    if self.writer is not None:
-      self.writer.close()
-      shard = name + ".array_record"
-      _upload(self.local, FileSystems.join(self.staging, shard))
-    _write_atomic(FileSystems.join(self.staging, name + ".json"),
-                  json.dumps({"shard": shard, "records": self.rows, "failures": self.failures},
-                             ensure_ascii=False))
-    self.writer = None
-    self.rows, self.failures, self.nbytes = [], [], 0
-
-
-class IncompleteOutput(RuntimeError):
-  """The runner finished, but some inputs have neither a record nor a failure row."""
-
-
-def _write_atomic(path: str, text: str):
-  tmp = f"{path}.tmp-{uuid.uuid4().hex}"
-  with FileSystems.create(tmp) as f:
-    f.write(text.encode("utf-8"))
-  FileSystems.rename([tmp], [path])
-
-
-def _failure_reason_kind(reason: str) -> str:
-  """'frame size 7x5 is smaller ...' -> 'frame size': the reason up to its first detail."""
-  return re.split(r"[0-9(:]", reason, maxsplit=1)[0].strip()[:80]
-
-
-def _rewrite_shard(src: str, keep_ids: set, dst: str, writer_options: str):
-  """Copies the records of shard src whose sample_id is in keep_ids into a new shard dst."""
-  from array_record.python import array_record_module
-  local = _fetch(src) if _is_url(src) else src
-  reader = array_record_module.ArrayRecordReader(local)
-  fd, out = tempfile.mkstemp(suffix=".array_record")
-  os.close(fd)
-  writer = array_record_module.ArrayRecordWriter(out, writer_options)
-  for i in range(reader.num_records()):
-    data = reader.read([i])[0]
-    if records.decode_record(data)["sample_id"] in keep_ids:
-      writer.write(data)
-  writer.close()
-  reader.close()
-  if local != src:
-    os.remove(local)
-  _upload(out, dst)
-
-
-def _read_parts(staging: str) -> list:
-  names = sorted(m.path for r in FileSystems.match([FileSystems.join(staging, PART_GLOB)])
-                 for m in r.metadata_list)
-  return [dict(json.loads(_read_text(p)), name=os.path.basename(p)[:-5]) for p in names]
-
-
-def finalize_output(output_dir: str, staging: str, paths: list, header: dict) -> dict:
-  """Driver side, after the runner finished: parts -> final shards, failures.jsonl, manifest.json.
-
-  Every input must end as exactly one record or one failure row: records repeated across parts
-  (retried bundles) are kept once (a part that only partly overlaps is rewritten without the
-  repeats); an input with neither raises IncompleteOutput and leaves no manifest. manifest.json is
-  written last: its presence marks a complete output.
-  """
-  parts = _read_parts(staging)
-  taken, kept = {}, []  # sample_id -> record row; (part name, shard, rows) in commit order
-  for part in parts:
-    rows = [r for r in part["records"] if r[0] not in taken]
-    if not rows:
-      continue
-    shard = FileSystems.join(staging, part["shard"])
-    if len(rows) < len(part["records"]):
-      new = FileSystems.join(staging, part["name"] + "-dedup.array_record")
-      _rewrite_shard(shard, {r[0] for r in rows}, new,
-                     writer_options(header.get("shard_compression", DEFAULT_COMPRESSION)))
-      log.warning("%s: %d record(s) repeated from another part (a retried bundle); kept once",
-                  part["name"], len(part["records"]) - len(rows))
-      shard = new
-    for r in rows:
-      taken[r[0]] = r
-    kept.append((shard, rows))
-  recorded = {r[1] for r in taken.values()}
-  failures = {}
-  for part in parts:
-    for f in part["failures"]:
-      if f["path"] not in recorded:  # a retry that succeeded outranks an attempt that failed
-        failures.setdefault(f["path"], f)
-  missing = sorted(set(paths) - recorded - set(failures))
-  unexpected = sorted((recorded | set(failures)) - set(paths))
-  if missing or unexpected:
-    raise IncompleteOutput(
-        f"{output_dir}: {len(missing)} input(s) have neither a record nor a failure row (e.g. "
-        f"{missing[:3]}) and {len(unexpected)} output(s) match no input (e.g. {unexpected[:3]}); "
-        f"the runner lost or mixed work. Nothing was finalised; the parts are in {staging}")
-
-  finals = [FileSystems.join(output_dir, records.shard_name(i, len(kept)))
-            for i in range(len(kept))]
-  if kept:
-    FileSystems.rename([s for s, _ in kept], finals)
-  rows = sorted(failures.values(), key=lambda f: f["path"])
-  _write_atomic(FileSystems.join(output_dir, "failures.jsonl"),
-                "".join(json.dumps(f, ensure_ascii=False) + "\n" for f in rows))
-  recs = list(taken.values())
-  kinds = collections.Counter(_failure_reason_kind(f["reason"]) for f in rows)
-  manifest = dict(header)
-  manifest.update(
-      num_records=len(recs), num_videos=sum(r[3] == "video" for r in recs),
-      num_images=sum(r[3] == "image" for r in recs), num_failures=len(rows),
-      num_tokens=sum(r[2] for r in recs),
-      tokens_per_record=sum(r[2] for r in recs) / max(len(recs), 1),
-      signals=dict(sorted(collections.Counter(r[4] for r in recs).items())),
-      failure_kinds=dict(sorted(kinds.items())),
-      shards=[os.path.basename(f) for f in finals], num_shards=len(finals),
-      records_per_shard=[len(r) for _, r in kept],
-      finished_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
-  _write_atomic(FileSystems.join(output_dir, "manifest.json"),
-                json.dumps(manifest, indent=1, sort_keys=True))
-  _remove_staging(output_dir)
-  return manifest
-
-
-def _remove_staging(output_dir: str):
-  """Removes this run's staging folder and stale ones of crashed runs (Beam's sinks' too)."""
-  if _is_url(output_dir):
-    found = [m.path for r in FileSystems.match([FileSystems.join(output_dir,
-                                                                 STAGING_PREFIX + "**")])
-             for m in r.metadata_list]
-    if found:
-      FileSystems.delete(found)
-    return
-  for name in os.listdir(output_dir):
-    if name.startswith(STAGING_PREFIX):
-      shutil.rmtree(os.path.join(output_dir, name), ignore_errors=True)
-
-
-# ----------------------------------------------------------------------------------------------
 # CLI.
 
 def build_parser():
-  d = codec_signals.PatchifyConfig()
+  d = config.PatchifyConfig()
   ap = argparse.ArgumentParser(
       allow_abbrev=False,  # a Beam option must never be taken for a prefix of one of ours
       description=__doc__, epilog="Unknown flags are Beam pipeline options (--runner, "
@@ -455,21 +223,21 @@ def build_parser():
   ap.add_argument("--num_frames", type=int, default=d.num_frames, help="T, sampled per video")
   ap.add_argument("--image_size", type=int, default=d.image_size, help="frames resized to SxS")
   ap.add_argument("--patch_size", type=int, default=d.patch_size, help="p; grid is S/p")
-  ap.add_argument("--fusion", choices=codec_signals.FUSIONS, default=d.fusion,
+  ap.add_argument("--fusion", choices=config.FUSIONS, default=d.fusion,
                   help="how the motion and residual maps combine")
   ap.add_argument("--motion_weight", type=float, default=d.motion_weight)
   ap.add_argument("--residual_weight", type=float, default=d.residual_weight)
   ap.add_argument("--camera_compensation", action="store_true",
                   help="subtract the median motion vector (camera motion) before |MV|")
-  ap.add_argument("--iframe", choices=codec_signals.IFRAME_MODES, default=d.iframe,
+  ap.add_argument("--iframe", choices=config.IFRAME_MODES, default=d.iframe,
                   help="keep: sampled frame t=0 whole, top-K over the rest; scored: top-K over "
                   "all (frames without vectors scored as zero motion either way)")
   ap.add_argument("--tie_seed", type=int, default=d.tie_seed,
                   help="seeds, with each sample_id, the random order that breaks top-K ties")
-  ap.add_argument("--transcode", choices=codec_signals.TRANSCODE_MODES, default=d.transcode,
+  ap.add_argument("--transcode", choices=config.TRANSCODE_MODES, default=d.transcode,
                   help="re-encode the sampled span to P-only H.264 for vectors: auto = when the "
                   "codec exports none (HEVC, VP9, AV1, ...)")
-  ap.add_argument("--seek", choices=codec_signals.SEEK_MODES, default=d.seek,
+  ap.add_argument("--seek", choices=config.SEEK_MODES, default=d.seek,
                   help="auto: jump to the keyframe before a sample when the gap is long")
   ap.add_argument("--seek_min_gap", type=float, default=d.seek_min_gap,
                   help="seconds; with --seek auto, gaps longer than this are skipped")
@@ -491,19 +259,19 @@ def build_parser():
   ap.add_argument("--image_budget", type=float, default=d.image_budget,
                   help="0: images keep the whole grid; else fraction kept by gradient saliency")
   ap.add_argument("--resize_interpolation", default=d.resize_interpolation,
-                  choices=codec_signals.RESIZE_FILTERS, help="swscale resize filter")
+                  choices=config.RESIZE_FILTERS, help="swscale resize filter")
   ap.add_argument("--max_mv_pixels", type=int, default=d.max_mv_pixels,
                   help="vectors are clipped to this length when warping")
-  ap.add_argument("--selector", choices=selectors.NAMES, default=d.selector,
+  ap.add_argument("--selector", choices=config.SELECTORS, default=d.selector,
                   help="video patch rule: codec top-K, or a baseline (random K, uniform whole "
                   "frames, dense = every patch; see data_prep/codec/selection.py)")
   ap.add_argument("--class_labels", default=None,
                   help="JSON {input path: int}; fills class_label (-1 when absent)")
   ap.add_argument("--shard_mb", type=float, default=256.0,
                   help="each bundle cuts its shards at this size (MiB of records)")
-  ap.add_argument("--shard_compression", default=DEFAULT_COMPRESSION,
+  ap.add_argument("--shard_compression", default=output.DEFAULT_COMPRESSION,
                   help="ArrayRecord chunk compression: zstd:LEVEL, brotli:LEVEL, snappy or "
-                  "uncompressed (ArrayRecord's own default is zstd:3: 5%% smaller, 2.3x the CPU)")
+                  "uncompressed (ArrayRecord's own default is zstd:3: smaller files for more CPU)")
   ap.add_argument("--dask_workers", type=int, default=os.cpu_count(),
                   help="--runner=dask without --dask_client_address: processes of the local "
                   "Dask cluster the job starts and stops")
@@ -516,23 +284,10 @@ def build_parser():
   return ap
 
 
-def config_from_args(args) -> codec_signals.PatchifyConfig:
-  fields = {f.name for f in dataclasses.fields(codec_signals.PatchifyConfig)}
-  return codec_signals.PatchifyConfig(
+def config_from_args(args) -> config.PatchifyConfig:
+  fields = {f.name for f in dataclasses.fields(config.PatchifyConfig)}
+  return config.PatchifyConfig(
       **{k: v for k, v in vars(args).items() if k in fields}).validate()
-
-
-def _prepare_output_dir(output_dir: str, overwrite: bool):
-  earlier = [m.path for pattern in (records.SHARD_PATTERN, "manifest.json", "failures.jsonl")
-             for r in FileSystems.match([FileSystems.join(output_dir, pattern)])
-             for m in r.metadata_list]
-  if earlier and not overwrite:
-    raise ValueError(f"--output_dir {output_dir!r} holds {len(earlier)} file(s) of an earlier "
-                     f"run (e.g. {os.path.basename(earlier[0])}); pass --overwrite to replace them")
-  if earlier:
-    FileSystems.delete(earlier)
-  if not _is_url(output_dir):
-    os.makedirs(output_dir, exist_ok=True)
 
 
 DASK_RUNNER = "apache_beam.runners.dask.dask_runner.DaskRunner"
@@ -605,7 +360,7 @@ def _dask_cluster(beam_args, workers: int):
 def _direct_defaults(beam_args, decode_timeout: float, num_inputs: int):
   """Without --runner, the job uses every core: a worker per CPU, at most one per input. A worker
   only waits on its decoder child, so workers are threads of this process: no SDK worker
-  processes to start and feed over gRPC (measured: 5-7 CPU-s less per 400-video job on 2 cores).
+  processes to start and feed over gRPC, which costs CPU time the decoders could use.
   Decoding in-process (--decode_timeout 0) keeps Beam's single in-memory worker. Flags the user
   gives win."""
   if _flag(beam_args, "--runner") or decode_timeout <= 0:
@@ -632,13 +387,13 @@ def run(argv=None):
   labels = load_class_labels(args.class_labels) if args.class_labels else {}
   labels = {p: labels[p] for p in paths if p in labels}
   shard_bytes = max(1, int(args.shard_mb * 2**20))
-  options = writer_options(args.shard_compression)
+  options = output.writer_options(args.shard_compression)
   beam_args, on_dask = _dask_args(beam_args, len(paths), cfg, shard_bytes)
   beam_args = _direct_defaults(beam_args, args.decode_timeout, len(paths))
-  output_dir = args.output_dir if _is_url(args.output_dir) else os.path.abspath(args.output_dir)
-  _prepare_output_dir(output_dir, args.overwrite)
-  staging = FileSystems.join(output_dir, f"{STAGING_PREFIX}codec_patchify-{uuid.uuid4().hex}")
-  if not _is_url(staging):
+  output_dir = args.output_dir if output.is_url(args.output_dir) else os.path.abspath(args.output_dir)
+  output.prepare_output_dir(output_dir, args.overwrite)
+  staging = FileSystems.join(output_dir, f"{output.STAGING_PREFIX}codec_patchify-{uuid.uuid4().hex}")
+  if not output.is_url(staging):
     os.makedirs(staging)
   header = {
       "format": "ovenc codec patches (ovenc_format/records.py)",
@@ -674,7 +429,7 @@ def run(argv=None):
     if client is not None:
       stack.callback(client.close)
     result.wait_until_finish()
-  manifest = finalize_output(output_dir, staging, paths, header)
+  manifest = output.finalize_output(output_dir, staging, paths, header)
   _print_summary(manifest, result, time.time() - start)
   return manifest
 
@@ -714,7 +469,7 @@ def main(argv=None):
   except ValueError as e:
     print(f"codec_patchify: error: {e}", file=sys.stderr)
     sys.exit(2)
-  except IncompleteOutput as e:
+  except output.IncompleteOutput as e:
     print(f"codec_patchify: error: {e}", file=sys.stderr)
     sys.exit(1)
 

@@ -1,6 +1,5 @@
 """No-download bootstrap teacher for the moving-digits demo: a record's bright-ink glyph shape, PCA-projected."""
 import argparse
-import os
 
 import numpy as np
 from PIL import Image

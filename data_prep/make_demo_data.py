@@ -156,6 +156,41 @@ def encode_clip(path: str, frames: np.ndarray, fps: int = 25, gop: int = 16, crf
   os.replace(tmp, path)
 
 
+def motion_case_clip(path: str, interval: int, num_frames: int, objects, size: int = 112) -> list:
+  """Two kinds of motion relative to the sampled frames, on a textured background, `interval`
+  decoded frames per sampling interval: 'travel', a square that moves 18 px during each interval
+  but stands still at the sampled frames, and 'jitter', one that moves 4 px only at the sampled
+  frames. Writes the clip (one GOP) and returns each frame's boxes {name: (y0, x0, y1, x1)}."""
+  from data_prep.codec.selection import sample_indices
+  rng = np.random.default_rng(0)
+  n = interval * num_frames
+  idx = sample_indices(n, num_frames)
+  sampled = set(idx.tolist())
+  bg = textured_background(rng, size, size)
+  tex = [rng.uniform(0, 255, (6, 6, 3)).repeat(4, 0).repeat(4, 1) for _ in range(2)]
+  x, trav = 0.0, []
+  for i in range(n):
+    if i > 0 and i not in sampled:  # back and forth, 18 px per interval
+      x += (1 if np.searchsorted(idx, i) % 2 else -1) * 18 / (interval - 1)
+    trav.append(x)
+  trav = np.asarray(trav) - min(trav)
+  frames, boxes = [], []
+  for i in range(n):
+    f, b = bg.copy(), {}
+    if "travel" in objects:
+      x0 = int(round(8 + trav[i]))
+      f[10:34, x0:x0 + 24] = tex[0]
+      b["travel"] = (10, x0, 34, x0 + 24)
+    if "jitter" in objects:
+      x0 = 60 + (4 if i in sampled else 0)
+      f[70:94, x0:x0 + 24] = tex[1]
+      b["jitter"] = (70, x0, 94, x0 + 24)
+    frames.append(f)
+    boxes.append(b)
+  encode_clip(path, np.clip(np.rint(np.stack(frames)), 0, 255).astype(np.uint8), gop=n)
+  return boxes
+
+
 def _write_json(path, obj):
   with tempfile.NamedTemporaryFile("w", dir=os.path.dirname(path), delete=False,
                                    suffix=".tmp") as f:

@@ -7,7 +7,9 @@ import av
 import numpy as np
 from PIL import Image, ImageDraw
 
-from data_prep.codec import signals as codec_signals
+from data_prep.codec import decode
+from data_prep.codec.config import InputError
+from data_prep.codec.selection import sample_indices
 from ovenc_format import records
 
 
@@ -47,14 +49,14 @@ def source_frames(rec: dict, interpolation: str = "AREA"):
       from PIL import ImageOps
       with Image.open(path) as im:
         rgb = np.asarray(ImageOps.exif_transpose(im).convert("RGB"), np.uint8)
-      return codec_signals.to_rgb(av.VideoFrame.from_ndarray(rgb, format="rgb24"), size,
+      return decode.to_rgb(av.VideoFrame.from_ndarray(rgb, format="rgb24"), size,
                                   interpolation)[None]
     idx = np.asarray(rec.get("frame_indices", np.full(t_len, -1)))
     with av.open(path) as c:
       if (idx < 0).any():  # format 1: the patchifier sampled over the stream's frame count
-        idx = codec_signals.sample_indices(codec_signals._declared_frames(c, path), t_len)
+        idx = sample_indices(decode.declared_frames(c, path), t_len)
       return sampled_frames(c, idx, size, interpolation)
-  except (av.error.FFmpegError, OSError, ValueError, codec_signals.InputError):
+  except (av.error.FFmpegError, OSError, ValueError, InputError):
     return None
 
 
@@ -69,9 +71,9 @@ def sampled_frames(container, idx, size: int, interpolation: str):
   k = None
   for n, frame in enumerate(container.decode(video=0)):
     if k is None:
-      k = codec_signals._rotation_k(frame.rotation)
+      k = decode.rotation_k(frame.rotation)
     if n in slots:
-      out[slots[n]] = np.rot90(codec_signals.to_rgb(frame, size, interpolation), k)
+      out[slots[n]] = np.rot90(decode.to_rgb(frame, size, interpolation), k)
     if n >= last:
       return out
   return None

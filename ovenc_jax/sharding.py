@@ -1,5 +1,6 @@
 """Device mesh from config and logical-axis shardings for params, created sharded via jit(init)."""
 import math
+import os
 from typing import Any, Callable
 
 import flax.linen as nn
@@ -113,7 +114,26 @@ def create_sharded(init_fn: Callable[..., Any], mesh: jax.sharding.Mesh, rules, 
   return nn.meta.unbox(boxed), nn.meta.unbox(shardings)
 
 
+def logical_mesh_axes(rules, name: str) -> tuple[str, ...]:
+  """The mesh axes the logical axis `name` is sharded over under `rules`, as a tuple (() = replicated)."""
+  axes = nn.logical_to_mesh_axes((name,), tuple(tuple(r) for r in rules))[0]
+  if axes is None:
+    return ()
+  return (axes,) if isinstance(axes, str) else tuple(axes)
+
+
 def batch_sharding(mesh: jax.sharding.Mesh, ndim: int, rules) -> jax.sharding.NamedSharding:
   """Sharding for an input array whose leading axis is the batch."""
   spec = nn.logical_to_mesh_axes(("batch",) + (None,) * (ndim - 1), tuple(rules))
   return jax.sharding.NamedSharding(mesh, spec)
+
+
+def use_host_cpu_devices(count: int = 8) -> None:
+  """Runs JAX on `count` host CPU devices unless the caller chose a device count or platforms.
+
+  XLA reads the flag when JAX starts its backend, so call this before the first device is used."""
+  flags = os.environ.get("XLA_FLAGS", "")
+  if "--xla_force_host_platform_device_count" not in flags:
+    os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={count}".strip()
+  if "JAX_PLATFORMS" not in os.environ:
+    jax.config.update("jax_platforms", "cpu")

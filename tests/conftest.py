@@ -19,3 +19,14 @@ def _scheduling_policy_is_unchanged(request):
     os.sched_setscheduler(0, before[0], os.sched_param(before[1]))
     pytest.fail(f"{request.node.nodeid} left the test process's scheduling policy at {after} (was {before}); "
                 f"wrap the call that changes it in tests.helpers.scheduling.keep_scheduling_policy()", pytrace=False)
+
+
+@pytest.fixture(scope="session")
+def square_clip(tmp_path_factory):
+  """The codec tests' clip: a moving square encoded with libx264 (GOP 8), and its per-frame boxes."""
+  from data_prep import make_demo_data as md  # imported here: most tests need no PyAV
+  from tests.helpers import codec_clips
+  path = str(tmp_path_factory.mktemp("sq") / "square.mp4")
+  frames, boxes = codec_clips.square_frames()
+  md.encode_clip(path, frames, gop=8, crf=18)
+  return path, boxes

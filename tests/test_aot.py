@@ -15,11 +15,13 @@ import pytest
 from tests.helpers import digit_shards
 from ovenc_jax.configs import pretrain
 from ovenc_jax.aot import compile as aot
+from ovenc_jax.aot.figures import figures
+from ovenc_jax.input import global_arrays
 from ovenc_jax.input import pipeline as input_pipeline
 from ovenc_jax.train import trainer as train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# One compile at a time across test processes: each takes a core and up to a few GB.
+# One compile at a time across test processes: each takes a core and much memory.
 LOCK_PATH = os.path.join(os.environ.get("TMPDIR", "/tmp"), "ovenc_aot_tests.lock")
 
 # base widths at depth 1 (elementwise work is small next to its matmuls), a 2x2x2 mesh, no remat.
@@ -43,11 +45,11 @@ def _compile_slot():
 
 def run_aot(tmp_path, variant, topology, overrides=(), extra=()):
   out = tmp_path / "report.json"
-  cmd = [sys.executable, "-m", "ovenc_jax.aot.compile", f"--config=ovenc_jax/configs/pretrain.py:variant={variant}",
+  cmd = [sys.executable, "-m", "ovenc_jax.aot.compile", f"--config={aot.PRETRAIN_CONFIG}:variant={variant}",
          f"--topology={topology}", f"--json={out}", *[f"--config.{k}={v}" for k, v in dict(overrides).items()],
          *extra]
   with _compile_slot():
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
   assert proc.returncode in (0, 1), proc.stderr[-4000:]
   return proc, json.loads(out.read_text())
 
@@ -131,10 +133,7 @@ def test_shardings_match_the_trainer_and_model_flops_match_xla(tmp_path):
   assert c["all-gather"]["bytes"] >= 2 * 2 * fsdp_bytes * 0.5 * 0.95  # bf16 copies, forward and backward
   assert c["all-reduce"]["bytes"] <= 1.6 * _tree_bytes_per_device(params), c
   # benchmarks/bench_aot.py's figures from this report.
-  spec = importlib.util.spec_from_file_location("bench_aot", os.path.join(ROOT, "benchmarks", "bench_aot.py"))
-  bench = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(bench)
-  f = bench.figures("case", r)
+  f = figures("case", r)
   t_compute = r["model_flops_per_device"] / r["peak_flops"]
   t_hbm = r["bytes_accessed_per_device"] / r["hbm_bandwidth"]
   assert f["case_compute_fraction"] == pytest.approx(t_compute / max(t_compute, t_hbm))
@@ -143,8 +142,13 @@ def test_shardings_match_the_trainer_and_model_flops_match_xla(tmp_path):
   # Weights and Adam moments are split 4 ways (fsdp x tensor); only norms and biases are whole.
   assert 0.45 < f["case_param_opt_over_total_per_fsdp"] < 0.6
   assert f["case_fits"] == 1 and f["case_replicated_over_64mib"] == 0
-  with pytest.raises(SystemExit, match="--cases: 'base_v5e512' is unknown; known: large_v5p128"):
-    bench.main(["--cases", "large_v5p128,base_v5e512"])  # refused before anything compiles
+
+
+def test_bench_aot_refuses_unknown_cases_before_compiling():
+  proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "bench_aot.py"),
+                         "--cases", "large_v5p128,base_v5e512"], capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 1
+  assert "--cases: 'base_v5e512' is unknown; known: large_v5p128" in proc.stderr
 
 
 def _installed(module: str) -> bool:
@@ -188,7 +192,8 @@ def test_abstract_batch_matches_the_input_pipeline(tmp_path):
   path = digit_shards.write_digit_shards(str(tmp_path / "shards"), 0, 64, num_shards=2)
   config.input.sources = [{"path": path, "weight": 1.0}]
   trainer = train.Trainer(config, workdir=str(tmp_path / "w"))
-  batch = input_pipeline.global_batch(next(input_pipeline.make_train_iterator(config.input)), trainer.mesh)
+  batch = global_arrays.global_batch(next(input_pipeline.make_train_iterator(config.input)), trainer.mesh,
+                                     trainer.batch_axes)
   abstract = trainer.abstract_batch()
   assert set(abstract) == set(batch)
   for key, a in abstract.items():
@@ -233,7 +238,12 @@ def test_collectives_from_hlo_text():
   assert c["largest"][4]["shapes"] == ["bf16[16,4]", "bf16[24]"]
 
 
-def test_two_slices_double_the_devices():
+@pytest.fixture()
+def host_environment():
+  aot.prepare_host_environment()
+
+
+def test_two_slices_double_the_devices(host_environment):
   target = aot.get_target("v5e:2x2", num_slices=2)
   assert len(target.devices) == 8
   assert sorted(d.slice_index for d in target.devices) == [0] * 4 + [1] * 4
@@ -256,3 +266,27 @@ def test_replicated_tensors_over_64_mib_are_flagged():
                                                           bytes_per_device=8192 * 4096 * 4 // 8)
   assert len(report["warnings"]) == 2
   assert all("['big']" in w or "['mu']" in w for w in report["warnings"])
+
+
+def _python(code, **env):
+  clean = {k: v for k, v in os.environ.items() if k not in ("JAX_PLATFORMS", "TPU_SKIP_MDS_QUERY",
+                                                          "ALLOW_MULTIPLE_LIBTPU_LOAD")}
+  return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                        env=dict(clean, **env))
+
+
+def test_import_has_no_side_effects_and_the_host_set_up_is_explicit():
+  proc = _python("import os, sys\n"
+                 "from ovenc_jax.aot import compile as aot\n"
+                 "assert 'jax' not in sys.modules and 'JAX_PLATFORMS' not in os.environ\n"
+                 "aot.prepare_host_environment()\n"
+                 "import jax\n"
+                 "print(os.environ['TPU_SKIP_MDS_QUERY'], jax.config.jax_platforms, jax.default_backend())\n")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert proc.stdout.split() == ["1", "cpu", "cpu"]
+  # Too late once jax is imported onto another platform: a clear error, not a silent GPU/TPU host.
+  proc = _python("import jax\n"
+                 "from ovenc_jax.aot import compile as aot\n"
+                 "aot.prepare_host_environment()\n", JAX_PLATFORMS="cuda")
+  assert proc.returncode != 0
+  assert "call aot.prepare_host_environment() before importing jax" in proc.stderr

@@ -12,6 +12,7 @@ from tests.helpers.tolerances import assert_reorder_close
 from tests.helpers import tpu_compile
 
 from ovenc_jax.configs import common
+from ovenc_jax.model import defaults as model_defaults
 from ovenc_jax.model import attention as attn_lib
 from ovenc_jax.model import encoder as model_lib
 from ovenc_jax import sharding as sharding_lib
@@ -159,7 +160,7 @@ def test_model_dispatches_splash_inside_shard_map():
   """The encoder built with model.attention=splash and the training rules lowers its self-attention
   to a per-device shard_map (Mosaic kernels are not partitioned by XLA); batch 1 (the example that
   initialises parameters under the training mesh) is left unsplit."""
-  cfg = common.model_config("tiny")
+  cfg = model_defaults.model_config("tiny")
   cfg.update(depth=1, attention="splash")
   enc = model_lib.encoder_from_config(cfg, common.LOGICAL_AXIS_RULES)
   mesh = sharding_lib.make_mesh(common.mesh_config(data=2, fsdp=2, tensor=2))
@@ -197,7 +198,7 @@ def test_encoder_splash_path_matches_xla_path():
   """The same parameters through model.attention=splash (projections writing [B, H, N, hd], RoPE on
   that layout, the kernel in interpret mode) and through XLA's [B, N, H, hd] path: outputs and every
   parameter's gradient agree."""
-  cfg = common.model_config("tiny")
+  cfg = model_defaults.model_config("tiny")
   cfg.update(depth=1)
   outs = _encoder_loss_and_grads(cfg, ("xla", "splash"),
                                  [[1] * 70 + [2] * 50 + [0] * 8, [1] * 100 + [0] * 28])
@@ -248,7 +249,7 @@ def test_cudnn_matches_xla_forward_and_grads_on_gpu(n):
 @_needs_gpu
 def test_encoder_cudnn_path_matches_xla_path_on_gpu():
   """The bf16 encoder through model.attention=cudnn and through XLA's attention, same parameters."""
-  cfg = common.model_config("tiny")
+  cfg = model_defaults.model_config("tiny")
   cfg.update(depth=2, dtype="bfloat16")
   outs = _encoder_loss_and_grads(cfg, ("xla", "cudnn"),
                                  [[1] * 130 + [2] * 100 + [0] * 26, [1] * 200 + [0] * 56])
@@ -275,7 +276,7 @@ def test_auto_picks_per_platform_and_rejects_bad_choices():
     attn_lib.resolve("cudnn", "gpu", "float32")
   with pytest.raises(ValueError, match="model.attention='flash'"):
     attn_lib.resolve("flash", "tpu")
-  cfg = common.model_config("tiny")
+  cfg = model_defaults.model_config("tiny")
   assert cfg.attention == "auto"
   assert model_lib.encoder_from_config(cfg, platform="tpu").attention == "splash"
   assert model_lib.encoder_from_config(cfg).attention == "xla"  # this machine is a CPU

@@ -133,6 +133,48 @@ def test_cli_folder_and_label_table(tmp_path, planted):
   np.testing.assert_array_equal(ids1, ids[2000:])
 
 
+def test_encoder_embeddings_cluster_in_two_steps(tmp_path):
+  """Re-clustering with a workdir's encoder: `python -m ovenc_jax.eval.embed` writes the folder that
+  `python -m data_prep.cluster --embeddings DIR` reads as it is, and the labels are run_clustering's
+  on embed_records' embeddings (the same checkpoint, the same clustering)."""
+  import flax.linen as nn
+  import jax
+  import jax.numpy as jnp
+
+  from ovenc_jax.configs import pretrain
+  from ovenc_jax.eval import embed
+  from ovenc_jax.model import encoder as model_lib
+  from ovenc_jax.train import checkpoint as ckpt_lib
+
+  shards = digit_shards.write_digit_shards(str(tmp_path / "shards"), 0, 96)
+  config = pretrain.get_config("variant=tiny")
+  work = str(tmp_path / "run")
+  embed.save_config(work, config)
+  t, p = 64, config.model.patch_size
+  example = dict(patches=jnp.zeros((1, t, p * p * 3), jnp.uint8), positions=jnp.zeros((1, t, 3), jnp.int32),
+                 segment_ids=jnp.ones((1, t), jnp.int32))
+  params = model_lib.encoder_from_config(config.model).init(jax.random.key(0), **example)["params"]
+  ckpt_lib.write_params_checkpoint(work, {"encoder": nn.meta.unbox(params)})
+
+  emb, ids = embed.embed_records(work, shards, tokens_per_row=64)
+  res = cluster.run_clustering(emb, ids, 8, 2, iters=3)
+  embed.main(["--workdir", work, "--records", shards, "--output", str(tmp_path / "emb"), "--tokens_per_row", "64"])
+  np.testing.assert_array_equal(np.load(tmp_path / "emb" / "embeddings.npy"), emb)
+  np.testing.assert_array_equal(np.load(tmp_path / "emb" / "sample_ids.npy"), ids)
+  cluster.main(["--embeddings", str(tmp_path / "emb"), "--num_clusters", "8", "--top_k", "2", "--iters", "3",
+                "--output", str(tmp_path / "clu")])
+  table = np.load(tmp_path / "clu" / "labels.npz")
+  order = np.argsort(res["sample_ids"])
+  np.testing.assert_array_equal(np.sort(table["sample_id"]), np.sort(ids))
+  got = dict(zip(table["sample_id"].tolist(), table["labels"].tolist()))
+  np.testing.assert_array_equal(np.array([got[i] for i in res["sample_ids"][order].tolist()]),
+                                res["labels"][order])
+  with pytest.raises(SystemExit):  # the records to embed are required
+    embed.main(["--workdir", work, "--output", str(tmp_path / "x")])
+  with pytest.raises(SystemExit):  # the cluster job embeds nothing itself
+    cluster.main(["--encoder_workdir", work, "--num_clusters", "8", "--output", str(tmp_path / "x")])
+
+
 def test_input_errors(tmp_path):
   d = str(tmp_path)
   x = np.random.default_rng(0).normal(size=(10, 4)).astype(np.float32)

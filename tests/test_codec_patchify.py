@@ -1,28 +1,24 @@
-"""End-to-end runs of the Beam job data_prep.codec_patchify: bad inputs, outputs, runner modes."""
+"""End-to-end runs of the Beam job data_prep.codec_patchify: bad inputs, outputs, runner modes,
+flags, and its workers' decoder children."""
 import collections
-import dataclasses
-import glob
 import json
 import os
+import subprocess
+import sys
 
-import apache_beam as beam
 import av
 import numpy as np
 import pytest
 from PIL import Image
 
 from data_prep import codec_patchify
-from data_prep.codec import signals as cs
 from data_prep import make_demo_data as md
+from data_prep import patchify_output
+from data_prep.codec import config, selection, worker
 from ovenc_format import records
-from tests.test_bench_interval import _bench as _bench_codec
+from tests.helpers.codec_clips import digit_clip
 
 FLAGS = ["--image_size", "56", "--patch_size", "14", "--num_frames", "8", "--budget", "0.25"]
-
-
-def _clip(path, seed, n=8, size=64, **kw):
-  frames, _ = md.render_clip(np.random.default_rng(seed), size, n, label=seed % 10, num_digits=2)
-  md.encode_clip(path, frames, gop=4, **kw)
 
 
 def _audio_only(path):
@@ -44,12 +40,12 @@ def mixed(tmp_path_factory):
   p = lambda name: str(d / name)  # noqa: E731
   valid, bad = {}, {}
   for i in range(3):
-    _clip(p(f"good_{i}.mp4"), i)
+    digit_clip(p(f"good_{i}.mp4"), i)
     valid[p(f"good_{i}.mp4")] = "video"
-  _clip(p("short.mp4"), 5, n=3)  # fewer frames than num_frames: sampled with repetition
-  _clip(p("rotated.mp4"), 6, rotation=90)
-  _clip(p("vfr.mp4"), 7, pts_ms=[0, 10, 90, 123, 323, 333, 413, 446])
-  _clip(p("odd_45x33.mp4"), 8, pix_fmt="yuv444p")  # re-encoded below at an odd size
+  digit_clip(p("short.mp4"), 5, n=3)  # fewer frames than num_frames: sampled with repetition
+  digit_clip(p("rotated.mp4"), 6, rotation=90)
+  digit_clip(p("vfr.mp4"), 7, pts_ms=[0, 10, 90, 123, 323, 333, 413, 446])
+  digit_clip(p("odd_45x33.mp4"), 8, pix_fmt="yuv444p")  # re-encoded below at an odd size
   frames, _ = md.render_clip(np.random.default_rng(9), 64, 6, 3, 1)
   md.encode_clip(p("odd_45x33.mp4"), frames[:, :33, :45].copy(), gop=4, pix_fmt="yuv444p")
   Image.fromarray(md.render_clip(np.random.default_rng(10), 64, 1, 4, 1)[0][0]).save(
@@ -62,7 +58,7 @@ def mixed(tmp_path_factory):
   data = open(p("good_0.mp4"), "rb").read()
   open(p("truncated.mp4"), "wb").write(data[: len(data) // 2])
   bad[p("truncated.mp4")] = "cannot open as media"  # the index (moov) at the end is cut off
-  _clip(p("faststart.mp4"), 11, n=16, container_options={"movflags": "+faststart"})
+  digit_clip(p("faststart.mp4"), 11, n=16, container_options={"movflags": "+faststart"})
   data = open(p("faststart.mp4"), "rb").read()
   os.remove(p("faststart.mp4"))
   open(p("truncated_faststart.mp4"), "wb").write(data[: len(data) * 2 // 3])
@@ -162,8 +158,8 @@ def test_crash_mid_job_leaves_no_final_shard_or_manifest(tmp_path, monkeypatch):
   inputs = tmp_path / "in"
   inputs.mkdir()
   for i in range(3):
-    _clip(str(inputs / f"c{i}.mp4"), 30 + i, n=6, size=48)
-  add = codec_patchify.PartWriter.add
+    digit_clip(str(inputs / f"c{i}.mp4"), 30 + i, n=6, size=48)
+  add = patchify_output.PartWriter.add
   seen = []
 
   def add_then_crash(self, data, row):
@@ -171,7 +167,7 @@ def test_crash_mid_job_leaves_no_final_shard_or_manifest(tmp_path, monkeypatch):
       raise RuntimeError("simulated crash")
     seen.append(row)
     add(self, data, row)
-  monkeypatch.setattr(codec_patchify.PartWriter, "add", add_then_crash)
+  monkeypatch.setattr(patchify_output.PartWriter, "add", add_then_crash)
   out = tmp_path / "out"
   with pytest.raises(Exception, match="simulated crash"):
     codec_patchify.run(["--input", str(inputs / "*.mp4"), "--output_dir", str(out),
@@ -179,7 +175,7 @@ def test_crash_mid_job_leaves_no_final_shard_or_manifest(tmp_path, monkeypatch):
                         "--patch_size", "14", "--num_frames", "4"])
   # Two parts were committed in the staging folder, but nothing final exists.
   staging, = [p for p in out.iterdir()]
-  assert staging.name.startswith(codec_patchify.STAGING_PREFIX)
+  assert staging.name.startswith(patchify_output.STAGING_PREFIX)
   assert len(list(staging.glob("part-*.array_record"))) == 2
   with pytest.raises(ValueError, match="no data-"):
     records.list_shards(str(out))
@@ -188,54 +184,6 @@ def test_crash_mid_job_leaves_no_final_shard_or_manifest(tmp_path, monkeypatch):
   os.rename(next(staging.glob("part-*.array_record")), out / "data-00000-of-00001.array_record")
   with pytest.raises(ValueError, match="eval.path: no manifest.json"):
     input_pipeline.shard_paths(str(out), "eval.path")  # ... is refused without the manifest
-
-
-def _digit_rows(ids):
-  from sklearn.datasets import load_digits
-  from tests.helpers import digit_shards
-  d = load_digits()
-  rng = np.random.default_rng(0)
-  recs = [digit_shards.digit_record(d.images[i], int(d.target[i]), i, rng) for i in ids]
-  return [(records.encode_record(r), [r["sample_id"], r["source"], len(r["positions"]), "image",
-                                      "image"]) for r in recs]
-
-
-def test_finalize_keeps_each_record_once_and_refuses_a_gap(tmp_path):
-  rows = _digit_rows(range(5))
-  paths = [r[1][1] for r in rows] + ["bad.mp4"]
-  staging = tmp_path / "out" / "beam-temp-run"
-  staging.mkdir(parents=True)
-  (tmp_path / "out" / "beam-temp-stale").mkdir()  # left by a crashed run
-
-  def part(items, failures=(), shard_bytes=10**9):
-    w = codec_patchify.PartWriter(str(staging), shard_bytes)
-    for data, row in items:
-      w.add(data, row)
-    for f in failures:
-      w.fail(f)
-    w.close()
-
-  part(rows[:3])
-  part(rows[:3])  # a retried bundle that cut the same shard: same part, overwritten
-  part(rows[2:4], [{"path": "bad.mp4", "reason": "decode timeout: x"},
-                   {"path": rows[2][1][1], "reason": "decode timeout: y"}])  # overlaps one
-  header = {"num_inputs": len(paths)}
-  with pytest.raises(codec_patchify.IncompleteOutput, match=r"1 input\(s\) have neither.*00004"):
-    codec_patchify.finalize_output(str(tmp_path / "out"), str(staging), paths, header)
-  assert sorted(os.listdir(tmp_path / "out")) == ["beam-temp-run", "beam-temp-stale"]
-  assert len(list(staging.glob("part-*.json"))) == 2
-  part(rows[4:], shard_bytes=1)
-  m = codec_patchify.finalize_output(str(tmp_path / "out"), str(staging), paths, header)
-  got = [r["sample_id"] for r in records.read_all(str(tmp_path / "out"))]
-  assert sorted(got) == sorted(r[1][0] for r in rows)
-  assert m["num_records"] == 5 and m["num_shards"] == 3 and sum(m["records_per_shard"]) == 5
-  # The record outranks the failed attempt at the same input; the other failure stays.
-  assert _failures(tmp_path / "out") == [{"path": "bad.mp4", "reason": "decode timeout: x"}]
-  assert sorted(os.listdir(tmp_path / "out")) == m["shards"] + ["failures.jsonl", "manifest.json"]
-
-
-def _failures(out):
-  return [json.loads(line) for line in open(os.path.join(out, "failures.jsonl"))]
 
 
 def test_direct_runner_modes_give_the_same_records(tmp_path, monkeypatch):
@@ -253,7 +201,7 @@ def test_direct_runner_modes_give_the_same_records(tmp_path, monkeypatch):
   inputs = tmp_path / "in"
   inputs.mkdir()
   for i in range(3):
-    _clip(str(inputs / f"c{i}.mp4"), 20 + i, n=6, size=48)
+    digit_clip(str(inputs / f"c{i}.mp4"), 20 + i, n=6, size=48)
   Image.fromarray(md.render_clip(np.random.default_rng(1), 48, 1, 2, 1)[0][0]).save(
       str(inputs / "s.png"))
   os.symlink(inputs / "c0.mp4", inputs / "link_to_c0.mp4")  # the same file: not a second sample
@@ -294,15 +242,6 @@ def test_direct_runner_modes_give_the_same_records(tmp_path, monkeypatch):
       reader.close()
   with pytest.raises(ValueError, match="--shard_compression='lz4'"):
     codec_patchify.run(flags + ["--output_dir", str(tmp_path / "d"), "--shard_compression", "lz4"])
-
-
-def test_shard_compression_values():
-  w = codec_patchify.writer_options
-  assert w("zstd:1") == "group_size:1,zstd:1" and w("uncompressed") == "group_size:1,uncompressed"
-  assert w("brotli:11") == "group_size:1,brotli:11" and w("snappy") == "group_size:1,snappy"
-  for bad in ("zstd:0", "zstd:23", "brotli:12", "zstd", "zstd:-1", "ZSTD:1", "snappy,zstd:1", ""):
-    with pytest.raises(ValueError, match=r"--shard_compression="):
-      w(bad)
 
 
 def test_direct_defaults_leave_given_flags_alone():
@@ -397,87 +336,80 @@ def test_visualize_marks_kept_patches(mixed_run, tmp_path):
     visualize.record_at(out, 10_000)
 
 
-def test_benchmark_smoke(tmp_path):
-  bench = _bench_codec()
-  path = str(tmp_path / "b.json")
-  # The beam section (DirectRunner and Dask jobs, ~40 s here) is left out; test_dask_runner and
-  # the tests above run those jobs.
-  fig = bench.main(["--clips", "1", "--frames", "8", "--size", "64", "--rounds", "1",
-                    "--image_size", "56", "--num_frames", "4", "--sections", "codec,transcode,rss",
-                    "--transcode_rounds", "1", "--rss_videos", "1", "--json", path])
-  saved = json.load(open(path))
-  assert saved["frames"] == 8 and saved["videos"] == 1
-  assert saved["rss_ratio_10x"] == pytest.approx(
-      saved["rss_peak_gib_10x"] / saved["rss_peak_gib_1x"])
-  for key in ("patchify_over_decode", "a_decode_frames_per_s", "b_decode_mvs_videos_per_s",
-              "c_patchify_frames_per_s", "rss_ratio_10x", "transcode_over_patchify",
-              "every_frame_ceiling_over_decode"):
-    assert isinstance(saved[key], float) and saved[key] > 0 and saved[key] == fig[key]
-  assert saved["patchify_over_decode"] == pytest.approx(
-      saved["c_patchify_videos_per_s"] / saved["a_decode_videos_per_s"])
+def test_cli_flags_reach_the_config():
+  from data_prep import codec_patchify
+  args, rest = codec_patchify.build_parser().parse_known_args(
+      ["--input", "x", "--output_dir", "y", "--iframe", "scored", "--transcode", "never",
+       "--seek", "never", "--seek_min_gap", "3", "--tie_seed", "5", "--interval_frames", "2",
+       "--runner=DirectRunner"])
+  cfg = codec_patchify.config_from_args(args)
+  assert (cfg.iframe, cfg.transcode, cfg.seek, cfg.seek_min_gap, cfg.tie_seed,
+          cfg.interval_frames) == ("scored", "never", "never", 3.0, 5, 2)
+  assert rest == ["--runner=DirectRunner"]
+  d = codec_patchify.config_from_args(codec_patchify.build_parser().parse_known_args(
+      ["--input", "x", "--output_dir", "y"])[0])
+  assert (d.iframe, d.transcode, d.seek, d.interval_frames) == ("keep", "auto", "auto", 0)
 
 
-@pytest.mark.parametrize("options", [{"bf": "0", "g": "12"},
-                                     {"bf": "3", "b-pyramid": "none", "refs": "1", "g": "12"}])
-def test_benchmark_ceiling_scores_only_the_sampled_frames(tmp_path, options):
-  """bench_codec's (c0) counterfactual reads every frame as the default does but scores only the
-  sampled ones: its records are --interval_frames 1's, and not the default's."""
-  from tests.test_codec_v2 import _encode, _pan_and_square
-  bench = _bench_codec()
-  path = str(tmp_path / "c.mp4")
-  _encode(path, _pan_and_square(n=40, size=128), options=options)
-  cfg = cs.PatchifyConfig(image_size=128, patch_size=16, num_frames=4, budget=0.25).validate()
-  with bench.between_samples_free():
-    free = bench.record(path, cfg)
-  assert cs.IntervalScorer._score.__name__ == "_score"  # restored
-  assert free == bench.record(path, dataclasses.replace(cfg, interval_frames=1))
-  assert free != bench.record(path, cfg)
+SELECTOR_FLAGS = ["--image_size", "56", "--patch_size", "14", "--num_frames", "8",
+                  "--decode_timeout", "0"]
 
 
-def test_decode_worker_reports_a_crashed_decoder_and_recovers(tmp_path):
-  import signal
-  import threading
-  fifo = str(tmp_path / "blocks.mp4")
-  os.mkfifo(fifo)
-  good = str(tmp_path / "good.mp4")
-  _clip(good, 3, n=6, size=48)
-  cfg = cs.PatchifyConfig(image_size=28, patch_size=14, num_frames=4).validate()
-  worker = cs.DecodeWorker(cfg, timeout=60)
-  try:
-    worker._start()
-    # The child blocks opening the FIFO; killing it stands in for a decoder crash.
-    threading.Timer(1.0, lambda: os.kill(worker.proc.pid, signal.SIGKILL)).start()
-    result = worker.run(fifo, -1)
-    assert result == ("fail", f"decoder process died (exit code {-signal.SIGKILL})")
-    ok = worker.run(good, 5)  # a fresh child takes over
-    assert ok[0] == "ok" and records.decode_record(ok[1])["class_label"] == 5
-  finally:
-    worker.close()
+@pytest.fixture(scope="module")
+def clips(tmp_path_factory):
+  d = tmp_path_factory.mktemp("clips")
+  md.make_demo_data(str(d), num_clips=3, num_images=0, size=56, num_frames=8)
+  return d
 
 
-def test_decode_worker_close_is_safe_in_every_state(tmp_path, monkeypatch):
-  import signal
-  cfg = cs.PatchifyConfig(image_size=28, patch_size=14, num_frames=4).validate()
-  cs.DecodeWorker(cfg, timeout=5).close()  # never started
-  worker = cs.DecodeWorker(cfg, timeout=5)
-  worker._start()
-  os.kill(worker.proc.pid, signal.SIGKILL)  # died
-  worker.proc.wait(5)
-  worker.close()
-  worker.close()  # closed twice
+def test_cli_selector_flag_reaches_records_and_manifest(clips, tmp_path):
+  out = str(tmp_path / "rec")
+  m = codec_patchify.run(["--input", str(clips / "list.txt"), "--output_dir", out, "--selector", "random",
+                          "--budget", "0.125", *SELECTOR_FLAGS])
+  assert m["options"]["selector"] == "random" and m["signals"] == {"random": 3}
+  assert m["num_keep_per_video"] == 16
+  for rec in records.read_all(out):
+    np.testing.assert_array_equal(
+        rec["positions"], selection.random_selection((8, 4, 4), 16, rec["sample_id"]))
+  m = codec_patchify.run(["--input", str(clips / "list.txt"), "--output_dir", out, "--overwrite",
+                          "--selector", "dense", *SELECTOR_FLAGS])
+  assert m["signals"] == {"dense": 3} and m["num_tokens"] == 3 * 128
+  assert json.load(open(f"{out}/manifest.json"))["num_keep_per_video"] == 128
 
+
+def test_setup_survives_a_child_that_cannot_start(tmp_path, monkeypatch):
   def refuse(*args, **kwargs):
-    raise OSError("cannot start the decoder child")
-  monkeypatch.setattr(cs.subprocess, "Popen", refuse)
-  worker = cs.DecodeWorker(cfg, timeout=5)
-  with pytest.raises(OSError, match="decoder child"):
-    worker.run(str(tmp_path / "x.mp4"), -1)  # start failed half-way: a socket pair, no child
-  worker.close()
-  assert worker.proc is None and worker.conn is None
+    raise OSError("no processes left")
+  monkeypatch.setattr(worker.subprocess, "Popen", refuse)
+  cfg = config.PatchifyConfig(image_size=28, patch_size=14, num_frames=4).validate()
+  staging = str(tmp_path / "staging")
+  os.makedirs(staging)
+  fn = codec_patchify.PatchifyFn(cfg, {}, 30.0, 1e9, staging, 1 << 20)
+  fn.setup()  # the failed prestart is logged, not raised
+  assert fn.worker.proc is None and fn.worker.conn is None
+  fn.start_bundle()
+  fn.process(str(tmp_path / "x.mp4"))
+  fn.finish_bundle()
+  fn.teardown()
+  parts = patchify_output.read_parts(staging)
+  rows = [r for p in parts for r in p["failures"]]
+  assert rows == [{"path": str(tmp_path / "x.mp4"),
+                   "reason": "internal error: OSError: no processes left"}]
+
+
+def test_beam_worker_side_imports_stay_light():
+  """A Beam worker only hands videos to its decoder child: importing the job module there pulls in
+  neither numba (the child compiles and runs the signal kernel) nor dask's distributed, and asking
+  whether it runs in a Dask worker at teardown does not import distributed either."""
+  code = ("import sys; from data_prep import codec_patchify as cp; a = cp._in_dask_worker(); "
+          "print(a, 'numba' in sys.modules, 'distributed' in sys.modules)")
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       check=True).stdout.split()
+  assert out == ["False", "False", "False"]
 
 
 def _setup_in_daemon(queue):
-  cfg = cs.PatchifyConfig(image_size=28, patch_size=14, num_frames=4).validate()
+  cfg = config.PatchifyConfig(image_size=28, patch_size=14, num_frames=4).validate()
   fn = codec_patchify.PatchifyFn(cfg, {}, 5.0, 30.0, "/nonexistent", 1)
   try:
     fn.setup()

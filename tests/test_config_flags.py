@@ -1,4 +1,4 @@
-"""Every documented config key set through the real `ovenc_jax.main` flag parser, None values and source mixes included."""
+"""Configs through `ovenc_jax.main`'s flag parser (keys, None, sources, warmup, default config), read without jax."""
 import json
 import subprocess
 import sys
@@ -6,8 +6,8 @@ import sys
 import pytest
 
 from ovenc_jax.configs import pretrain
-from ovenc_jax.input import pipeline as input_pipeline
-from tests.test_train import ROOT
+from ovenc_jax.input import defaults as input_defaults
+from tests.helpers.train_cli import printed_config
 
 # key -> (command-line value, parsed value); README / docs name each of them.
 OVERRIDES = {
@@ -27,13 +27,6 @@ OVERRIDES = {
 }
 
 
-def _printed(config_arg, *flags):
-  r = subprocess.run([sys.executable, "-m", "ovenc_jax.main", f"--config=ovenc_jax/configs/pretrain.py:{config_arg}",
-                      "--print_config", *flags], cwd=ROOT, capture_output=True, text=True, timeout=300)
-  assert r.returncode == 0, r.stderr[-3000:]
-  return json.loads(r.stdout)
-
-
 def _get(cfg, key):
   for part in key.split("."):
     cfg = cfg[part]
@@ -41,15 +34,15 @@ def _get(cfg, key):
 
 
 def test_documented_overrides_parse_through_main():
-  cfg = _printed("variant=base,data=videos/:0.7+images/:0.3",
-                 *[f"--config.{k}={v}" for k, (v, _) in OVERRIDES.items()])
+  cfg = printed_config("variant=base,data=videos/:0.7+images/:0.3",
+                       *[f"--config.{k}={v}" for k, (v, _) in OVERRIDES.items()])
   for key, (_, want) in OVERRIDES.items():
     got = _get(cfg, key)
     if key == "input.sources":
-      got = input_pipeline.source_list(got)
+      got = input_defaults.source_list(got)
     assert got == want, (key, got, want)
   # A float set back to a number stays a number.
-  assert _printed("variant=tiny", "--config.loss.fn_threshold=0.5")["loss"]["fn_threshold"] == 0.5
+  assert printed_config("variant=tiny", "--config.loss.fn_threshold=0.5")["loss"]["fn_threshold"] == 0.5
 
 
 def test_sources_config_arg_mixes_weighted_sources():
@@ -58,4 +51,42 @@ def test_sources_config_arg_mixes_weighted_sources():
   assert list(pretrain.get_config("variant=tiny,sources=videos/:0.7+images/:0.3").input.sources) == want
   assert list(pretrain.get_config("variant=tiny,data=gs://b/x").input.sources) == [{"path": "gs://b/x", "weight": 1.0}]
   with pytest.raises(ValueError, match="empty path"):
-    input_pipeline.parse_sources("a/:0.5+:0.5")
+    input_defaults.parse_sources("a/:0.5+:0.5")
+
+
+def test_official_warmup_follows_total_steps_set_on_the_command_line():
+  built = pretrain.get_config("variant=base,recipe=official")
+  assert (built.total_steps, built.optim.warmup_steps) == (100_000, 10_000)
+  cfg = printed_config("variant=base,recipe=official", "--config.total_steps=3000")
+  assert (cfg["total_steps"], cfg["optim"]["warmup_steps"]) == (3000, 300)
+  # tiny's own total_steps, then the flag; a warmup given outright stays as given.
+  assert printed_config("variant=tiny,recipe=official")["optim"]["warmup_steps"] == 20
+  cfg = printed_config("variant=tiny,recipe=official", "--config.total_steps=50", "--config.optim.warmup_steps=7")
+  assert (cfg["total_steps"], cfg["optim"]["warmup_steps"]) == (50, 7)
+  # The default recipe's warmup is a number of its own.
+  assert printed_config("variant=base", "--config.total_steps=3000")["optim"]["warmup_steps"] == 100
+
+
+def test_configs_read_without_jax(tmp_path):
+  code = ("import sys\n"
+          "from ovenc_jax.configs import pretrain\n"
+          "c = pretrain.get_config('variant=tiny')\n"
+          "for arg in ('variant=base,recipe=official', 'variant=large,pod=v5e-256', 'variant=tiny,data=a/:1+b/'):\n"
+          "  pretrain.get_config(arg).to_json()\n"
+          "heavy = sorted(k for k in sys.modules if k.split('.')[0] in ('jax', 'jaxlib', 'flax', 'optax', 'grain'))\n"
+          "print('HEAVY', heavy)\n")
+  r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert "HEAVY []" in r.stdout, r.stdout
+
+
+def test_main_runs_from_any_directory_with_the_packaged_config(tmp_path):
+  r = subprocess.run([sys.executable, "-m", "ovenc_jax.main", "--help"], cwd=tmp_path, capture_output=True,
+                     text=True, timeout=120)
+  # absl's --help exits 1 after printing the flags.
+  assert "--workdir" in r.stdout and str(pretrain.__file__) in r.stdout, r.stdout + r.stderr[-3000:]
+  assert "Traceback" not in r.stderr, r.stderr[-3000:]
+  r = subprocess.run([sys.executable, "-m", "ovenc_jax.main", "--print_config"], cwd=tmp_path, capture_output=True,
+                     text=True, timeout=120)
+  assert r.returncode == 0, r.stderr[-3000:]
+  assert json.loads(r.stdout)["model"]["variant"] == "tiny"

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from data_prep import codec_patchify
+from data_prep import codec_patchify, patchify_output
 from data_prep import make_demo_data as md
 from ovenc_format import records
 
@@ -73,7 +73,7 @@ def cluster(tmp_path_factory):
   from distributed import Client
   port = _free_port()
   address = f"tcp://127.0.0.1:{port}"
-  env = dict(os.environ, PYTHONPATH=REPO, DASK_DISTRIBUTED__WORKER__DAEMON="False")
+  env = dict(os.environ, DASK_DISTRIBUTED__WORKER__DAEMON="False")
   logs = tmp_path_factory.mktemp("dask_logs")
   procs = []
   try:
@@ -132,7 +132,7 @@ def _assert_same_output(out, direct, inputs):
               "failure_kinds", "num_inputs"):
     assert m[key] == dm[key], key
   assert sum(m["records_per_shard"]) == m["num_records"] == len(valid)
-  assert not [n for n in os.listdir(out) if n.startswith(codec_patchify.STAGING_PREFIX)]
+  assert not [n for n in os.listdir(out) if n.startswith(patchify_output.STAGING_PREFIX)]
 
 
 def test_dask_cluster_matches_direct_runner(inputs, cluster, direct, tmp_path):
@@ -148,7 +148,7 @@ def test_killing_a_worker_mid_job_loses_nothing(inputs, cluster, direct, tmp_pat
   log = open(tmp_path / "job.log", "w")
   job = _start([sys.executable, "-m", "data_prep.codec_patchify", "--input", inputs[0],
                 "--output_dir", out, "--runner=dask", f"--dask_client_address={cluster}"] + FLAGS,
-               dict(os.environ, PYTHONPATH=REPO), log)
+               log=log)
   killed = None
   try:
     # A worker inside a bundle holds an open .tmp-<pid>-* shard; the first partition then waits
@@ -175,8 +175,8 @@ def test_killing_a_worker_mid_job_loses_nothing(inputs, cluster, direct, tmp_pat
 
 
 def test_runner_shorthand_and_partition_size():
-  from data_prep.codec import signals as cs
-  cfg = cs.PatchifyConfig(image_size=28, patch_size=14, num_frames=4, budget=0.5).validate()
+  from data_prep.codec import config
+  cfg = config.PatchifyConfig(image_size=28, patch_size=14, num_frames=4, budget=0.5).validate()
   args, on_dask = codec_patchify._dask_args(["--runner", "dask", "--x=1"], 1000, cfg, 2**30)
   assert on_dask and args == ["--x=1", f"--runner={codec_patchify.DASK_RUNNER}",
                               "--dask_partition_size=16"]  # ceil(1000 / 64)

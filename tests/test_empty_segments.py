@@ -4,7 +4,7 @@ import numpy as np
 import torch
 from flax import linen as nn
 
-from ovenc_jax.configs import common
+from ovenc_jax.model import defaults as model_defaults
 from ovenc_jax.model import encoder as model_lib
 from ovenc_jax.interop import torch_layout as layout_lib
 from ovenc_jax.interop import torch_model
@@ -22,7 +22,7 @@ def _inputs():
 
 
 def test_empty_slots_are_zero_in_jax_and_torch():
-  enc = model_lib.encoder_from_config(common.model_config("tiny"))
+  enc = model_lib.encoder_from_config(model_defaults.model_config("tiny"))
   x, pos, seg = _inputs()
   params = jax.tree.map(np.asarray, nn.meta.unbox(jax.jit(enc.init)(jax.random.key(1), x, pos, seg)["params"]))
   apply = jax.jit(lambda s, k: enc.apply({"params": params}, x, pos, s, num_segments=k), static_argnums=1)

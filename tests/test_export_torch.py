@@ -15,7 +15,7 @@ from safetensors.numpy import load_file, save_file
 from sklearn.datasets import load_sample_image
 from tests.helpers.tolerances import assert_reorder_close
 
-from ovenc_jax.configs import common
+from ovenc_jax.model import defaults as model_defaults
 from ovenc_jax.configs import pretrain
 from ovenc_jax.train import checkpoint as ckpt_lib
 from ovenc_jax.eval import embed as embed_lib
@@ -27,7 +27,6 @@ from ovenc_jax.interop import torch_layout as layout_lib
 from ovenc_jax.interop import torch_model
 
 P = 14
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOL = 1e-4
 
 
@@ -73,7 +72,7 @@ _BUILT = {}
 def _build(layout, tmp_path_factory):
   """(layout, jitted JAX apply, params, PyTorch model loaded from an export directory, export dir)."""
   if layout not in _BUILT:
-    cfg = common.model_config("tiny")
+    cfg = model_defaults.model_config("tiny")
     cfg.rope_layout = layout
     enc = model_lib.encoder_from_config(cfg)
     params = _perturbed_params(enc, seed=3)
@@ -165,7 +164,7 @@ def _expected_keys(d, m, h, depth, p):
 
 def test_state_dict_names_shapes_and_config(pair):
   layout, _, params, model, out_dir = pair
-  d, depth, h, m = common.VARIANTS["tiny"]
+  d, depth, h, m = model_defaults.VARIANTS["tiny"]
   want = _expected_keys(d, m, h, depth, P)
   state = load_file(os.path.join(out_dir, layout_lib.MODEL_FILE))
   assert {k: v.shape for k, v in state.items()} == want
@@ -294,8 +293,7 @@ def test_roundtrip_jax_torch_jax_is_bitwise(pair, tmp_path):
 
 def _run_cli(*args):
   env = dict(os.environ, JAX_PLATFORMS="cpu")
-  return subprocess.run([sys.executable, "-m", *args], cwd=REPO, env=env, capture_output=True, text=True,
-                        timeout=120)
+  return subprocess.run([sys.executable, "-m", *args], env=env, capture_output=True, text=True, timeout=120)
 
 
 def test_clis_from_real_checkpoint(consistent, tmp_path):
@@ -426,7 +424,7 @@ def test_torch_module_imports_without_jax(official, tmp_path):
   np.save(tmp_path / "kept.npy", kept)
   code = (
       "import sys, numpy as np, torch\n"
-      "from ovenc_jax import torch_model\n"
+      "from ovenc_jax.interop import torch_model\n"
       f"m = torch_model.load({out_dir!r})\n"
       f"frames, kept = np.load({str(tmp_path / 'frames.npy')!r}), np.load({str(tmp_path / 'kept.npy')!r})\n"
       "with torch.no_grad():\n"
@@ -434,7 +432,7 @@ def test_torch_module_imports_without_jax(official, tmp_path):
       f"np.save({str(tmp_path / 'pooled.npy')!r}, out['pooled'].numpy())\n"
       "heavy = sorted(k for k in sys.modules if k.split('.')[0] in ('jax', 'jaxlib', 'flax', 'orbax', 'optax'))\n"
       "print('HEAVY', heavy)\n")
-  r = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+  r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120)
   assert r.returncode == 0, r.stderr
   assert "HEAVY []" in r.stdout, r.stdout
   with torch.no_grad():

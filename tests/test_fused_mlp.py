@@ -8,7 +8,7 @@ import pytest
 from tests.helpers.tolerances import assert_reorder_close
 from tests.helpers import tpu_compile
 
-from ovenc_jax.configs import common
+from ovenc_jax.model import defaults as model_defaults
 from ovenc_jax.configs import pretrain
 from ovenc_jax.model import fused_mlp
 from ovenc_jax.model import encoder as model_lib
@@ -74,7 +74,7 @@ def _loss(enc):
 
 
 def test_model_pallas_path_matches_xla_path_on_the_same_parameters():
-  cfg = common.model_config("tiny")
+  cfg = model_defaults.model_config("tiny")
   x, pos, seg = _tiny_inputs(2, 40)
   cfg.mlp_kernel = "xla"
   enc_xla = model_lib.encoder_from_config(cfg)
@@ -127,7 +127,7 @@ def test_sharded_pallas_path_matches_single_device_xla_path(data, fsdp):
 
 
 def test_choice_per_platform_and_errors():
-  cfg = common.model_config("tiny")
+  cfg = model_defaults.model_config("tiny")
   assert cfg.mlp_kernel == "auto"
   whole = (jax.P(None), jax.P(None), jax.P("fsdp", "tensor"), jax.P("tensor"), jax.P("tensor", "fsdp"),
            jax.P("fsdp"))

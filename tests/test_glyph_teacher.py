@@ -6,7 +6,7 @@ import pytest
 
 from tests.helpers import digit_shards
 from data_prep import bootstrap_teacher, glyph_teacher
-from data_prep.codec import signals as codec_signals
+from data_prep.codec import clip, config
 from ovenc_format import records
 from data_prep import make_demo_data as md
 from ovenc_jax.eval import probes as evaluate
@@ -163,14 +163,14 @@ def digit_clip_records(tmp_path_factory):
   """Demo clips (1-3 moving copies of one digit) through the real codec patchifier: 10 per digit."""
   d = tmp_path_factory.mktemp("clips")
   rng = np.random.default_rng(0)
-  cfg = codec_signals.PatchifyConfig(image_size=112).validate()
+  cfg = config.PatchifyConfig(image_size=112).validate()
   recs = []
   for i in range(100):
     label = i % 10
     frames, _ = md.render_clip(rng, 112, 16, label, int(rng.integers(1, 4)))
     path = str(d / f"clip_{i:03d}.mp4")
     md.encode_clip(path, frames)
-    recs.append(codec_signals.patchify_file(path, cfg, class_label=label))
+    recs.append(clip.patchify_file(path, cfg, class_label=label))
   shards = str(d / "shards")
   digit_shards.write_shards(shards, recs)
   return shards, recs

@@ -6,7 +6,9 @@ import pytest
 
 from tests.helpers import digit_shards
 from ovenc_format import records
-from ovenc_jax.input import pipeline as ip
+from ovenc_jax.input import defaults
+from ovenc_jax.input import features
+from ovenc_jax.input import pipeline
 from ovenc_jax.interop import torch_layout
 
 PATCH = 4
@@ -33,8 +35,8 @@ def _record(rng, index, k=40, v1=False):
 def _features(rec, **kw):
   args = dict(patch_size=PATCH, tokens_per_row=64, max_labels=1, hflip=False)
   args.update(kw)
-  return ip.sample_features(records.decode_record(records.encode_record(rec)),
-                            np.random.default_rng(3), **args)
+  return features.sample_features(records.decode_record(records.encode_record(rec)),
+                                  np.random.default_rng(3), **args)
 
 
 def _rows(feats, rec):
@@ -63,8 +65,8 @@ def test_max_tokens_keeps_the_highest_scored():
 
 def test_top_scored_breaks_ties_by_the_rng():
   scores = np.zeros(100)
-  a = ip.top_scored(scores, 10, np.random.default_rng(1))
-  b = ip.top_scored(scores, 10, np.random.default_rng(2))
+  a = features.top_scored(scores, 10, np.random.default_rng(1))
+  b = features.top_scored(scores, 10, np.random.default_rng(2))
   assert len(set(a.tolist())) == 10 and not np.array_equal(a, b) and (np.diff(a) > 0).all()
 
 
@@ -74,9 +76,9 @@ def test_v1_records_truncate_at_random():
   data = records.encode_record(rec)
   raw = records.decode_record(data)
   assert (raw["scores"] == 0).all()
-  got = {tuple(_rows(ip.sample_features(raw, np.random.default_rng(s), patch_size=PATCH,
-                                         tokens_per_row=64, max_labels=1, hflip=False,
-                                         max_tokens_per_sample=10), rec)) for s in range(6)}
+  got = {tuple(_rows(features.sample_features(raw, np.random.default_rng(s), patch_size=PATCH,
+                                               tokens_per_row=64, max_labels=1, hflip=False,
+                                               max_tokens_per_sample=10), rec)) for s in range(6)}
   assert len(got) > 1  # every token equally likely: different draws, different subsets
 
 
@@ -95,8 +97,8 @@ def test_timeline64_positions():
   np.testing.assert_array_equal(feats["positions"][:, 0],
                                 np.rint(v1["positions"][:, 0] * 63 / 7).astype(int))
   # Repeated frames (a clip shorter than T) share a slot; a single frame sits at 0.
-  np.testing.assert_array_equal(ip.timeline64([0, 0, 1, 2, 2, 3]), [0, 0, 21, 42, 42, 63])
-  np.testing.assert_array_equal(ip.timeline64([5]), [0])
+  np.testing.assert_array_equal(features.timeline64([0, 0, 1, 2, 2, 3]), [0, 0, 21, 42, 42, 63])
+  np.testing.assert_array_equal(features.timeline64([5]), [0])
   # Default: t is the sample index.
   np.testing.assert_array_equal(_features(rec)["positions"], rec["positions"])
 
@@ -105,11 +107,11 @@ def test_pipeline_applies_budget_and_timeline(tmp_path):
   rng = np.random.default_rng(3)
   recs = [_record(rng, i) for i in range(8)]
   d = digit_shards.write_shards(tmp_path / "s", recs, 2)
-  cfg = ip.default_input_config()
+  cfg = defaults.default_input_config()
   cfg.update(sources=[{"path": d, "weight": 1.0}], global_batch_size=4, tokens_per_row=24,
              max_segments=2, patch_size=PATCH, max_labels=1, seed=0, max_tokens_per_sample=12,
              temporal_positions="timeline64")
-  batch = next(ip.make_train_iterator(cfg, process_index=0, process_count=1))
+  batch = next(pipeline.make_train_iterator(cfg, process_index=0, process_count=1))
   by_id = {r["sample_id"]: r for r in recs}
   for row in range(4):
     for seg in range(2):
@@ -127,15 +129,17 @@ def test_pipeline_applies_budget_and_timeline(tmp_path):
                                        ("temporal_positions", "frames")])
 def test_config_errors(tmp_path, key, value):
   d = digit_shards.write_shards(tmp_path / "s", [_record(np.random.default_rng(0), 0)], 1)
-  cfg = ip.default_input_config()
+  cfg = defaults.default_input_config()
   cfg.update(sources=[{"path": d, "weight": 1.0}], global_batch_size=2, tokens_per_row=24,
              patch_size=PATCH, max_segments=2)
   cfg = ml_collections.ConfigDict(cfg.to_dict(), type_safe=False)
   cfg[key] = value
   with pytest.raises(ValueError, match=f"input.{key}"):
-    ip.make_train_iterator(cfg, process_index=0, process_count=1)
+    pipeline.make_train_iterator(cfg, process_index=0, process_count=1)
 
 
 def test_export_config_has_the_published_temporal_size():
   arch = torch_layout.Arch(width=32, depth=1, num_heads=2, mlp_dim=64, patch_size=PATCH)
   assert torch_layout.hf_config(arch)["rope_temporal_size"] == 64
+  # The input's timeline spans the same grid as the exported model's temporal RoPE.
+  assert features.TIMELINE_FRAMES == torch_layout.ROPE_TEMPORAL_SIZE == 64

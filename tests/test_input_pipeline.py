@@ -15,6 +15,9 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from tests.helpers import digit_shards
 from ovenc_format import label_table
 from ovenc_format import records
+from ovenc_jax.input import defaults
+from ovenc_jax.input import features
+from ovenc_jax.input import global_arrays
 from ovenc_jax.input import pipeline as ip
 
 PATCH = 4
@@ -55,7 +58,7 @@ def data(tmp_path_factory):
 
 
 def config(sources, **kw):
-  cfg = ip.default_input_config()
+  cfg = defaults.default_input_config()
   cfg.update(sources=[{"path": p, "weight": w} for p, w in sources], global_batch_size=4,
              tokens_per_row=48, max_segments=3, patch_size=PATCH, max_labels=3, seed=7)
   cfg.update(kw)
@@ -281,7 +284,7 @@ def test_global_batch_on_8_devices(data):
   host = next(ip.make_train_iterator(cfg, process_index=0, process_count=1))
   assert (host["sample_id"] & (1 << 31)).any()  # some ids would turn negative as plain int32
   mesh = jax.sharding.Mesh(np.array(jax.devices()).reshape(2, 2, 2), ("data", "fsdp", "tensor"))
-  out = ip.global_batch(host, mesh, ("data", "fsdp"))
+  out = global_arrays.global_batch(host, mesh, ("data", "fsdp"))
   assert sorted(out) == sorted(host)
   for key, arr in out.items():
     want = host[key]
@@ -294,7 +297,7 @@ def test_global_batch_on_8_devices(data):
       np.testing.assert_array_equal(np.asarray(shard.data), want[shard.index])
       assert shard.data.shape[0] == 2  # 8 rows over data*fsdp = 4 shards
   with pytest.raises(ValueError, match="not divisible"):
-    ip.global_batch({k: v[:3] for k, v in host.items()}, mesh)
+    global_arrays.global_batch({k: v[:3] for k, v in host.items()}, mesh)
 
 
 # ---- config errors -------------------------------------------------------------------------------
@@ -341,7 +344,7 @@ def test_config_errors_name_paths_and_modes(data, tmp_path):
   partial = tmp_path / "partial"
   partial.mkdir()
   (partial / records.shard_name(0, 2)).write_bytes(b"")
-  with pytest.raises(ValueError, match=rf"input.sources\[0\].path.*lacks shard"):
+  with pytest.raises(ValueError, match=r"input.sources\[0\].path.*lacks shard"):
     ip.make_train_iterator(config([(str(partial), 1.0)]), process_index=0, process_count=1)
 
 
@@ -400,7 +403,7 @@ def test_label_table_replaces_record_labels(data, tmp_path):
   # An id the table lacks is an error naming the key, not a sample silently without labels.
   label_table.write_label_table(str(tmp_path / "short"), ids[1:], table[1:], num_classes=50)
   with pytest.raises(ValueError, match=r"input.label_table: .*not in the table"):
-    ip.join_labels(refs[int(ids[0])], ip.load_label_table(str(tmp_path / "short")))
+    features.join_labels(refs[int(ids[0])], features.load_label_table(str(tmp_path / "short")))
   with pytest.raises(ValueError, match=r"input.label_table: .*does not exist"):
     ip.make_train_iterator(config([(path, 1.0)], label_table=str(tmp_path / "none.npz")),
                            process_index=0, process_count=1)
@@ -433,13 +436,12 @@ def test_eval_batches_one_pass_in_order_with_padding(data):
 
 def test_process_exits_cleanly_with_a_live_iterator(data):
   """The background batch thread must be stopped before Python finalizes, or the process aborts."""
-  code = ("import sys; sys.path.insert(0, %r)\n"
-          "from ovenc_jax import input_pipeline as ip\n"
-          "cfg = ip.default_input_config()\n"
+  code = ("from ovenc_jax.input import defaults, pipeline\n"
+          "cfg = defaults.default_input_config()\n"
           "cfg.update(sources=[{'path': %r, 'weight': 1.0}], global_batch_size=2, tokens_per_row=48,\n"
           "           max_segments=3, patch_size=%d)\n"
-          "it = ip.make_train_iterator(cfg, process_index=0, process_count=1)\n"
-          "next(it)\n" % (os.path.dirname(os.path.dirname(os.path.abspath(__file__))), data["a"][0], PATCH))
+          "it = pipeline.make_train_iterator(cfg, process_index=0, process_count=1)\n"
+          "next(it)\n" % (data["a"][0], PATCH))
   r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                      env=dict(os.environ, JAX_PLATFORMS="cpu"))
   assert r.returncode == 0, r.stderr[-2000:]

@@ -1,4 +1,4 @@
-"""Mesh device order: the torus layout of mesh_utils, slices (mesh.dcn_*) outermost, config keys kept."""
+"""Mesh device order (the torus layout of mesh_utils, slices outermost, config keys kept) and logical axes."""
 import dataclasses
 import itertools
 
@@ -86,3 +86,13 @@ def test_host_devices_keep_config_keys_and_match_a_sharded_sum():
   spec = jax.sharding.PartitionSpec(("data", "fsdp"), "tensor")
   y = jax.device_put(x, jax.sharding.NamedSharding(mesh, spec))
   np.testing.assert_array_equal(np.asarray(jax.jit(lambda a: a.sum(0))(y)), x.sum(0))
+
+
+def test_logical_axes_name_their_mesh_axes_from_the_rules():
+  rules = common.LOGICAL_AXIS_RULES
+  assert sharding_lib.logical_mesh_axes(rules, "batch") == ("data", "fsdp")
+  assert sharding_lib.logical_mesh_axes(rules, "classes") == ("data", "fsdp", "tensor")
+  assert sharding_lib.logical_mesh_axes(rules, "embed") == ("fsdp",)
+  assert sharding_lib.logical_mesh_axes(rules, "length") == ()
+  # As a config read back from JSON holds them: lists; the first rule naming an axis decides.
+  assert sharding_lib.logical_mesh_axes([["classes", ["data"]], ["classes", "tensor"]], "classes") == ("data",)

@@ -7,6 +7,7 @@ from sklearn.datasets import load_sample_image
 from tests.helpers.tolerances import assert_reorder_close
 
 from ovenc_jax.configs import common
+from ovenc_jax.model import defaults as model_defaults
 from ovenc_jax.configs import pretrain
 from ovenc_jax.model import attention as attn_lib
 from ovenc_jax.model import encoder as model_lib
@@ -29,7 +30,7 @@ def _image_tokens(n, seed=0, t_max=4):
 
 
 def _tiny(**overrides):
-  cfg = common.model_config("tiny")
+  cfg = model_defaults.model_config("tiny")
   cfg.update(overrides)
   return model_lib.encoder_from_config(cfg)
 
@@ -269,7 +270,7 @@ def test_divisibility_and_model_errors():
                               ("attention", "flash", "model.attention"),
                               ("remat", "all", "model.remat"),
                               ("width", 4 * 40, "head_dim=40")]:
-    bad = common.model_config("tiny")
+    bad = model_defaults.model_config("tiny")
     bad[key] = value
     with pytest.raises(ValueError, match=message):
       model_lib.encoder_from_config(bad)

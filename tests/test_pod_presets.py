@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import pytest
 
 from ovenc_jax.configs import common
+from ovenc_jax.model import defaults as model_defaults
 from ovenc_jax.configs import pretrain
 from ovenc_jax.model import attention as attn_lib
 from ovenc_jax.model import encoder as model_lib
@@ -20,7 +21,7 @@ CASES = [(pod, v) for pod, p in common.POD_PRESETS.items() for v in p["variants"
 
 @functools.lru_cache(maxsize=None)
 def _abstract_params(variant):
-  cfg = common.model_config(variant)
+  cfg = model_defaults.model_config(variant)
   enc = model_lib.encoder_from_config(cfg)
   n = 256
   args = (jnp.zeros((1, n, 14 * 14 * 3), jnp.uint8), jnp.zeros((1, n, 3), jnp.int32), jnp.ones((1, n), jnp.int32))

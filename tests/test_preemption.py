@@ -2,14 +2,12 @@
 import json
 import os
 import signal
-import subprocess
 import time
 
 import pytest
 
 from tests.helpers import digit_shards
-from tests.test_train import ROOT, _free_port, cli, losses
-from tests.test_train import finish as _finish
+from tests.helpers.train_cli import finish, losses, start_processes
 
 STEPS = 16
 
@@ -19,18 +17,15 @@ def shards(tmp_path_factory):
   return digit_shards.write_digit_shards(str(tmp_path_factory.mktemp("digits") / "train"), 0, 400, num_shards=4)
 
 
-def _start(workdir, data, port, cache):
+def _start(workdir, data, cache):
   # The mesh's data axis spans the two processes as its dcn part (create_hybrid_device_mesh).
   kw = {"total_steps": STEPS, "log_every": 2, "ckpt_every": 1000, "input.tokens_per_row": 32,
         "mesh.dcn_data": 2}
-  # The three runs compile the same programs: XLA's persistent cache saves ~8 s of each later start,
-  # and the bitwise comparison below also holds a cached executable to the freshly compiled one.
+  # The three runs compile the same programs: XLA's persistent cache shortens each later start, and
+  # the bitwise comparison below also holds a cached executable to the freshly compiled one.
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_COMPILATION_CACHE_DIR=cache,
              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
-  return [subprocess.Popen(
-      cli(workdir, data, extra=[f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
-                                f"--process_id={i}"], **kw),
-      cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
+  return start_processes(workdir, data, 2, env, **kw)
 
 
 def _reached(workdir, step):
@@ -42,16 +37,16 @@ def _reached(workdir, step):
 
 def test_sigterm_to_one_process_stops_both_at_one_step(shards, tmp_path):
   full, cut, cache = tmp_path / "full", tmp_path / "cut", str(tmp_path / "xla_cache")
-  _finish(_start(full, shards, _free_port(), cache), timeout=300)
+  finish(_start(full, shards, cache), timeout=300)
 
-  procs = _start(cut, shards, _free_port(), cache)
+  procs = _start(cut, shards, cache)
   deadline = time.time() + 240
   while not _reached(cut, 3):
     assert time.time() < deadline and all(p.poll() is None for p in procs), "no progress"
     time.sleep(0.05)
   t0 = time.time()
   procs[1].send_signal(signal.SIGTERM)  # the other process gets no signal
-  outs = _finish(procs, timeout=60)
+  outs = finish(procs, timeout=60)
   assert time.time() - t0 < 60
   summary = json.loads(outs[0].split("SUMMARY ")[-1].splitlines()[0])
   k = summary["preempted_at"]
@@ -59,7 +54,7 @@ def test_sigterm_to_one_process_stops_both_at_one_step(shards, tmp_path):
   # One preemption checkpoint, the agreed step (orbax also keeps its initial save of step 1).
   assert sorted(os.listdir(cut / "checkpoints"), key=int) == sorted({"1", str(k)}, key=int)
 
-  _finish(_start(cut, shards, _free_port(), cache), timeout=300)
+  finish(_start(cut, shards, cache), timeout=300)
   a, b = losses(str(full)), losses(str(cut))
   assert sorted(b) == list(range(1, STEPS + 1))
   for s in range(k + 1, STEPS + 1):

@@ -2,7 +2,8 @@
 import av
 import numpy as np
 
-from data_prep.codec import signals as cs
+from data_prep.codec import clip, config, decode
+from data_prep.codec.selection import sample_indices
 from data_prep import make_demo_data as md
 from data_prep import visualize
 
@@ -12,15 +13,15 @@ def test_source_frames_stream_v1_and_v2(tmp_path, monkeypatch):
   frames = np.clip(rng.normal(128, 40, (30, 48, 64, 3)), 0, 255).astype(np.uint8)
   path = str(tmp_path / "clip.mp4")
   md.encode_clip(path, frames, rotation=90)
-  cfg = cs.PatchifyConfig(num_frames=6, image_size=56, patch_size=14, budget=0.5).validate()
-  rec = cs.patchify_file(path, cfg)
+  cfg = config.PatchifyConfig(num_frames=6, image_size=56, patch_size=14, budget=0.5).validate()
+  rec = clip.patchify_file(path, cfg)
   with av.open(path) as c:  # independent: every frame decoded, then indexed
     dec = [np.rot90(f.to_ndarray(format="rgb24", width=56, height=56, interpolation="AREA"), 1)
            for f in c.decode(video=0)]
-  want = np.stack([dec[i] for i in cs.sample_indices(30, 6)])
+  want = np.stack([dec[i] for i in sample_indices(30, 6)])
   calls = []
-  real = cs.to_rgb
-  monkeypatch.setattr(cs, "to_rgb", lambda *a: calls.append(1) or real(*a))
+  real = decode.to_rgb
+  monkeypatch.setattr(decode, "to_rgb", lambda *a: calls.append(1) or real(*a))
   np.testing.assert_array_equal(visualize.source_frames(rec), want)
   assert len(calls) == 6  # only the sampled frames are converted and held
   v1 = {k: v for k, v in rec.items() if k != "frame_indices"}  # format 1: indices unknown

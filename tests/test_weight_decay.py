@@ -4,10 +4,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ovenc_jax.configs import common
-from ovenc_jax.loss import discrimination as loss_lib
+from ovenc_jax.loss.centers import init_centers
+from ovenc_jax.loss.defaults import default_loss_config
+from ovenc_jax.model import defaults as model_defaults
 from ovenc_jax.model import encoder as model_lib
 from ovenc_jax.train import optim
+from ovenc_jax.train.defaults import default_optim_config
 
 
 def _paths(tree):
@@ -26,7 +28,7 @@ def _expected_decayed(depth):
 
 
 def _init(variant):
-  enc = model_lib.encoder_from_config(common.model_config(variant))
+  enc = model_lib.encoder_from_config(model_defaults.model_config(variant))
   x = (jnp.zeros((1, 4, 14 * 14 * 3), jnp.uint8), jnp.zeros((1, 4, 3), jnp.int32), jnp.ones((1, 4), jnp.int32))
   return enc, x
 
@@ -47,11 +49,11 @@ def test_base_mask_is_exactly_the_kernels():
 def test_zero_gradient_step_shrinks_only_the_kernels():
   enc, x = _init("tiny")
   params = {"encoder": jax.jit(enc.init)(jax.random.key(0), *x)["params"],
-            "centers": loss_lib.init_centers(jax.random.key(1), 8, 128, 8)}
+            "centers": init_centers(jax.random.key(1), 8, 128, 8)}
   params = jax.tree.map(np.asarray, nn.meta.unbox(params))
-  o = optim.default_optim_config()
+  o = default_optim_config()
   o.update(lr=0.1, warmup_steps=0, weight_decay=0.5)
-  lc = loss_lib.default_loss_config()
+  lc = default_loss_config()
   tx = optim.make_optimizer(o, lc, total_steps=10)
   updates = jax.jit(lambda p: tx.update(jax.tree.map(jnp.zeros_like, p), tx.init(p), p)[0])(params)
   expected = _expected_decayed(2)

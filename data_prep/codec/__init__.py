@@ -1,1 +1,1 @@
-"""The codec path: decode, codec signals, patch scoring and selection."""
+"""The codec path: config <- decode <- signals <- selection/scoring <- clip <- worker."""

@@ -1,30 +1,16 @@
-"""Compiled (numba) per-frame codec signal: paint vectors on cells, warp, residual, pool, fuse.
-
-The same rules as codec_signals.FrameSignals (its numpy path is the reference these kernels are
-tested against), in one call per frame: scoring every decoded frame of a sampling interval
-costs a few hundred numpy calls per frame otherwise, more than the decode itself.
-"""
+"""Compiled (numba) per-frame codec signal: paint vectors on cells, warp, residual, pool, fuse."""
+# The same rules as data_prep.codec.signals.FrameSignals (its numpy path is the reference these
+# kernels are tested against), in one call per frame: scoring every decoded frame of a sampling
+# interval costs a few hundred numpy calls per frame otherwise, more than the decode itself.
 import functools
 import math
 
 import numba
 import numpy as np
 
-# AVMotionVector as FFmpeg lays it out (PyAV builds this dtype on every to_ndarray call, which
-# costs more than reading the vectors).
-MV_DTYPE = np.dtype([("source", "int32"), ("w", "uint8"), ("h", "uint8"), ("src_x", "int16"),
-                     ("src_y", "int16"), ("dst_x", "int16"), ("dst_y", "int16"),
-                     ("flags", "uint64"), ("motion_x", "int32"), ("motion_y", "int32"),
-                     ("motion_scale", "uint16")], align=True)
+from data_prep.codec.decode import MV_DTYPE
 
 _JIT = dict(cache=True, nogil=True, fastmath=False, boundscheck=False)
-
-
-def read_vectors(side_data) -> np.ndarray:
-  """Structured [N] read-only view of a frame's MOTION_VECTORS side data (no copy)."""
-  out = np.frombuffer(side_data, dtype=MV_DTYPE)
-  out.flags.writeable = False
-  return out
 
 
 def as_vectors(mvs) -> np.ndarray:
@@ -49,7 +35,7 @@ def _lattice_count(lo, hi, size, stride):
 
 @numba.njit(**_JIT)
 def _p95_weighted(values, weights, floor):
-  """codec_signals.norm_scale(values, floor, weights): max(floor, the smallest v whose values
+  """signals.norm_scale(values, floor, weights): max(floor, the smallest v whose values
   <= v hold 95% of the weight), by weighted quickselect. Equal weights count values, as
   percentile95's nearest rank does; integer-valued weights sum exactly in any order."""
   n = values.size
@@ -106,7 +92,7 @@ def _fill(src, height, width, y0, stride, nr, dy, dx, x_lo, x_hi, out):
   [x_lo, x_hi), coordinates clamped to the frame (edge replication, as H.264 pads).
 
   Indices are uint64: numba gives a signed index it cannot prove non-negative a wrap-around
-  branch, which stops vectorisation (measured 6-10x on these copies).
+  branch, which stops vectorisation of these copies.
   """
   u = np.uint64
   if stride == 1:
@@ -160,7 +146,7 @@ def frame_score(cur, past, fut, use_fut, mvs, zero_motion, out, height, width, s
                 motion_floor, residual_floor, row_pid, col_pid, col_runs, col_run_pid, g, area,
                 res, motion_weight, residual_weight, fusion_sum):
   """Adds one frame's fused patch scores to out [G*G] (display order) and returns whether it had
-  vectors. As codec_signals.FrameSignals.scores with fusion "sum" or "mean": the residual pool
+  vectors. As signals.FrameSignals.scores with fusion "sum" or "mean": the residual pool
   over its scale clipped at 1, the motion pool (0 with zero_motion when there are no vectors,
   else absent), weighted.
 
@@ -175,7 +161,7 @@ def frame_score(cur, past, fut, use_fut, mvs, zero_motion, out, height, width, s
   n_mv = mvs.size
   cell = 1 << 30  # no vectors: one cell, co-located prediction
   if n_mv:
-    # Largest power of two dividing every block size and corner (cf. codec_signals.mv_cell_size).
+    # Largest power of two dividing every block size and corner (cf. signals.mv_cell_size).
     bits = 0
     for i in range(n_mv):
       w, h = np.int64(mvs[i].w), np.int64(mvs[i].h)
@@ -403,12 +389,12 @@ def frame_score(cur, past, fut, use_fut, mvs, zero_motion, out, height, width, s
   return True
 
 
-# Per geometry, like codec_signals' lattice cache: every video of a dataset shares a few shapes.
+# Per geometry, like the lattice cache of signals.FrameSignals: every video of a dataset shares a few shapes.
 @functools.lru_cache(maxsize=32)
 def patch_layout(lattice_h: int, lattice_w: int, grid_side: int, rot_k: int):
   """(row_pid, col_pid, col_runs, col_run_pid, area) of a lattice in coded orientation whose
   patches are counted in display orientation (np.rot90 by rot_k) and split as
-  codec_signals.patch_means splits: lattice point (y, x) is in patch row_pid[y] + col_pid[x];
+  signals.patch_means splits: lattice point (y, x) is in patch row_pid[y] + col_pid[x];
   col_pid is col_run_pid[j] over each run x in [col_runs[j], col_runs[j + 1])."""
   g = grid_side
   dh, dw = (lattice_h, lattice_w) if rot_k % 2 == 0 else (lattice_w, lattice_h)

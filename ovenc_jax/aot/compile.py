@@ -1,26 +1,44 @@
 """Ahead-of-time compile of the real train step for a TPU or GPU topology on a CPU host: does it fit, how fast, what talks.
 
-python -m ovenc_jax.aot.compile --config ovenc_jax/configs/pretrain.py:variant=base --topology v5e-256 [--json PATH]
+ovenc-aot --config ovenc_jax/configs/pretrain.py:variant=base --topology v5e-256 [--json PATH]
+(or python -m ovenc_jax.aot.compile ...)
 """
+import dataclasses
+import math
 import os
+import re
+import sys
+import time
 
-# Before jax is imported: the host side stays on the CPU, libtpu asks no metadata server, and the
-# libtpu lock file (which guards a real TPU, absent here) does not stop a second compile elsewhere.
-os.environ["JAX_PLATFORMS"] = "cpu"
-os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
-os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
-
-import dataclasses  # noqa: E402
-import math  # noqa: E402
-import re  # noqa: E402
-import sys  # noqa: E402
-import time  # noqa: E402
-
-from ovenc_jax.aot import hlo_traffic  # noqa: E402
+from ovenc_jax.aot import hlo_traffic
 
 GiB = 2 ** 30
 REPLICATED_WARN_BYTES = 64 * 2 ** 20
-TARGETS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "aot_targets")
+TARGETS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "targets")
+# The packaged pretrain config by absolute path, for command lines run from any directory.
+PRETRAIN_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs",
+                               "pretrain.py")
+
+
+def prepare_host_environment() -> None:
+  """Sets up this process for compile-only targets; call it before jax is imported.
+
+  The host side stays on the CPU (the targets' devices come from their topology, not from this
+  host), libtpu asks no metadata server, and the libtpu lock file (which guards a real TPU, absent
+  here) does not stop a second compile elsewhere. Raises RuntimeError when jax was already imported
+  onto another platform, as it reads JAX_PLATFORMS only when imported.
+  """
+  os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
+  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+  jax = sys.modules.get("jax")
+  if jax is None:
+    os.environ["JAX_PLATFORMS"] = "cpu"
+    return
+  platforms = jax.config.jax_platforms
+  if platforms != "cpu":
+    raise RuntimeError(f"ovenc_jax.aot: jax was imported with JAX_PLATFORMS={platforms!r}; compile-only "
+                       f"targets need the host on the CPU: call aot.prepare_host_environment() before "
+                       f"importing jax, or set JAX_PLATFORMS=cpu")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -134,14 +152,14 @@ def model_flops(config, class_shards: int, padded_classes: int, tensor: int = 1)
   head = 2 * b * (2 * n * d * d + 2 * s * d * d + 2 * s * n * d + 2 * s * d * f)
   # The loss: each of the class shards scores all B*S embeddings against its columns of the centers.
   # The column count is loss.make_loss_fn's own: all local rows, or the static Partial-FC selection
-  # (loss.selection_size); the official recipe draws one selection per label slot.
-  from ovenc_jax.loss import discrimination as loss_lib
+  # (loss.partial_fc.selection_size); the official recipe draws one selection per label slot.
+  from ovenc_jax.loss import partial_fc
   e = b * s
   c_local = padded_classes // class_shards
   k = min(int(lc.labels_per_step), int(i.max_labels))
   official = lc.get("recipe", "default") == "official"
-  _, n_sel = loss_lib.selection_size(c_local, lc.sample_rate, e if official else e * k, class_shards,
-                                     lc.get("pfc_positive_slack", 2.0))
+  _, n_sel = partial_fc.selection_size(c_local, lc.sample_rate, e if official else e * k, class_shards,
+                                       lc.get("pfc_positive_slack", 2.0))
   cols = (c_local if n_sel is None else n_sel) * (k if official else 1)
   loss = 3 * class_shards * 2 * e * d * cols
   out = dict(patch_embed=2 * patch * tensor, encoder_layers=3 * layers, head=3 * head, loss=loss)
@@ -225,8 +243,8 @@ def analyse(config, target: Target, dump_dir: str | None = None, save_path: str 
   lowered = trainer.lower()
   mesh = dict(trainer.mesh.shape)
   n_dev = len(target.devices)
-  batch_shards = math.prod(mesh[a] for a in train.BATCH_AXES)
-  flops_model = model_flops(config, math.prod(mesh[a] for a in train.CLASS_AXES),
+  batch_shards = math.prod(mesh[a] for a in trainer.batch_axes)
+  flops_model = model_flops(config, math.prod(mesh[a] for a in trainer.class_axes),
                             trainer.abstract_state["params"]["centers"].shape[0], mesh["tensor"])
   dtype = str(config.model.dtype)
   r = dict(topology=target.name, device_kind=target.devices[0].device_kind, num_devices=n_dev, mesh=mesh,
@@ -343,28 +361,40 @@ def format_report(r: dict) -> str:
   return "\n".join(lines)
 
 
+def _define_flags() -> None:
+  from absl import flags
+  from ml_collections import config_flags
+  config_flags.DEFINE_config_file("config", None, "ovenc_jax/configs/pretrain.py:ARGS", lock_config=True)
+  flags.DEFINE_string("topology", None, "v4-16, v5e-256, v5p-128, v6e-256, v5e:16x16, h100x8, "
+                      "h100x8x2 (2 hosts), a100x8")
+  flags.DEFINE_integer("num_slices", 1, "TPU slices joined over DCN")
+  flags.DEFINE_string("json", None, "write the figures here")
+  flags.DEFINE_string("dump", None, "write the lowered and the optimised HLO into this folder")
+  flags.DEFINE_string("save", None, "serialise the compiled executable (pickle) here")
+  flags.mark_flags_as_required(["config", "topology"])
+
+
 def main(argv):
-  from absl import app
+  from absl import app, flags
   from ovenc_format import atomic_io
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  target = get_target(_TOPOLOGY.value, _NUM_SLICES.value)
-  r = analyse(_CONFIG.value, target, dump_dir=_DUMP.value, save_path=_SAVE.value)
+  f = flags.FLAGS
+  target = get_target(f.topology, f.num_slices)
+  r = analyse(f.config, target, dump_dir=f.dump, save_path=f.save)
   print(format_report(r), flush=True)
-  if _JSON.value:
-    atomic_io.save_json(_JSON.value, r)
+  if f.json:
+    atomic_io.save_json(f.json, r)
   sys.exit(0 if r["fits"] else 1)
 
 
-if __name__ == "__main__":
-  from absl import app, flags
-  from ml_collections import config_flags
-  _CONFIG = config_flags.DEFINE_config_file("config", None, "ovenc_jax/configs/pretrain.py:ARGS", lock_config=True)
-  _TOPOLOGY = flags.DEFINE_string("topology", None, "v4-16, v5e-256, v5p-128, v6e-256, v5e:16x16, h100x8, "
-                                  "h100x8x2 (2 hosts), a100x8")
-  _NUM_SLICES = flags.DEFINE_integer("num_slices", 1, "TPU slices joined over DCN")
-  _JSON = flags.DEFINE_string("json", None, "write the figures here")
-  _DUMP = flags.DEFINE_string("dump", None, "write the lowered and the optimised HLO into this folder")
-  _SAVE = flags.DEFINE_string("save", None, "serialise the compiled executable (pickle) here")
-  flags.mark_flags_as_required(["config", "topology"])
+def cli() -> None:
+  """The `ovenc-aot` command (and `python -m ovenc_jax.aot.compile`)."""
+  prepare_host_environment()
+  from absl import app
+  _define_flags()
   app.run(main)
+
+
+if __name__ == "__main__":
+  cli()

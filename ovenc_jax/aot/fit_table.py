@@ -1,6 +1,6 @@
-"""The README "Will it fit?" table: `ovenc_jax.aot.compile` for base/large on clips and images, per target, one compile at a time.
+"""The "Will it fit?" table of docs/benchmarks.md: `ovenc_jax.aot.compile` for base/large on clips and images, per target, one compile at a time.
 
-python ovenc_jax/aot/fit_table.py --out DIR [--json PATH] [--cached]   (rows whose DIR/<row>.json exists are reused)
+ovenc-aot-fit-table --out DIR [--json PATH] [--cached]   (rows whose DIR/<row>.json exists are reused)
 """
 import argparse
 import json
@@ -8,9 +8,8 @@ import os
 import subprocess
 import sys
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-from ovenc_jax.aot import compile as aot  # noqa: E402  (sets JAX_PLATFORMS=cpu; this process runs no jax itself)
+from ovenc_jax.aot import compile as aot
+
 # input: (tokens per row, samples per row, global batch by target); 12.5% of a 16-frame clip = 512 tokens.
 INPUTS = {
     "clips": (512, 1, {"v5e-256": 1024, "v5p-128": 1024, "h100x8": 256}),
@@ -29,11 +28,11 @@ def run_row(out_dir, variant, inp, target, compile_missing=True):
   if not os.path.exists(path) and not compile_missing:
     return None
   if not os.path.exists(path):
-    cmd = [sys.executable, "-m", "ovenc_jax.aot.compile", f"--config=ovenc_jax/configs/pretrain.py:variant={variant}",
+    cmd = [sys.executable, "-m", "ovenc_jax.aot.compile", f"--config={aot.PRETRAIN_CONFIG}:variant={variant}",
            f"--topology={target}", f"--json={path}", f"--config.input.tokens_per_row={tokens}",
            f"--config.input.max_segments={segments}", f"--config.input.global_batch_size={batches[target]}",
            *COMMON]
-    proc = subprocess.run(["nice", "-n", "10", *cmd], cwd=ROOT, capture_output=True, text=True)
+    proc = subprocess.run(["nice", "-n", "10", *cmd], capture_output=True, text=True)
     if proc.returncode not in (0, 1) or not os.path.exists(path):
       print(f"{variant} {inp} {target}: failed (rc {proc.returncode})\n{proc.stderr[-3000:]}", file=sys.stderr)
       return None
@@ -72,7 +71,7 @@ def main():
   os.makedirs(args.out, exist_ok=True)
   keys = [(v, i, t) for i in INPUTS for v in VARIANTS for t in args.targets.split(",")]
   rows = {}
-  # The GPU compiles (8 devices) take a minute or two, a 256-chip TPU one 3-7 minutes: cheap rows first.
+  # The GPU compiles (8 devices) are much cheaper than the 256-chip TPU ones: cheap rows first.
   for key in sorted(keys, key=lambda k: not k[2].startswith(tuple(aot.GPU_MODELS))):
     rows[key] = run_row(args.out, *key, compile_missing=not args.cached)
     print(table({key: rows[key]}).splitlines()[-1], flush=True)

@@ -3,14 +3,14 @@
 XLA's `cost_analysis()["bytes accessed"]` on TPU counts every operand and result of every
 instruction whatever memory it sits in: an operand that memory-space assignment first prefetched
 into VMEM is counted at the prefetch (read and write) and again at every read from VMEM, and a
-sliced prefetch (`slice-start`) is counted as reading its whole source once per slice. For one bf16
-4096 x 4096 matmul on v5e it reports 224 MiB where the operands and the result are 96 MiB. This
-module counts instead, per instruction of the scheduled program, only the arrays whose layout puts
-them in HBM (memory space 0): an async copy or slice moves its HBM side once, a fusion reads its HBM
-operands and writes its HBM result, a while loop counts its body times its known trip count, and a
-Pallas kernel counts at least what its cost estimate declares (splash re-reads K/V per query block).
-Fusions that read only a slice of an operand are still counted as reading all of it, so this is an
-upper bound of the traffic, much closer than XLA's figure; it is reported beside XLA's, not instead.
+sliced prefetch (`slice-start`) is counted as reading its whole source once per slice, so even a
+single matmul reports well over the bytes of its operands and result. This module counts instead,
+per instruction of the scheduled program, only the arrays whose layout puts them in HBM (memory
+space 0): an async copy or slice moves its HBM side once, a fusion reads its HBM operands and
+writes its HBM result, a while loop counts its body times its known trip count, and a Pallas kernel
+counts at least what its cost estimate declares (splash re-reads K/V per query block). Fusions that
+read only a slice of an operand are still counted as reading all of it, so this is an upper bound
+of the traffic, much closer than XLA's figure; it is reported beside XLA's, not instead.
 """
 import math
 import re

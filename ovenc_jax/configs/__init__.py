@@ -1,1 +1,1 @@
-"""Experiment configs as code: `get_config(arg)` modules and the defaults they start from."""
+"""Experiment configs as data: `get_config(arg)` modules built from plain values and light defaults modules."""

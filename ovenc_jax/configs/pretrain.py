@@ -1,13 +1,15 @@
 """Pretraining config: `ovenc_jax/configs/pretrain.py:variant=tiny[,runlocal][,data=SOURCES][,recipe=official][,pod=v5e-256]`.
 
 SOURCES is one shard folder or glob, or a weighted mix `videos/:0.7+images/:0.3` (also as `sources=`).
+Built from plain values and the light defaults modules next to the code (none imports jax).
 """
 import ml_collections
 
 from ovenc_jax.configs import common
-from ovenc_jax.input import pipeline as input_pipeline
-from ovenc_jax.loss import discrimination as loss
-from ovenc_jax.train import optim
+from ovenc_jax.input.defaults import default_input_config, parse_sources
+from ovenc_jax.loss.defaults import default_loss_config
+from ovenc_jax.model.defaults import model_config
+from ovenc_jax.train.defaults import default_optim_config
 
 
 def get_config(arg=None):
@@ -17,25 +19,25 @@ def get_config(arg=None):
     raise ValueError("config args data= and sources= name the same thing; give one")
   c = ml_collections.ConfigDict()
   c.seed = 0
-  c.model = common.model_config(a.variant)
+  c.model = model_config(a.variant)
   c.mesh = common.mesh_config(data=-1, fsdp=1, tensor=1)
   c.logical_axis_rules = common.LOGICAL_AXIS_RULES
 
-  c.input = input_pipeline.default_input_config()
-  c.input.sources = input_pipeline.parse_sources(a.data or a.sources) if a.data or a.sources else []
+  c.input = default_input_config()
+  c.input.sources = parse_sources(a.data or a.sources) if a.data or a.sources else []
   c.input.global_batch_size = 256
   c.input.tokens_per_row = 1024
   c.input.max_segments = 4
 
-  c.loss = loss.default_loss_config()
+  c.loss = default_loss_config()
   c.loss.num_classes = 0  # 0 = the class count of input.label_table
-  c.optim = optim.default_optim_config()
+  c.optim = default_optim_config()
 
   c.total_steps = 100_000
   c.log_every, c.ckpt_every, c.keep_ckpts, c.async_ckpt = 50, 1000, 3, True
   # Steps with a non-finite loss or gradient norm are skipped; this many in a row stop the run.
   c.max_bad_steps = 5
-  # Metrics reach the host once per log window; True fetches them every step (the old path, slower).
+  # Metrics reach the host once per log window; True fetches them every step (a host sync per step).
   c.fetch_metrics_every_step = False
   c.eval_every = 5000
   c.eval = ml_collections.ConfigDict(dict(
@@ -61,11 +63,17 @@ def get_config(arg=None):
 
 
 def official_recipe(c):
-  """OneVision-Encoder's published setup (README: 'Training recipes' lists each difference)."""
+  """OneVision-Encoder's published setup (docs/design.md, 'Training recipes', lists each difference)."""
   c.loss.update(recipe="official", sample_rate=0.1, centers_init_std=0.01, centers_weight_decay=0.05)
-  c.optim.update(b2=0.999, schedule="polynomial", power=2.0, end_lr_ratio=0.0,
-                 warmup_steps=c.total_steps // 10, clip_norm=5.0)
+  c.optim.update(b2=0.999, schedule="polynomial", power=2.0, end_lr_ratio=0.0, clip_norm=5.0)
+  # A tenth of the run, as a reference: it follows total_steps set later (--config.total_steps=N)
+  # until optim.warmup_steps is set itself.
+  c.optim.warmup_steps = c.get_ref("total_steps") // 10
   c.optim.clip_per_group = True  # encoder and centers each clipped to clip_norm
 
 
-RECIPE_PRESETS = {"default": lambda c: None, "official": official_recipe}
+def default_recipe(c):
+  """The repository's own setup: the defaults as built above."""
+
+
+RECIPE_PRESETS = {"default": default_recipe, "official": official_recipe}

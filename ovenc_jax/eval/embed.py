@@ -1,8 +1,4 @@
-"""Pooled embeddings of ArrayRecord samples from a training workdir's checkpoint (for re-clustering).
-
-python -m ovenc_jax.eval.embed --workdir DIR --records SHARD_DIR --output OUT [--step N]
-writes OUT/embeddings.npy [N, D] float32 and OUT/sample_ids.npy [N] int64 (the cluster job's input).
-"""
+"""Pooled embeddings of ArrayRecord samples by a workdir's encoder, as the folder `data_prep.cluster --embeddings` reads."""
 import argparse
 import json
 import os
@@ -69,8 +65,9 @@ def main(argv=None):
   ap = argparse.ArgumentParser(prog="python -m ovenc_jax.eval.embed", description=__doc__)
   ap.add_argument("--workdir", required=True)
   ap.add_argument("--records", required=True)
-  ap.add_argument("--output", required=True)
-  ap.add_argument("--step", type=int, default=None)
+  ap.add_argument("--output", required=True,
+                  help="folder for embeddings.npy [N, D] float32 and sample_ids.npy [N] int64")
+  ap.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
   ap.add_argument("--tokens_per_row", type=int, default=1024)
   a = ap.parse_args(argv)
   emb, ids = embed_records(a.workdir, a.records, step=a.step, tokens_per_row=a.tokens_per_row)

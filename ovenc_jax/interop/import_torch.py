@@ -15,11 +15,11 @@ import numpy as np
 import torch
 from safetensors import safe_open
 
-from ovenc_jax.configs import common
 from ovenc_format import atomic_io
-from ovenc_jax.train import checkpoint as ckpt_lib
-from ovenc_jax.model import encoder as model_lib
 from ovenc_jax.interop import torch_layout as layout_lib
+from ovenc_jax.model import defaults as model_defaults
+from ovenc_jax.model import encoder as model_lib
+from ovenc_jax.train import checkpoint as ckpt_lib
 
 
 def _load_safetensors(path: str) -> dict[str, torch.Tensor]:
@@ -36,9 +36,8 @@ def _to_numpy_f32(t: torch.Tensor) -> np.ndarray:
 
 def model_config_for(arch: layout_lib.Arch, rope_layout: str, rope_theta: float) -> ml_collections.ConfigDict:
   """A `config.model` for these sizes: the named variant when the sizes match one, else 'custom'."""
-  sizes = (arch.width, arch.depth, arch.num_heads, arch.mlp_dim)
-  variant = next((name for name, v in common.VARIANTS.items() if v == sizes), None)
-  cfg = common.model_config(variant or "base")
+  variant = model_defaults.variant_of(arch.width, arch.depth, arch.num_heads, arch.mlp_dim)
+  cfg = model_defaults.model_config(variant or model_defaults.DEFAULT_VARIANT)
   cfg.update(dict(variant=variant or "custom", width=arch.width, depth=arch.depth, num_heads=arch.num_heads,
                   mlp_dim=arch.mlp_dim, patch_size=arch.patch_size, rope_layout=rope_layout,
                   rope_theta=rope_theta))

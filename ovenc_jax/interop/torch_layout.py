@@ -5,17 +5,14 @@ from typing import Any, Mapping
 
 import numpy as np
 
+# model.defaults imports no jax, so the PyTorch side shares the encoder's constants without it.
+from ovenc_jax.model.defaults import CLIP_MEAN, CLIP_STD, NORM_EPS, ROPE_TEMPORAL_SIZE  # noqa: F401
+
 MODEL_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 CENTERS_FILE = "centers.safetensors"
 CENTERS_KEY = "centers"
 
-# Mirrors ovenc_jax.model.encoder (LN_EPS, CLIP_MEAN, CLIP_STD); kept here so the PyTorch side needs no jax.
-# tests/test_export_torch.py checks that the two copies agree.
-NORM_EPS = 1e-6
-ROPE_TEMPORAL_SIZE = 64  # frames of the published temporal RoPE grid (config.json rope_temporal_size)
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 ROPE_LAYOUTS = ("official", "consistent")
 
 
@@ -271,8 +268,8 @@ def hf_config(arch: Arch, *, rope_layout: str = "official", rope_theta: float = 
       "rope_theta": float(rope_theta),
       # The published default: RoPE over a 64-frame grid. visible_indices index it as
       # t*H*W + h*W + w with t on the 64-frame timeline (input.temporal_positions="timeline64");
-      # a dense 5-D clip without visible_indices still takes t = 0..T-1 (T <= 64). None made the
-      # packed-frames call fail with an index error.
+      # a dense 5-D clip without visible_indices still takes t = 0..T-1 (T <= 64). With None the
+      # packed-frames call fails with an index error.
       "rope_temporal_size": ROPE_TEMPORAL_SIZE,
       "use_head": True,
       "torch_dtype": "float32",

@@ -7,16 +7,18 @@ import jax.numpy as jnp
 import numpy as np
 
 from ovenc_jax.model import attention as attn_lib
+from ovenc_jax.model import defaults
 from ovenc_jax.model import fused_mlp
 from ovenc_jax.model import precision
 from ovenc_jax.model import rope as rope_lib
 from ovenc_jax import sharding as sharding_lib
 
 # CLIP pixel statistics, applied when patches arrive as uint8.
-CLIP_MEAN = np.array([0.48145466, 0.4578275, 0.40821073], np.float32)
-CLIP_STD = np.array([0.26862954, 0.26130258, 0.27577711], np.float32)
-LN_EPS = 1e-6
+CLIP_MEAN = np.array(defaults.CLIP_MEAN, np.float32)
+CLIP_STD = np.array(defaults.CLIP_STD, np.float32)
+LN_EPS = defaults.NORM_EPS
 
+_SIZES = defaults.sizes(defaults.DEFAULT_VARIANT)
 _dense_init = nn.initializers.lecun_normal()
 _zeros = nn.initializers.zeros_init()
 _ones = nn.initializers.ones_init()
@@ -43,9 +45,9 @@ def normalize_pixels(patches: jnp.ndarray) -> jnp.ndarray:
 
 class _Module(nn.Module):
   """Holds the logical-axis plumbing and the precision policy (ovenc_jax/model/precision.py) of every layer."""
-  dtype: Any = jnp.float32
+  dtype: Any = jnp.dtype(defaults.FIELDS["dtype"])
   axis_rules: Sequence[tuple[str, Any]] = ()
-  grad_reduce_dtype: Any = jnp.float32
+  grad_reduce_dtype: Any = jnp.dtype(defaults.FIELDS["grad_reduce_dtype"])
 
   def _kw(self):
     return dict(dtype=self.dtype, axis_rules=self.axis_rules, grad_reduce_dtype=self.grad_reduce_dtype)
@@ -254,22 +256,27 @@ class ProbeHead(_Module):
 
 
 class Encoder(_Module):
-  """The OV-Encoder ViT. Returns last hidden states [B, N, D] and pooled [B, S, D] per segment."""
-  patch_size: int = 14
-  width: int = 768
-  depth: int = 12
-  num_heads: int = 12
-  mlp_dim: int = 3072
-  rope_layout: str = "official"
-  rope_theta: float = 10000.0
-  attention: str = "xla"
-  attn_chunk_size: int = 512
-  mlp_kernel: str = "xla"  # 'auto' | 'xla' | 'pallas' (MLP_KERNELS; workdirs saved before the key: xla)
-  remat: str = "none"
+  """The OV-Encoder ViT. Returns last hidden states [B, N, D] and pooled [B, S, D] per segment.
+
+  Field defaults are ovenc_jax.model.defaults' (the default variant's sizes); `attention='auto'`
+  resolves for the current mesh's platform when traced.
+  """
+  patch_size: int = defaults.FIELDS["patch_size"]
+  width: int = _SIZES["width"]
+  depth: int = _SIZES["depth"]
+  num_heads: int = _SIZES["num_heads"]
+  mlp_dim: int = _SIZES["mlp_dim"]
+  rope_layout: str = defaults.FIELDS["rope_layout"]
+  rope_theta: float = defaults.FIELDS["rope_theta"]
+  attention: str = defaults.FIELDS["attention"]
+  attn_chunk_size: int = defaults.FIELDS["attn_chunk_size"]
+  mlp_kernel: str = defaults.FIELDS["mlp_kernel"]  # MLP_KERNELS
+  remat: str = defaults.FIELDS["remat"]
 
   @nn.compact
   def __call__(self, patches, positions, segment_ids, num_segments: int = 1):
     kw = self._kw()
+    impl = attn_lib.resolve(self.attention, sharding_lib.mesh_platform(), self.dtype)
     x = normalize_pixels(patches)
     x = Linear(name="patch_embedding", features=self.width, names=("patch", "embed"),
                use_bias=False, **kw)(x)
@@ -281,7 +288,7 @@ class Encoder(_Module):
       layer_cls = nn.remat(EncoderLayer, policy=REMAT_POLICIES[self.remat])
     for i in range(self.depth):
       x = layer_cls(name=f"layers_{i}", num_heads=self.num_heads, mlp_dim=self.mlp_dim,
-                    rope_layout=self.rope_layout, impl=self.attention,
+                    rope_layout=self.rope_layout, impl=impl,
                     chunk_size=self.attn_chunk_size, mlp_kernel=self.mlp_kernel, **kw)(
                         x, segment_ids, angles)
     x = LayerNorm(name="layernorm_post", **kw)(x)
@@ -302,15 +309,9 @@ def encoder_from_config(model_cfg, axis_rules=(), platform=None) -> Encoder:
       patch_size=model_cfg.patch_size, width=model_cfg.width, depth=model_cfg.depth,
       num_heads=model_cfg.num_heads, mlp_dim=model_cfg.mlp_dim, rope_layout=model_cfg.rope_layout,
       rope_theta=model_cfg.rope_theta, attention=attention,
-      attn_chunk_size=model_cfg.attn_chunk_size, mlp_kernel=model_cfg.get("mlp_kernel", "xla"),
-      remat=model_cfg.remat,
-      dtype=jnp.dtype(model_cfg.dtype), grad_reduce_dtype=jnp.dtype(grad_reduce_dtype(model_cfg)),
-      axis_rules=tuple(axis_rules))
-
-
-def grad_reduce_dtype(m) -> str:
-  # Workdirs saved before the key existed reduced in... whatever autodiff gave; fp32 is the policy now.
-  return m.get("grad_reduce_dtype", "float32")
+      attn_chunk_size=model_cfg.attn_chunk_size, mlp_kernel=defaults.field(model_cfg, "mlp_kernel"),
+      remat=model_cfg.remat, dtype=jnp.dtype(model_cfg.dtype),
+      grad_reduce_dtype=jnp.dtype(defaults.field(model_cfg, "grad_reduce_dtype")), axis_rules=tuple(axis_rules))
 
 
 def validate_model_config(m) -> None:
@@ -325,11 +326,12 @@ def validate_model_config(m) -> None:
     raise ValueError(f"model.rope_layout={m.rope_layout!r}: expected 'official' or 'consistent'")
   if m.attention not in attn_lib.IMPLEMENTATIONS:
     raise ValueError(f"model.attention={m.attention!r}: expected one of {attn_lib.IMPLEMENTATIONS}")
-  if m.get("mlp_kernel", "xla") not in MLP_KERNELS:
+  if defaults.field(m, "mlp_kernel") not in MLP_KERNELS:
     raise ValueError(f"model.mlp_kernel={m.mlp_kernel!r}: expected one of {MLP_KERNELS}")
   if m.remat not in REMAT_POLICIES:
     raise ValueError(f"model.remat={m.remat!r}: expected one of {tuple(REMAT_POLICIES)}")
   if m.dtype not in precision.COMPUTE_DTYPES:
     raise ValueError(f"model.dtype={m.dtype!r}: expected one of {precision.COMPUTE_DTYPES}")
-  if grad_reduce_dtype(m) not in precision.REDUCE_DTYPES:
-    raise ValueError(f"model.grad_reduce_dtype={grad_reduce_dtype(m)!r}: expected one of {precision.REDUCE_DTYPES}")
+  reduce_dtype = defaults.field(m, "grad_reduce_dtype")
+  if reduce_dtype not in precision.REDUCE_DTYPES:
+    raise ValueError(f"model.grad_reduce_dtype={reduce_dtype!r}: expected one of {precision.REDUCE_DTYPES}")

@@ -26,8 +26,8 @@ from ovenc_jax import sharding
 
 TOKEN_BLOCKS = (512, 256, 128)  # tokens a grid step, largest first: the largest whose VMEM fits
 SUBLANES = 8
-# v5p has 64 MiB of VMEM a core (v5e and v6e 128): one limit for all, and a budget below it for the
-# kernel's own estimate (Mosaic adds spill slots and pipeline buffers of its own).
+# The limit is v5p's VMEM a core, the smallest of the TPUs targeted: one limit for all, and a budget
+# below it for the kernel's own estimate (Mosaic adds spill slots and pipeline buffers of its own).
 VMEM_LIMIT_BYTES = 64 * 2**20
 VMEM_BUDGET_BYTES = 56 * 2**20
 _SQRT_HALF = 0.7071067811865476

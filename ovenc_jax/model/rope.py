@@ -47,7 +47,7 @@ def _materialized(*tables: jnp.ndarray) -> tuple[jnp.ndarray, ...]:
   A matmul's output is computed once. XLA:CPU otherwise fuses cos and sin of the [B, N, hd] angles
   into every consumer, which broadcasts them over the heads: each fusion that rotates (or
   back-propagates through) q or k evaluates H times as many cosines and sines as there are angles,
-  on one thread (3% of the base encoder's CPU training step at 512 tokens). Used on CPU only.
+  on one thread. Used on CPU only.
   """
   stacked = jnp.stack(tables)
   eye = jnp.eye(stacked.shape[-1], dtype=stacked.dtype)
@@ -88,9 +88,8 @@ def rotation_matrix(head_dim: int, layout: RopeLayout) -> np.ndarray:
 def _rotate_by_matmul(x: jnp.ndarray, layout: RopeLayout) -> jnp.ndarray:
   """rotate_half(x) in fp32 as x @ R: exact (one +-1 product per output, fp32 accumulation; HIGHEST
   keeps fp32 inputs whole). On TPU the pair swap of the interleaved layout is a lane relayout that XLA
-  materialises several times per layer (stack, reshape, copies: 164 -> 22 MiB of traffic for one
-  [4, 512, 12, 64] tensor's forward and backward); the MXU does it in place. On CPU the shuffle is 4x
-  cheaper than the matmul, so other platforms keep it."""
+  materialises several times per layer (stack, reshape, copies); the MXU does it in place. On CPU the
+  shuffle is cheaper than the matmul, so other platforms keep it."""
   r = jnp.asarray(rotation_matrix(x.shape[-1], layout), x.dtype)
   return jnp.einsum("...d,de->...e", x, r, precision=jax.lax.Precision.HIGHEST,
                     preferred_element_type=jnp.float32)

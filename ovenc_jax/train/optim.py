@@ -1,15 +1,8 @@
 """Optimizer from config: AdamW (no decay on norms/biases), warmup + decay, clipping, centers group."""
 import jax
-import ml_collections
 import optax
 
-SCHEDULES = ("cosine", "polynomial")
-
-
-def default_optim_config() -> ml_collections.ConfigDict:
-  return ml_collections.ConfigDict(dict(
-      lr=1e-3, warmup_steps=100, schedule="cosine", end_lr_ratio=0.0, power=1.0,
-      weight_decay=0.05, b1=0.9, b2=0.98, eps=1e-8, clip_norm=5.0, grad_accum_steps=1))
+from ovenc_jax.train.defaults import SCHEDULES
 
 
 def validate(o, total_steps: int) -> None:

@@ -4,7 +4,7 @@ import logging
 import os
 import signal
 import time
-from typing import Any, Iterator
+from typing import Any
 
 import flax.linen as nn
 import grain
@@ -18,15 +18,15 @@ from jax.experimental import multihost_utils
 from ovenc_jax.train import checkpoint as ckpt_lib
 from ovenc_jax.eval import embed as embed_lib
 from ovenc_jax.eval import probes as eval_lib
+from ovenc_jax.input import features as input_features
+from ovenc_jax.input import global_arrays
 from ovenc_jax.input import pipeline as input_pipeline
-from ovenc_jax.loss import discrimination as loss_lib
+from ovenc_jax.loss import banks as loss_lib
 from ovenc_jax.model import encoder as model_lib
 from ovenc_jax.train import optim
 from ovenc_jax import sharding as sharding_lib
 
 log = logging.getLogger("ovenc_jax.train.trainer")
-BATCH_AXES = ("data", "fsdp")
-CLASS_AXES = ("data", "fsdp", "tensor")
 CENTER_ROW_MULTIPLE = 128
 
 
@@ -47,7 +47,7 @@ def resolve_num_classes(config):
   if specs is not None:
     for i, spec in enumerate(specs):
       table = spec.label_table or path
-      n = input_pipeline.load_label_table(table).num_classes if table else None
+      n = input_features.load_label_table(table).num_classes if table else None
       if n is not None and n != int(spec.cfg.num_classes):
         raise ValueError(f"loss.heads[{i}].num_classes={spec.cfg.num_classes} != the {n} classes of "
                          f"its label table {table}")
@@ -56,7 +56,7 @@ def resolve_num_classes(config):
     if not config.loss.num_classes:
       raise ValueError("loss.num_classes is unset (0) and there is no input.label_table to take it from")
     return config
-  n = input_pipeline.load_label_table(path).num_classes
+  n = input_features.load_label_table(path).num_classes
   if not config.loss.num_classes:
     config = config.copy_and_resolve_references()
     config.loss.num_classes = n
@@ -91,16 +91,22 @@ class Trainer:
     self.config, self.workdir = config, workdir
     self.mesh = sharding_lib.make_mesh(config.mesh, devices)
     sharding_lib.validate_divisibility(config.model, self.mesh)
-    if config.input.global_batch_size % (self.mesh.shape["data"] * self.mesh.shape["fsdp"]):
-      raise ValueError(f"input.global_batch_size={config.input.global_batch_size} is not divisible by "
-                       f"mesh.data*mesh.fsdp={self.mesh.shape['data'] * self.mesh.shape['fsdp']}")
     self.rules = tuple(tuple(r) for r in config.logical_axis_rules)
+    # The mesh axes of the "batch" and "classes" logical axes: the input rows, the loss's gathers and
+    # the centers' rows are split over these.
+    self.batch_axes = sharding_lib.logical_mesh_axes(self.rules, "batch")
+    self.class_axes = sharding_lib.logical_mesh_axes(self.rules, "classes")
+    batch_shards = int(np.prod([self.mesh.shape[a] for a in self.batch_axes]))
+    if config.input.global_batch_size % batch_shards:
+      raise ValueError(f"input.global_batch_size={config.input.global_batch_size} is not divisible by "
+                       f"{'*'.join('mesh.' + a for a in self.batch_axes)}={batch_shards}")
     self.encoder = model_lib.encoder_from_config(config.model, self.rules,
                                                  platform=self.mesh.devices.flat[0].platform)
     # Center rows are padded to a multiple of 128 (and of the shard count) so one checkpoint restores
     # onto any mesh of up to 128 devices (powers of two) without reshaping the centers.
-    self.num_shards = int(np.lcm(int(np.prod([self.mesh.shape[a] for a in CLASS_AXES])), CENTER_ROW_MULTIPLE))
-    self.loss_fn = loss_lib.loss_fn_from_config(self.mesh, config.loss, BATCH_AXES, CLASS_AXES)
+    self.num_shards = int(np.lcm(int(np.prod([self.mesh.shape[a] for a in self.class_axes])),
+                                 CENTER_ROW_MULTIPLE))
+    self.loss_fn = loss_lib.loss_fn_from_config(self.mesh, config.loss, self.batch_axes, self.class_axes)
     self.tx = optim.make_optimizer(config.optim, config.loss, config.total_steps)
     self.lr_schedule = optim.schedule(config.optim, config.total_steps)
     i = config.input
@@ -225,14 +231,14 @@ class Trainer:
     if stop is not None:
       rows = next(iter(host_batch.values())).shape[0]
       host_batch = dict(host_batch, stop=np.full((rows,), int(stop), np.int32))
-    batch = input_pipeline.global_batch(host_batch, self.mesh, BATCH_AXES)
+    batch = global_arrays.global_batch(host_batch, self.mesh, self.batch_axes)
     with jax.set_mesh(self.mesh):
       return self._step_fn(state, batch)
 
   def step_flops(self, host_batch) -> float:
     """XLA's FLOP count of one compiled train step (forward, backward, update) at this batch's shapes;
     per device on a multi-device mesh."""
-    batch = input_pipeline.global_batch(host_batch, self.mesh, BATCH_AXES)
+    batch = global_arrays.global_batch(host_batch, self.mesh, self.batch_axes)
     with jax.set_mesh(self.mesh):
       cost = self._step_fn.lower(self.abstract_state, batch).compile().cost_analysis()
     return float((cost[0] if isinstance(cost, (list, tuple)) else cost)["flops"])
@@ -245,7 +251,7 @@ class Trainer:
   def embed(self, enc_params, batches) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     embs, labels, ids = [], [], []
     for host_batch in batches:
-      batch = input_pipeline.global_batch(host_batch, self.mesh, BATCH_AXES)
+      batch = global_arrays.global_batch(host_batch, self.mesh, self.batch_axes)
       with jax.set_mesh(self.mesh):
         e = self._embed_fn(enc_params, batch)
       e = np.asarray(multihost_utils.process_allgather(e, tiled=True))
@@ -274,7 +280,7 @@ class Trainer:
     """The global batch's shapes, dtypes and shardings as the input config produces it."""
     i = self.config.input
     b, n, s = int(i.global_batch_size), int(i.tokens_per_row), int(i.max_segments)
-    sharding = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec(BATCH_AXES))
+    sharding = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec(self.batch_axes))
     shapes = dict(patches=((b, n, i.patch_size ** 2 * 3), jnp.uint8), positions=((b, n, 3), jnp.int32),
                   segment_ids=((b, n), jnp.int32), labels=((b, s, int(i.max_labels)), jnp.int32),
                   class_label=((b, s), jnp.int32),
@@ -322,14 +328,14 @@ class Trainer:
           self._fetch(window, log_state, writer, first_step=start + 1)
           window = []
         if step % c.log_every == 0 or last:
-          self._log_window(step, log_state, writer, summary)
+          self._log_window(step, log_state, writer, summary, input_pipeline.skipped_records(data_iter))
         if last:
           now = time.perf_counter()
           summary["steps_per_s"] = (step - start - 1) / max(now - (t_start or now), 1e-9)
         self._save(mngr, step, state, data_iter, force=last)
         if step == start + 1:
           # Timed from here: after compilation and after orbax's initial save (its save policy always
-          # checkpoints the first step; on one H200 that blocked for 8 s of a 51-step base run).
+          # checkpoints the first step, and that save blocks).
           t_start = time.perf_counter()
         if c.eval_every and step % c.eval_every == 0 and step != c.total_steps:
           self._log_eval(writer, state, step)
@@ -369,14 +375,14 @@ class Trainer:
       log_state.add(step, m, loss, c.max_bad_steps)
       writer.step_loss(step, loss)
 
-  def _log_window(self, step, log_state, writer, summary):
+  def _log_window(self, step, log_state, writer, summary, skipped_records):
     c = self.config
     dt = time.perf_counter() - log_state.t_last
     scalars = {k: float(v) for k, v in log_state.metrics.items() if k not in ("tokens", "samples", "stop")}
     # The mean over the window: one step's loss is noisy (labels and negatives are sampled).
     scalars.update(tokens_per_s=log_state.tokens / dt, samples_per_s=log_state.samples / dt,
                    loss_window_mean=float(np.mean(log_state.window)), skipped_steps=log_state.bad_total,
-                   input_skipped_records=input_pipeline.skipped_records())
+                   input_skipped_records=skipped_records)
     writer.scalars(step, scalars)
     log.info("step %d/%d loss %.4f (mean of last %d: %.4f) lr %.2e grad_norm %.3f %.0f tokens/s "
              "%.1f samples/s", step, c.total_steps, log_state.loss, len(log_state.window),

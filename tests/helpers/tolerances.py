@@ -9,7 +9,7 @@ import numpy as np
 # parameter differences forward with a gain of order one (Adam normalises the update size). 2e-5 relative
 # is ~330 float32 ulps: about 3x that budget, and still 50x tighter than a real bug (a wrong shard or a
 # dropped microbatch moves the loss by 1e-3 or more). An absolute 1e-6 on a loss of 15 is one ulp, so its
-# outcome depended on the CPU's instruction mix (issue 15). Same program on the same mesh stays bitwise.
+# outcome depended on the CPU's instruction mix. Same program on the same mesh stays bitwise.
 FP32_REORDER_RTOL = 2e-5
 
 

@@ -1,63 +1,32 @@
-"""Sharded cluster-discrimination loss vs a dense float64 reference, Partial FC, memory, config errors."""
+"""The sharded loss (discrimination, centers, positives) vs a dense float64 reference; memory, config errors."""
 import json
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from tests.helpers import tpu_compile
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding, PartitionSpec as P
 
+from ovenc_jax.loss import centers as centers_lib
 from ovenc_jax.loss import discrimination as loss_lib
-
-AXES = ("data", "fsdp", "tensor")
-
-
-def _mesh(shape=(2, 2, 2)):
-  return Mesh(np.array(jax.devices()[:8]).reshape(shape), AXES)
+from ovenc_jax.loss import positives
+from ovenc_jax.loss.defaults import default_loss_config
+from tests.helpers import tpu_compile
+from tests.helpers.loss_reference import BATCH_AXES, CLASS_AXES, close_grads, dense_reference, mesh as _mesh
 
 
 def _cfg(num_classes, **kw):
-  cfg = loss_lib.default_loss_config()
+  cfg = default_loss_config()
   cfg.num_classes = num_classes
   for k, v in kw.items():
     cfg[k] = v
   return cfg
 
 
-def dense_reference(emb, centers, labels, num_classes, scale, margin, thr, allowed=None):
-  """Plain single-device loss in float64: every valid label of row b is a softmax of its positive
-  (cosine minus margin) against all classes that are not labels of b (cos <= thr; in `allowed`)."""
-  labels = np.asarray(labels)
-  b = labels.shape[0]
-  own = np.zeros((b, num_classes), bool)
-  for i in range(b):
-    for y in labels[i]:
-      if y >= 0:
-        own[i, y] = True
-  neg_ok = ~own if allowed is None else ~own & allowed[None, :]
-
-  def f(e, c):
-    e = e / jnp.linalg.norm(e, axis=1, keepdims=True)
-    c = c / jnp.linalg.norm(c, axis=1, keepdims=True)
-    cos = e @ c.T
-    neg = neg_ok if thr is None else neg_ok & (cos <= thr)
-    z = jnp.where(neg, scale * cos, -jnp.inf)
-    rows, slots = np.nonzero(labels >= 0)  # one term per valid (row, label) entry
-    zp = scale * (cos[rows, labels[rows, slots]] - margin)
-    terms = jax.nn.logsumexp(jnp.concatenate([zp[:, None], z[rows]], axis=1), axis=1) - zp
-    return jnp.mean(terms)
-
-  with jax.enable_x64(True):
-    v, (ge, gc) = jax.value_and_grad(f, argnums=(0, 1))(
-        np.asarray(emb, np.float64), np.asarray(centers[:num_classes], np.float64))
-    return float(v), np.asarray(ge), np.asarray(gc)
-
-
 def _problem(num_classes, b=16, d=32, num_labels=4, seed=0):
   """Embeddings near their first label's center (so the margin and filter matter), padded labels."""
   rng = np.random.default_rng(seed)
-  c_pad = loss_lib.padded_num_classes(num_classes, 8)
+  c_pad = centers_lib.padded_num_classes(num_classes, 8)
   centers = np.zeros((c_pad, d), np.float32)
   centers[:num_classes] = rng.normal(size=(num_classes, d))
   labels = rng.integers(0, num_classes, (b, num_labels)).astype(np.int32)
@@ -72,14 +41,9 @@ def _problem(num_classes, b=16, d=32, num_labels=4, seed=0):
   return emb, centers, labels
 
 
-def _grad_fn(mesh, cfg, **kw):
-  return jax.jit(jax.value_and_grad(loss_lib.make_loss_fn(mesh, cfg, **kw), argnums=(0, 1), has_aux=True))
-
-
-def _close_grads(got, ref):
-  # float32 at s=64: a dense float32 computation of this reference is itself ~7e-6 * max|g| off the
-  # float64 values, so entries near zero need an absolute floor on top of rtol.
-  np.testing.assert_allclose(got, ref, rtol=1e-5, atol=3e-5 * np.abs(ref).max())
+def _grad_fn(mesh, cfg, batch_axes=BATCH_AXES, class_axes=CLASS_AXES):
+  return jax.jit(jax.value_and_grad(loss_lib.make_loss_fn(mesh, cfg, batch_axes, class_axes), argnums=(0, 1),
+                                    has_aux=True))
 
 
 @pytest.mark.parametrize("num_classes,thr,scale", [
@@ -93,8 +57,8 @@ def test_matches_dense_reference(num_classes, thr, scale):
   (loss, metrics), (ge, gc) = _grad_fn(mesh, cfg)(emb, centers, labels, jax.random.key(0))
   ref, ref_ge, ref_gc = dense_reference(emb, centers, labels, num_classes, scale, 0.3, thr)
   np.testing.assert_allclose(float(loss), ref, rtol=1e-5)
-  _close_grads(np.asarray(ge), ref_ge)
-  _close_grads(np.asarray(gc)[:num_classes], ref_gc)
+  close_grads(np.asarray(ge), ref_ge)
+  close_grads(np.asarray(gc)[:num_classes], ref_gc)
   assert not np.asarray(gc)[num_classes:].any(), "padding centers must get no gradient"
   assert metrics["num_valid_labels"] == (labels >= 0).sum()
   # Negatives per labelled row, counted independently.
@@ -120,12 +84,12 @@ def test_other_axis_layout_matches_reference():
   cfg = _cfg(1003, fn_threshold=0.3, labels_per_step=4)
   emb, centers, labels = _problem(1003, seed=1)
   fn = _grad_fn(mesh, cfg, batch_axes=("data",), class_axes=("fsdp", "tensor"))
-  c_pad = loss_lib.padded_num_classes(1003, 4)
+  c_pad = centers_lib.padded_num_classes(1003, 4)
   (loss, _), (ge, gc) = fn(emb, centers[:c_pad], labels, jax.random.key(0))
   ref, ref_ge, ref_gc = dense_reference(emb, centers, labels, 1003, 64.0, 0.3, 0.3)
   np.testing.assert_allclose(float(loss), ref, rtol=1e-5)
-  _close_grads(np.asarray(ge), ref_ge)
-  _close_grads(np.asarray(gc)[:1003], ref_gc)
+  close_grads(np.asarray(ge), ref_ge)
+  close_grads(np.asarray(gc)[:1003], ref_gc)
 
 
 def test_labels_per_step_sampling():
@@ -138,7 +102,7 @@ def test_labels_per_step_sampling():
   (loss, _), (ge, gc) = _grad_fn(mesh, cfg)(emb, centers, wide, jax.random.key(4))
   ref, ref_ge, ref_gc = dense_reference(emb, centers, wide, 1000, 64.0, 0.3, None)
   np.testing.assert_allclose(float(loss), ref, rtol=1e-5)
-  _close_grads(np.asarray(gc)[:1000], ref_gc)
+  close_grads(np.asarray(gc)[:1000], ref_gc)
 
   # Rows with 6 valid labels, 3 sampled: uniform without replacement, keyed by the seed.
   n = 4000
@@ -186,7 +150,7 @@ def test_partial_fc_sampling():
     ref, ref_ge, ref_gc = dense_reference(emb, centers, labels, num_classes, 16.0, 0.3, None,
                                           allowed=sel[:num_classes])
     np.testing.assert_allclose(float(loss), ref, rtol=1e-5)
-    _close_grads(np.asarray(ge), ref_ge)
+    close_grads(np.asarray(ge), ref_ge)
     # Deterministic under the key; another key picks another subset.
     (loss2, _), (_, gc2) = fn(emb, centers, labels, jax.random.key(7))
     assert float(loss2) == float(loss)
@@ -200,11 +164,12 @@ def test_partial_fc_sampling():
 def test_center_memory_is_sharded():
   mesh = _mesh((8, 1, 1))
   num_classes, d, b = 100_003, 64, 64
-  c_pad = loss_lib.padded_num_classes(num_classes, 8)
-  fn = jax.value_and_grad(loss_lib.make_loss_fn(mesh, _cfg(num_classes)), argnums=(0, 1), has_aux=True)
+  c_pad = centers_lib.padded_num_classes(num_classes, 8)
+  fn = jax.value_and_grad(loss_lib.make_loss_fn(mesh, _cfg(num_classes), BATCH_AXES, CLASS_AXES), argnums=(0, 1),
+                          has_aux=True)
   batch = NamedSharding(mesh, P(("data", "fsdp"), None))
   args = (jax.ShapeDtypeStruct((b, d), jnp.float32, sharding=batch),
-          jax.ShapeDtypeStruct((c_pad, d), jnp.float32, sharding=loss_lib.centers_sharding(mesh)),
+          jax.ShapeDtypeStruct((c_pad, d), jnp.float32, sharding=centers_lib.centers_sharding(mesh, CLASS_AXES)),
           jax.ShapeDtypeStruct((b, 8), jnp.int32, sharding=batch),
           jax.random.key(0))
   compiled = jax.jit(fn).lower(*args).compile()
@@ -217,15 +182,16 @@ def test_center_memory_is_sharded():
   # The unsharded centers (or their gradient) are never materialised as a temporary either.
   assert mem.temp_size_in_bytes < num_classes * d * 4
   out_sharding = compiled.output_shardings[1][1]
-  assert out_sharding.is_equivalent_to(loss_lib.centers_sharding(mesh), 2)
+  assert out_sharding.is_equivalent_to(centers_lib.centers_sharding(mesh, CLASS_AXES), 2)
 
 
 def test_init_centers_and_padding():
   mesh = _mesh()
-  assert loss_lib.padded_num_classes(1003, 8) == 1008
-  assert loss_lib.padded_num_classes(1000, 8) == 1000
-  c = loss_lib.init_centers(jax.random.key(0), 1003, 16, 8, sharding=loss_lib.centers_sharding(mesh))
-  assert c.shape == (1008, 16) and c.sharding.is_equivalent_to(loss_lib.centers_sharding(mesh), 2)
+  assert centers_lib.padded_num_classes(1003, 8) == 1008
+  assert centers_lib.padded_num_classes(1000, 8) == 1000
+  sharding = centers_lib.centers_sharding(mesh, CLASS_AXES)
+  c = centers_lib.init_centers(jax.random.key(0), 1003, 16, 8, sharding=sharding)
+  assert c.shape == (1008, 16) and c.sharding.is_equivalent_to(sharding, 2)
   c = np.asarray(c)
   np.testing.assert_allclose(np.linalg.norm(c[:1003], axis=1), 1.0, rtol=1e-5)
   assert not c[1003:].any()
@@ -243,12 +209,12 @@ def test_config_errors_name_the_key():
     cfg = _cfg(10)
     cfg[key] = value
     with pytest.raises(ValueError, match=msg.replace("(", r"\(").replace("]", r"\]")):
-      loss_lib.make_loss_fn(mesh, cfg)
-  fn = loss_lib.make_loss_fn(mesh, _cfg(1003))
+      loss_lib.make_loss_fn(mesh, cfg, BATCH_AXES, CLASS_AXES)
+  fn = loss_lib.make_loss_fn(mesh, _cfg(1003), BATCH_AXES, CLASS_AXES)
   with pytest.raises(ValueError, match="padded_num_classes"):
     fn(jnp.ones((16, 8)), jnp.ones((1003, 8)), jnp.zeros((16, 2), jnp.int32), jax.random.key(0))
   with pytest.raises(ValueError, match="axis 'model'"):
-    loss_lib.make_loss_fn(mesh, _cfg(10), class_axes=("model",))
+    loss_lib.make_loss_fn(mesh, _cfg(10), BATCH_AXES, ("model",))
   with pytest.raises(ValueError, match="labels must be integer"):
     fn(jnp.ones((16, 8)), jnp.ones((1008, 8)), jnp.zeros((16, 2), jnp.float32), jax.random.key(0))
   with pytest.raises(ValueError, match="batch 10 is not divisible by the 4 batch shards"):
@@ -260,7 +226,7 @@ def test_config_errors_name_the_key():
 def test_centers_logical_axes_shard_rows_over_every_axis():
   import flax.linen as nn
   from ovenc_jax.configs import common
-  spec = nn.logical_to_mesh_axes(loss_lib.CENTERS_LOGICAL_AXES, common.LOGICAL_AXIS_RULES)
+  spec = nn.logical_to_mesh_axes(centers_lib.CENTERS_LOGICAL_AXES, common.LOGICAL_AXIS_RULES)
   assert spec == P(("data", "fsdp", "tensor"), None)
 
 
@@ -281,11 +247,11 @@ def test_positive_cosines_visit_owned_positives_in_chunks(chunk):
   g = rng.normal(size=(b, k)).astype(np.float32)
 
   def f(e, c):
-    return jnp.sum(g * loss_lib._positive_cosines(e, c, pos_loc, pos_own, chunk))
+    return jnp.sum(g * positives.positive_cosines(e, c, pos_loc, pos_own, chunk))
 
-  cos = loss_lib._positive_cosines(e, c, pos_loc, pos_own, chunk)
+  cos = positives.positive_cosines(e, c, pos_loc, pos_own, chunk)
   ge, gc = jax.grad(f, argnums=(0, 1))(e, c)
-  gathered = lambda e, c: jnp.sum(g * loss_lib._gathered_positive_cosines(e, c, pos_loc, pos_own))
+  gathered = lambda e, c: jnp.sum(g * positives.gathered_positive_cosines(e, c, pos_loc, pos_own))
   g_ge, g_gc = jax.grad(gathered, argnums=(0, 1))(e, c)
   e64, c64 = e.astype(np.float64), c.astype(np.float64)
   ref = np.zeros((b, k))
@@ -302,7 +268,7 @@ def test_positive_cosines_visit_owned_positives_in_chunks(chunk):
   np.testing.assert_allclose(np.asarray(ge), ref_ge, rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(np.asarray(gc), ref_gc, rtol=1e-5, atol=1e-5)
   # The gathering path local_loss takes when the shard's table is small gives the same numbers.
-  np.testing.assert_allclose(np.asarray(loss_lib._gathered_positive_cosines(e, c, pos_loc, pos_own)),
+  np.testing.assert_allclose(np.asarray(positives.gathered_positive_cosines(e, c, pos_loc, pos_own)),
                              ref, rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(np.asarray(g_ge), ref_ge, rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(np.asarray(g_gc), ref_gc, rtol=1e-5, atol=1e-5)
@@ -333,13 +299,14 @@ def test_compare_mask_matches_scatter_and_reference(num_classes, thr, scale, rat
   if rate == 1.0:
     ref, ref_ge, ref_gc = dense_reference(emb, centers, labels, num_classes, scale, 0.3, thr)
     np.testing.assert_allclose(float(loss_c), ref, rtol=1e-5)
-    _close_grads(grads_c[0], ref_ge)
-    _close_grads(grads_c[1][:num_classes], ref_gc)
+    close_grads(grads_c[0], ref_ge)
+    close_grads(grads_c[1][:num_classes], ref_gc)
   assert not grads_c[1][num_classes:].any(), "padding centers must get no gradient"
 
 
 def _lowered_loss(mesh, cfg, emb, centers, labels):
-  return jax.jit(loss_lib.make_loss_fn(mesh, cfg)).lower(emb, centers, labels, jax.random.key(0)).as_text()
+  fn = jax.jit(loss_lib.make_loss_fn(mesh, cfg, BATCH_AXES, CLASS_AXES))
+  return fn.lower(emb, centers, labels, jax.random.key(0)).as_text()
 
 
 def test_own_label_mask_auto_scatters_on_cpu():
@@ -350,7 +317,7 @@ def test_own_label_mask_auto_scatters_on_cpu():
           for m in ("auto", "scatter", "compare")}
   assert text["auto"] == text["scatter"] != text["compare"]
   with pytest.raises(ValueError, match="loss.own_label_mask"):
-    loss_lib.make_loss_fn(_mesh(), _cfg(1003, own_label_mask="mask"))
+    loss_lib.make_loss_fn(_mesh(), _cfg(1003, own_label_mask="mask"), BATCH_AXES, CLASS_AXES)
 
 
 _TPU_LOSS_COMPILE = """
@@ -359,6 +326,7 @@ import jax, jax.numpy as jnp, numpy as np
 from jax.experimental import topologies
 from jax.sharding import NamedSharding, PartitionSpec as P
 from ovenc_jax.loss import discrimination as loss_lib
+from ovenc_jax.loss.defaults import default_loss_config
 devices = topologies.get_topology_desc(topology_name="v5e:2x2", platform="tpu", chip_config_name="default",
                                       chips_per_host_bounds=(2, 2, 1), num_slices=1).devices
 mesh = jax.sharding.Mesh(np.asarray(devices).reshape(2, 2, 1), ("data", "fsdp", "tensor"))
@@ -369,9 +337,10 @@ centers = jax.ShapeDtypeStruct((40004, 64), jnp.float32, sharding=NamedSharding(
 key = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=NamedSharding(mesh, P()))
 out = {}
 for mask in ("auto", "scatter", "compare"):
-  cfg = loss_lib.default_loss_config()
+  cfg = default_loss_config()
   cfg.update(num_classes=40001, labels_per_step=8, own_label_mask=mask)
-  fn = jax.value_and_grad(lambda e, c, l, r: loss_lib.make_loss_fn(mesh, cfg)(e, c, l, r)[0], argnums=(0, 1))
+  loss_fn = loss_lib.make_loss_fn(mesh, cfg, ("data", "fsdp"), ("data", "fsdp", "tensor"))
+  fn = jax.value_and_grad(lambda e, c, l, r: loss_fn(e, c, l, r)[0], argnums=(0, 1))
   with jax.set_mesh(mesh):
     lowered = jax.jit(fn).lower(emb, centers, labels, key)
   out[mask] = dict(text=lowered.as_text())

@@ -1,33 +1,33 @@
-"""Several center banks (loss.heads): two banks, two sources, sharded on 8 host devices vs dense per bank."""
+"""ovenc_jax.loss.banks (loss.heads): two banks, two sources, sharded on 8 host devices vs dense per bank."""
 import jax
 import numpy as np
 import pytest
-from jax.sharding import Mesh
 
-from ovenc_jax.loss import discrimination as loss_lib
-from tests.test_loss import _close_grads, dense_reference
+from ovenc_jax.loss import banks as banks_lib
+from ovenc_jax.loss.centers import padded_num_classes
+from ovenc_jax.loss.defaults import default_loss_config
+from tests.helpers.loss_reference import BATCH_AXES, CLASS_AXES, close_grads, dense_reference, mesh as _mesh
 
-AXES = ("data", "fsdp", "tensor")
 IMAGE = dict(name="image", num_classes=1003, margin=0.3, fn_threshold=0.3, scale=64.0, weight=1.0)
 VIDEO = dict(name="video", num_classes=403, margin=0.2, fn_threshold=None, scale=16.0, sample_rate=0.25,
              weight=0.5)
 
 
 def _cfg(heads):
-  cfg = loss_lib.default_loss_config()
+  cfg = default_loss_config()
   cfg.labels_per_step = 4
   cfg.heads = heads
   return cfg
 
 
 def _bank(rng, head, d):
-  c = np.zeros((loss_lib.padded_num_classes(head["num_classes"], 8), d), np.float32)
+  c = np.zeros((padded_num_classes(head["num_classes"], 8), d), np.float32)
   c[:head["num_classes"]] = rng.normal(size=(head["num_classes"], d))
   return c
 
 
 def test_two_banks_two_sources_match_dense_reference_per_bank():
-  mesh = Mesh(np.array(jax.devices()[:8]).reshape(2, 2, 2), AXES)
+  mesh = _mesh()
   rng = np.random.default_rng(0)
   b, d, n_lab = 16, 32, 4
   centers = {"image": _bank(rng, IMAGE, d), "video": _bank(rng, VIDEO, d)}
@@ -42,10 +42,10 @@ def test_two_banks_two_sources_match_dense_reference_per_bank():
   emb = rng.normal(size=(b, d)).astype(np.float32)
   emb[:10] += 3 * centers["image"][local[:10, 0]] / np.linalg.norm(centers["image"][local[:10, 0]], axis=1, keepdims=True)
 
-  specs = loss_lib.bank_specs(_cfg([IMAGE, VIDEO]))
+  specs = banks_lib.bank_specs(_cfg([IMAGE, VIDEO]))
   assert [(s.name, s.offset, s.weight) for s in specs] == [("image", 0, 1.0), ("video", 1003, 0.5)]
-  fn = jax.jit(jax.value_and_grad(loss_lib.make_banks_loss_fn(mesh, _cfg([IMAGE, VIDEO])),
-                                  argnums=(0, 1), has_aux=True))
+  loss_fn = banks_lib.make_banks_loss_fn(mesh, _cfg([IMAGE, VIDEO]), BATCH_AXES, CLASS_AXES)
+  fn = jax.jit(jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True))
   (loss, metrics), (ge, gc) = fn(emb, centers, labels, jax.random.key(0))
 
   img_lab = np.where(~is_video & (labels >= 0) & (labels < 1003), labels, -1)
@@ -57,9 +57,9 @@ def test_two_banks_two_sources_match_dense_reference_per_bank():
   np.testing.assert_allclose(float(metrics["image/loss"]), ref_i, rtol=1e-5)
   np.testing.assert_allclose(float(metrics["video/loss"]), ref_v, rtol=1e-5)
   np.testing.assert_allclose(float(loss), ref_i + 0.5 * ref_v, rtol=1e-5)
-  _close_grads(np.asarray(ge), ge_i + 0.5 * ge_v)
-  _close_grads(np.asarray(gc["image"])[:1003], gc_i)
-  _close_grads(np.asarray(gc["video"])[:403], 0.5 * gc_v)
+  close_grads(np.asarray(ge), ge_i + 0.5 * ge_v)
+  close_grads(np.asarray(gc["image"])[:1003], gc_i)
+  close_grads(np.asarray(gc["video"])[:403], 0.5 * gc_v)
   assert float(metrics["image/loss_count"]) == (img_lab >= 0).sum()
   assert float(metrics["video/loss_count"]) == (vid_lab >= 0).sum()
   assert float(metrics["loss_count"]) == (img_lab >= 0).sum() + (vid_lab >= 0).sum()
@@ -71,12 +71,12 @@ def test_two_banks_two_sources_match_dense_reference_per_bank():
 
 def test_bank_config_errors_name_the_key():
   with pytest.raises(ValueError, match=r"loss.heads\[1\].name must be a unique"):
-    loss_lib.bank_specs(_cfg([IMAGE, dict(IMAGE)]))
+    banks_lib.bank_specs(_cfg([IMAGE, dict(IMAGE)]))
   with pytest.raises(ValueError, match=r"loss.heads\[0\] has unknown keys \['margn'\]"):
-    loss_lib.bank_specs(_cfg([dict(name="a", num_classes=5, margn=0.1)]))
+    banks_lib.bank_specs(_cfg([dict(name="a", num_classes=5, margn=0.1)]))
   with pytest.raises(ValueError, match=r"loss.heads\[0\] \(a\): loss.sample_rate"):
-    loss_lib.bank_specs(_cfg([dict(name="a", num_classes=5, sample_rate=2.0)]))
-  assert loss_lib.bank_specs(_cfg([])) is None
+    banks_lib.bank_specs(_cfg([dict(name="a", num_classes=5, sample_rate=2.0)]))
+  assert banks_lib.bank_specs(_cfg([])) is None
 
 
 def test_two_banks_two_sources_train_export_import(tmp_path):
@@ -84,27 +84,25 @@ def test_two_banks_two_sources_train_export_import(tmp_path):
   keeps {bank: centers}, reports per-bank metrics; --with_centers exports and imports every bank."""
   import json
 
-  from ovenc_jax.configs import pretrain
   from ovenc_format import records
-  from digit_shards import write_digit_shards
-  from ovenc_jax.train import checkpoint as ckpt_lib
+  from ovenc_jax.configs import pretrain
+  from ovenc_jax.input import pipeline as input_pipeline
   from ovenc_jax.interop import export_torch
   from ovenc_jax.interop import import_torch
-  from ovenc_jax.input import pipeline as input_pipeline
+  from ovenc_jax.train import checkpoint as ckpt_lib
   from ovenc_jax.train import trainer as train
-  from tests.test_train import overrides
+  from tests.helpers.digit_shards import write_digit_shards
+  from tests.helpers.train_cli import overrides, set_keys
 
   img = write_digit_shards(str(tmp_path / "img"), 0, 120)
   vid = write_digit_shards(str(tmp_path / "vid"), 1000, 120, seed=1)
   c = pretrain.get_config(f"variant=tiny,data={img}")
-  for key, value in overrides(total_steps=3).items():
-    section, _, name = key.rpartition(".")
-    (c[section] if section else c)[name] = value
+  set_keys(c, overrides(total_steps=3))
   c.input.sources = [{"path": img, "weight": 1.0, "bank": "image"}, {"path": vid, "weight": 1.0, "bank": "video"}]
   c.loss.heads = [dict(name="image", num_classes=10), dict(name="video", num_classes=10, margin=0.1, weight=0.5)]
 
   video_ids = {records.sample_id_for(f"digits/{i:05d}.png") for i in range(1000, 1120)}
-  batch = next(input_pipeline.make_train_iterator(c.input, banks=loss_lib.source_banks(c.loss)))
+  batch = next(input_pipeline.make_train_iterator(c.input, banks=banks_lib.source_banks(c.loss)))
   sid, lab, cls = batch["sample_id"], batch["labels"][..., 0], batch["class_label"]
   real = sid >= 0
   is_vid = np.vectorize(lambda s: int(s) in video_ids)(sid) & real
@@ -113,7 +111,7 @@ def test_two_banks_two_sources_train_export_import(tmp_path):
   with pytest.raises(ValueError, match=r"input.sources\[1\].bank='audio'"):
     bad = c.input.copy_and_resolve_references()
     bad.sources = [c.input.sources[0], dict(c.input.sources[1], bank="audio")]
-    input_pipeline.make_train_dataset(bad, banks=loss_lib.source_banks(c.loss))
+    input_pipeline.make_train_dataset(bad, banks=banks_lib.source_banks(c.loss))
   with pytest.raises(ValueError, match=r"input.sources\[0\].bank is set, but loss.heads names no banks"):
     input_pipeline.make_train_dataset(c.input)
 

@@ -3,27 +3,24 @@ import math
 
 import jax
 import numpy as np
-from jax.sharding import Mesh
 
 from ovenc_jax.loss import discrimination as loss_lib
-from tests.test_loss import _close_grads, dense_reference
-
-AXES = ("data", "fsdp", "tensor")
-
-
-def _mesh():
-  return Mesh(np.array(jax.devices()[:8]).reshape(2, 2, 2), AXES)
+from ovenc_jax.loss import partial_fc
+from ovenc_jax.loss.centers import padded_num_classes
+from ovenc_jax.loss.defaults import default_loss_config
+from tests.helpers.loss_reference import BATCH_AXES, CLASS_AXES, close_grads, dense_reference, mesh as _mesh
 
 
 def _cfg(num_classes, **kw):
-  cfg = loss_lib.default_loss_config()
+  cfg = default_loss_config()
   cfg.num_classes = num_classes
   cfg.update(dict(fn_threshold=None, scale=16.0), **kw)
   return cfg
 
 
 def _grad_fn(mesh, cfg):
-  return jax.jit(jax.value_and_grad(loss_lib.make_loss_fn(mesh, cfg), argnums=(0, 1), has_aux=True))
+  fn = loss_lib.make_loss_fn(mesh, cfg, BATCH_AXES, CLASS_AXES)
+  return jax.jit(jax.value_and_grad(fn, argnums=(0, 1), has_aux=True))
 
 
 def _unit_rows(rng, n, d):
@@ -32,12 +29,12 @@ def _unit_rows(rng, n, d):
 
 
 def test_selection_stays_sparse_when_batch_positives_exceed_a_shard():
-  """B*K = 512 labels >= 501 rows per shard: the old sizing max(rate*C/n, B*K) went dense. Now each
-  shard takes max(ceil(rate*C/n), its distinct positives) columns, which the loss then matches."""
+  """B*K = 512 labels >= 501 rows per shard: a selection sized by B*K would be dense. Each shard
+  takes max(ceil(rate*C/n), its distinct positives) columns instead, which the loss then matches."""
   num_classes, b, k, d = 4003, 64, 8, 16
-  c_pad = loss_lib.padded_num_classes(num_classes, 8)
+  c_pad = padded_num_classes(num_classes, 8)
   c_local = c_pad // 8
-  n_rate, n_sel = loss_lib.selection_size(c_local, 0.1, b * k, 8, 2.0)
+  n_rate, n_sel = partial_fc.selection_size(c_local, 0.1, b * k, 8, 2.0)
   assert (n_rate, n_sel) == (51, 128)
   rng = np.random.default_rng(0)
   centers = np.zeros((c_pad, d), np.float32)
@@ -62,18 +59,18 @@ def test_selection_stays_sparse_when_batch_positives_exceed_a_shard():
   ref, ref_ge, ref_gc = dense_reference(emb, centers, labels, num_classes, 16.0, 0.3, None,
                                         allowed=selected[:num_classes])
   np.testing.assert_allclose(float(loss), ref, rtol=1e-5)
-  _close_grads(np.asarray(ge), ref_ge)
-  _close_grads(np.asarray(gc)[:num_classes], ref_gc)
+  close_grads(np.asarray(ge), ref_ge)
+  close_grads(np.asarray(gc)[:num_classes], ref_gc)
 
 
 def test_overflow_keeps_every_term_exact_and_is_counted():
   """48 distinct positives on shard 0, room for 16: the 32 left out are no one's negatives (every
   row has the same labels), each still has its own exact term, and the overflow is reported."""
   num_classes, b, n_lab, d = 2003, 16, 48, 16
-  c_pad = loss_lib.padded_num_classes(num_classes, 8)
+  c_pad = padded_num_classes(num_classes, 8)
   c_local = c_pad // 8
   cfg = _cfg(num_classes, sample_rate=0.02, labels_per_step=n_lab, pfc_positive_slack=0.1)
-  n_rate, n_sel = loss_lib.selection_size(c_local, 0.02, b * n_lab, 8, 0.1)
+  n_rate, n_sel = partial_fc.selection_size(c_local, 0.02, b * n_lab, 8, 0.1)
   assert (n_rate, n_sel) == (math.ceil(0.02 * c_local), 16)
   rng = np.random.default_rng(1)
   centers = np.zeros((c_pad, d), np.float32)
@@ -89,5 +86,5 @@ def test_overflow_keeps_every_term_exact_and_is_counted():
   ref, ref_ge, ref_gc = dense_reference(emb, centers, labels, num_classes, 16.0, 0.3, None,
                                         allowed=selected[:num_classes])
   np.testing.assert_allclose(float(loss), ref, rtol=1e-5)
-  _close_grads(np.asarray(ge), ref_ge)
-  _close_grads(np.asarray(gc)[:num_classes], ref_gc)
+  close_grads(np.asarray(ge), ref_ge)
+  close_grads(np.asarray(gc)[:num_classes], ref_gc)

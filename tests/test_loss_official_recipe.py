@@ -4,11 +4,11 @@ import math
 import jax
 import numpy as np
 import pytest
-from jax.sharding import Mesh
 
 from ovenc_jax.loss import discrimination as loss_lib
-
-AXES = ("data", "fsdp", "tensor")
+from ovenc_jax.loss.centers import init_centers, padded_num_classes
+from ovenc_jax.loss.defaults import default_loss_config
+from tests.helpers.loss_reference import BATCH_AXES, CLASS_AXES, mesh as _mesh
 
 
 def official_reference(emb, centers, labels, *, num_classes, scale, margin, thr, k, label_u, slot_u,
@@ -79,7 +79,7 @@ def _problem(num_classes, b=16, d=32, num_labels=10, seed=0):
   """Each embedding near the mean of its first three labels' centers: its other labels then have
   high cosines (the filter and 'other labels stay negatives' both matter); some padded labels."""
   rng = np.random.default_rng(seed)
-  c_pad = loss_lib.padded_num_classes(num_classes, 8)
+  c_pad = padded_num_classes(num_classes, 8)
   centers = np.zeros((c_pad, d), np.float32)
   centers[:num_classes] = rng.normal(size=(num_classes, d)) * rng.uniform(0.5, 2.0, (num_classes, 1))
   labels = rng.choice(num_classes, (b, num_labels)).astype(np.int32)
@@ -93,7 +93,7 @@ def _problem(num_classes, b=16, d=32, num_labels=10, seed=0):
 
 
 def _cfg(num_classes, **kw):
-  cfg = loss_lib.default_loss_config()
+  cfg = default_loss_config()
   cfg.num_classes = num_classes
   cfg.recipe = "official"
   cfg.update(kw)
@@ -122,13 +122,14 @@ def _uniforms(rng, b, l, k, n_shards, c_local, sampled):
     (2003, 0.1, 0.3, 8.0, "compare"),   # and per slot's selection
 ])
 def test_official_recipe_matches_numpy_transcription(num_classes, rate, thr, scale, mask):
-  mesh = Mesh(np.array(jax.devices()[:8]).reshape(2, 2, 2), AXES)
+  mesh = _mesh()
   k = 8
   cfg = _cfg(num_classes, sample_rate=rate, fn_threshold=thr, scale=scale, labels_per_step=k,
              own_label_mask=mask)
   emb, centers, labels = _problem(num_classes)
   rng = jax.random.key(3)
-  fn = jax.jit(jax.value_and_grad(loss_lib.make_loss_fn(mesh, cfg), argnums=(0, 1), has_aux=True))
+  loss_fn = loss_lib.make_loss_fn(mesh, cfg, BATCH_AXES, CLASS_AXES)
+  fn = jax.jit(jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True))
   (loss, metrics), (ge, gc) = fn(emb, centers, labels, rng)
   c_local = len(centers) // 8
   label_u, slot_u = _uniforms(rng, *labels.shape, k, 8, c_local, rate < 1)
@@ -145,28 +146,30 @@ def test_official_recipe_matches_numpy_transcription(num_classes, rate, thr, sca
   if rate < 1:  # each slot's selection: ceil(rate * rows per shard) per shard here
     assert float(metrics["pfc_columns"]) == 8 * math.ceil(rate * c_local)
     # Sampling changes the loss: the dense official loss differs.
-    dense = jax.jit(loss_lib.make_loss_fn(mesh, _cfg(num_classes, fn_threshold=thr, scale=scale)))
+    dense_cfg = _cfg(num_classes, fn_threshold=thr, scale=scale)
+    dense = jax.jit(loss_lib.make_loss_fn(mesh, dense_cfg, BATCH_AXES, CLASS_AXES))
     assert abs(float(dense(emb, centers, labels, rng)[0]) - float(loss)) > 1e-3
 
 
 def test_official_differs_from_default_where_documented():
   """Same draws, two recipes: the default drops the sample's other labels and the filtered
   classes from the softmax; the official one keeps both (so its loss is larger here)."""
-  mesh = Mesh(np.array(jax.devices()[:8]).reshape(2, 2, 2), AXES)
+  mesh = _mesh()
   emb, centers, labels = _problem(1003)
   rng = jax.random.key(1)
-  off = jax.jit(loss_lib.make_loss_fn(mesh, _cfg(1003)))(emb, centers, labels, rng)
-  dft = jax.jit(loss_lib.make_loss_fn(mesh, _cfg(1003, recipe="default")))(emb, centers, labels, rng)
+  off = jax.jit(loss_lib.make_loss_fn(mesh, _cfg(1003), BATCH_AXES, CLASS_AXES))(emb, centers, labels, rng)
+  dft = jax.jit(loss_lib.make_loss_fn(mesh, _cfg(1003, recipe="default"), BATCH_AXES, CLASS_AXES))(
+      emb, centers, labels, rng)
   assert float(off[0]) > float(dft[0])
   assert float(off[1]["loss_count"]) == float(dft[1]["loss_count"])
 
 
 def test_recipe_config_error_names_key():
-  mesh = Mesh(np.array(jax.devices()[:8]).reshape(2, 2, 2), AXES)
+  mesh = _mesh()
   with pytest.raises(ValueError, match="loss.recipe must be one of"):
-    loss_lib.make_loss_fn(mesh, _cfg(10, recipe="published"))
+    loss_lib.make_loss_fn(mesh, _cfg(10, recipe="published"), BATCH_AXES, CLASS_AXES)
   with pytest.raises(ValueError, match="loss.pfc_positive_slack"):
-    loss_lib.make_loss_fn(mesh, _cfg(10, pfc_positive_slack=0.0))
+    loss_lib.make_loss_fn(mesh, _cfg(10, pfc_positive_slack=0.0), BATCH_AXES, CLASS_AXES)
 
 
 def test_official_preset_config_clipping_and_init():
@@ -200,6 +203,6 @@ def test_official_preset_config_clipping_and_init():
   np.testing.assert_allclose(clipped(glob), (10 * 5 / np.sqrt(101), 5 / np.sqrt(101)), rtol=1e-6)
 
   # Centers N(0, 0.01): row norms ~ 0.01 * sqrt(D), padding rows zero.
-  ctr = np.asarray(loss_lib.init_centers(jax.random.key(0), 1000, 256, 8, std=0.01))
+  ctr = np.asarray(init_centers(jax.random.key(0), 1000, 256, 8, std=0.01))
   np.testing.assert_allclose(ctr.std(), 0.01, rtol=0.02)
   assert abs(ctr.mean()) < 1e-4

@@ -1,0 +1,58 @@
+"""The `input` section's defaults and the PATH[:WEIGHT]+... sources spec; no jax or grain needed."""
+from typing import Any
+
+import ml_collections
+from ml_collections import config_dict
+
+from ovenc_jax.model.defaults import ROPE_TEMPORAL_SIZE
+
+TEMPORAL_POSITIONS = ("sample_index", "timeline64")
+# "timeline64" spreads a clip's frames over the model's temporal RoPE grid.
+TIMELINE_FRAMES = ROPE_TEMPORAL_SIZE
+
+
+def default_input_config() -> ml_collections.ConfigDict:
+  """Input defaults; `sources` must be filled with at least one {"path", "weight"} before use."""
+  return ml_collections.ConfigDict(dict(
+      sources=[],                                 # [{"path": dir or glob of shards, "weight": float}]
+      label_table=config_dict.placeholder(str),  # side table of cluster labels keyed by sample_id
+      global_batch_size=256,                      # rows per step over all processes
+      tokens_per_row=1024,                        # N: fixed token budget of a row
+      max_segments=4,                             # S: samples per row when packing (1 when padding)
+      pack=True,                                  # pack several samples per row; False = one per row
+      max_labels=10,                              # L: labels per sample, padded with -1 / truncated
+      hflip=False,                                # seeded per-sample horizontal flip
+      seed=0,
+      num_epochs=config_dict.placeholder(int),   # None = repeat forever
+      worker_count=0,                             # grain multiprocessing workers per process
+      patch_size=14,
+      max_tokens_per_sample=config_dict.placeholder(int),  # keep this many highest-scored tokens
+      temporal_positions="sample_index",          # t as "sample_index" or on the 64-frame "timeline64"
+      max_bad_record_fraction=0.01,               # unreadable records skipped up to this share
+  ))
+
+
+def parse_sources(spec: str) -> list[dict[str, Any]]:
+  """'videos/:0.7+images/:0.3' -> [{"path": "videos/", "weight": 0.7}, ...]; no ':w' = weight 1.
+
+  A tail after the last ':' that is not a number belongs to the path (gs://bucket/dir).
+  """
+  out = []
+  for part in str(spec).split("+"):
+    path, sep, tail = part.rpartition(":")
+    try:
+      weight = float(tail) if sep else None
+    except ValueError:
+      weight = None
+    if weight is None:
+      path, weight = part, 1.0
+    if not path:
+      raise ValueError(f"input.sources={spec!r}: empty path in {part!r}; expected "
+                       f"PATH[:WEIGHT]+PATH[:WEIGHT]...")
+    out.append({"path": path, "weight": weight})
+  return out
+
+
+def source_list(sources) -> Any:
+  """input.sources as given in a config file (a list) or on the command line (a spec string)."""
+  return parse_sources(sources) if isinstance(sources, str) else sources

@@ -1,0 +1,51 @@
+"""The loss's `config.loss` defaults as plain data (no jax, so configs import it cheaply)."""
+import ml_collections
+
+RECIPES = ("default", "official")
+
+# How a row's own columns leave its logits (loss.own_label_mask): 'scatter' writes -inf into them in
+# place; 'compare' keeps a column when it differs from each of the row's few own columns, compares
+# fused into the logits' elementwise pass. 'auto' compares on TPU, where XLA's cost model charges
+# the scatter a large share of the loss's memory traffic, and scatters elsewhere, where it is the
+# faster of the two (docs/benchmarks.md).
+OWN_LABEL_MASKS = ("auto", "scatter", "compare")
+
+# Keys added after the first release: configs saved without them read these values.
+OPTIONAL_DEFAULTS = dict(
+    # 'default' (this project's loss) or 'official' (OneVision-Encoder's): see
+    # discrimination.make_loss_fn and docs/clustering.md.
+    recipe="default",
+    # Partial FC gathers max(ceil(rate*C/n), slack * expected positives per shard) columns; more
+    # positives than that overflow (counted in metrics["pfc_overflow"]), never a wrong gradient.
+    pfc_positive_slack=2.0,
+    # 0 = unit-norm Gaussian rows; > 0 = N(0, std^2) entries (the published init uses 0.01).
+    centers_init_std=0.0,
+    # Several center banks trained together: [{"name", "num_classes", optional "weight", "label_table"
+    # and any per-bank loss key}], see banks.bank_specs. Empty = one bank, `num_classes` centers.
+    heads=[],
+    # How a sample's own classes are kept out of its negatives: 'auto' | 'scatter' | 'compare'
+    # (OWN_LABEL_MASKS; same result, different cost per platform).
+    own_label_mask="auto",
+)
+
+
+def default_loss_config() -> ml_collections.ConfigDict:
+  """Loss defaults; `num_classes` must be set to the number of cluster centers before use."""
+  return ml_collections.ConfigDict(dict(
+      num_classes=0,          # number of concept centers (rows of centers.npy)
+      scale=64.0,             # s: logits are s * cos
+      margin=0.3,             # m: CosFace margin subtracted from the positive's cosine
+      fn_threshold=0.75,      # negatives with cos > this are dropped (likely false negatives); None = off
+      labels_per_step=8,      # labels sampled per sample per step, each its own softmax
+      sample_rate=1.0,        # Partial-FC fraction of centers used as negatives per shard
+      centers_lr_mult=1.0,    # learning-rate multiplier of the centers (consumed by the optimizer)
+      # The loss only sees normalised centers, so weight decay would merely shrink their norm and
+      # thereby raise their effective learning rate; off by default.
+      centers_weight_decay=0.0,
+      **OPTIONAL_DEFAULTS,
+  ))
+
+
+def option(cfg, key: str):
+  """cfg[key], or its OPTIONAL_DEFAULTS value in a config saved before the key existed."""
+  return cfg[key] if key in cfg else OPTIONAL_DEFAULTS[key]

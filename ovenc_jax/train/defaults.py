@@ -1,0 +1,10 @@
+"""The optimizer's `config.optim` defaults as plain data (no jax, so configs import it cheaply)."""
+import ml_collections
+
+SCHEDULES = ("cosine", "polynomial")
+
+
+def default_optim_config() -> ml_collections.ConfigDict:
+  return ml_collections.ConfigDict(dict(
+      lr=1e-3, warmup_steps=100, schedule="cosine", end_lr_ratio=0.0, power=1.0,
+      weight_decay=0.05, b1=0.9, b2=0.98, eps=1e-8, clip_norm=5.0, grad_accum_steps=1))
