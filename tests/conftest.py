@@ -30,3 +30,16 @@ def square_clip(tmp_path_factory):
   frames, boxes = codec_clips.square_frames()
   md.encode_clip(path, frames, gop=8, crf=18)
   return path, boxes
+
+
+def pytest_collection_modifyitems(config, items):
+  """Skips tests marked gpu or tpu unless JAX runs on that platform (JAX_PLATFORMS=cuda,cpu there)."""
+  wanted = {m for item in items for m in ("gpu", "tpu") if item.get_closest_marker(m)}
+  if not wanted:
+    return
+  import jax  # after the XLA flags above
+  backend = jax.default_backend()
+  for item in items:
+    for m in wanted:
+      if item.get_closest_marker(m) and backend != m:
+        item.add_marker(pytest.mark.skip(reason=f"needs a {m.upper()} (JAX runs on {backend})"))

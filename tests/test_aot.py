@@ -58,6 +58,7 @@ def _tree_bytes_per_device(tree):
   return sum(t["bytes_per_device"] for t in tree.values())
 
 
+@pytest.mark.slow
 def test_tiny_on_v5e_2x2_compiles_and_reports(tmp_path):
   proc, r = run_aot(tmp_path, "tiny", "v5e:2x2", {"model.attention": "xla"},
                     extra=[f"--dump={tmp_path / 'hlo'}", f"--save={tmp_path / 'step.pkl'}"])
@@ -90,6 +91,7 @@ def _tiny_trainer():
   return train.Trainer(pretrain.get_config("tiny"), workdir="")
 
 
+@pytest.mark.slow
 def test_base_with_1024_clips_on_v5e_2x2_does_not_fit(tmp_path):
   proc, r = run_aot(tmp_path, "base", "v5e:2x2", {"input.global_batch_size": 1024,
                                                   "input.tokens_per_row": 512, "input.max_segments": 1,
@@ -103,6 +105,7 @@ def test_base_with_1024_clips_on_v5e_2x2_does_not_fit(tmp_path):
     assert "HBM" in r["compiler_message"] or "RESOURCE_EXHAUSTED" in r["compiler_message"]
 
 
+@pytest.mark.slow
 def test_shardings_match_the_trainer_and_model_flops_match_xla(tmp_path):
   proc, r = run_aot(tmp_path, "base", "v5e:2x4", SHARDED_OVERRIDES)
   assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]

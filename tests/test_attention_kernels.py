@@ -194,6 +194,7 @@ def _encoder_loss_and_grads(cfg, impls, segments):
   return outs
 
 
+@pytest.mark.slow
 def test_encoder_splash_path_matches_xla_path():
   """The same parameters through model.attention=splash (projections writing [B, H, N, hd], RoPE on
   that layout, the kernel in interpret mode) and through XLA's [B, N, H, hd] path: outputs and every
@@ -227,11 +228,7 @@ def test_cudnn_call_matches_xla_reference():
   _assert_close(got, want, TOL[jnp.bfloat16], "cudnn call via xla")
 
 
-_needs_gpu = pytest.mark.skipif(jax.default_backend() != "gpu",
-                                reason="cuDNN numerics need a GPU (run with JAX_PLATFORMS=cuda,cpu there)")
-
-
-@_needs_gpu
+@pytest.mark.gpu  # cuDNN numerics need a GPU
 @pytest.mark.parametrize("n", [150, 512])
 def test_cudnn_matches_xla_forward_and_grads_on_gpu(n):
   """cuDNN flash attention on packed rows with padding against XLA's kernel, bf16, on the GPU."""
@@ -246,7 +243,7 @@ def test_cudnn_matches_xla_forward_and_grads_on_gpu(n):
     _assert_close(a, b, TOL[jnp.bfloat16], f"d{name}")
 
 
-@_needs_gpu
+@pytest.mark.gpu  # cuDNN numerics need a GPU
 def test_encoder_cudnn_path_matches_xla_path_on_gpu():
   """The bf16 encoder through model.attention=cudnn and through XLA's attention, same parameters."""
   cfg = model_defaults.model_config("tiny")

@@ -133,6 +133,7 @@ def test_cli_folder_and_label_table(tmp_path, planted):
   np.testing.assert_array_equal(ids1, ids[2000:])
 
 
+@pytest.mark.slow
 def test_encoder_embeddings_cluster_in_two_steps(tmp_path):
   """Re-clustering with a workdir's encoder: `python -m ovenc_jax.eval.embed` writes the folder that
   `python -m data_prep.cluster --embeddings DIR` reads as it is, and the labels are run_clustering's

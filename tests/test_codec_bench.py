@@ -54,6 +54,7 @@ def test_interval_section_figures(tmp_path):
   assert saved["interval_1_L6_both_jitter"] > saved["interval_1_L6_both_travel"]
 
 
+@pytest.mark.slow
 def test_benchmark_smoke(tmp_path):
   # The beam section (DirectRunner and Dask jobs) is left out: test_dask_runner and
   # test_codec_patchify run those jobs.

@@ -94,6 +94,7 @@ def mixed_run(mixed, tmp_path_factory):
   return out, manifest
 
 
+@pytest.mark.slow
 def test_bad_inputs_are_reported_and_valid_ones_written_once(mixed, mixed_run):
   _, valid, bad, labels = mixed
   out, manifest = mixed_run
@@ -186,6 +187,7 @@ def test_crash_mid_job_leaves_no_final_shard_or_manifest(tmp_path, monkeypatch):
     input_pipeline.shard_paths(str(out), "eval.path")  # ... is refused without the manifest
 
 
+@pytest.mark.slow
 def test_direct_runner_modes_give_the_same_records(tmp_path, monkeypatch):
   # Without --runner the job runs Beam's in-process runner; the DirectRunner would first try to
   # download the Prism runner (network at run time).

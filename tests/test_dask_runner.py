@@ -17,6 +17,8 @@ from data_prep import codec_patchify, patchify_output
 from data_prep import make_demo_data as md
 from ovenc_format import records
 
+pytestmark = pytest.mark.slow  # multi-process or long end-to-end runs
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DASK = [sys.executable, "-m", "dask"]  # the `dask` command of this environment
 FLAGS = ["--image_size", "28", "--patch_size", "14", "--num_frames", "4", "--budget", "0.5",

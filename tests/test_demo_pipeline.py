@@ -11,6 +11,8 @@ from data_prep import cluster, codec_patchify, glyph_teacher, make_demo_data
 from ovenc_format import records
 from ovenc_jax.train import trainer as train
 
+pytestmark = pytest.mark.slow  # multi-process or long end-to-end runs
+
 NUM_CONCEPTS = 32
 
 

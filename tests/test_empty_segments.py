@@ -1,6 +1,7 @@
 """Empty packed segment slots pool to zeros in the JAX model and the PyTorch port; filled slots are unchanged."""
 import jax
 import numpy as np
+import pytest
 import torch
 from flax import linen as nn
 
@@ -21,6 +22,7 @@ def _inputs():
   return x, pos, seg.astype(np.int32)
 
 
+@pytest.mark.slow
 def test_empty_slots_are_zero_in_jax_and_torch():
   enc = model_lib.encoder_from_config(model_defaults.model_config("tiny"))
   x, pos, seg = _inputs()

@@ -296,6 +296,7 @@ def _run_cli(*args):
   return subprocess.run([sys.executable, "-m", *args], env=env, capture_output=True, text=True, timeout=120)
 
 
+@pytest.mark.slow
 def test_clis_from_real_checkpoint(consistent, tmp_path):
   # One layout suffices for the CLI path; the non-default one proves the config is carried through.
   layout, _, params, _, _ = consistent

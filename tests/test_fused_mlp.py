@@ -73,6 +73,7 @@ def _loss(enc):
   return jax.value_and_grad(loss, has_aux=True)
 
 
+@pytest.mark.slow
 def test_model_pallas_path_matches_xla_path_on_the_same_parameters():
   cfg = model_defaults.model_config("tiny")
   x, pos, seg = _tiny_inputs(2, 40)
@@ -92,6 +93,7 @@ def test_model_pallas_path_matches_xla_path_on_the_same_parameters():
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5 * g_scale), g2, g1)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("data,fsdp", [(2, 4), (1, 8)])
 def test_sharded_pallas_path_matches_single_device_xla_path(data, fsdp):
   """Kernel per device in shard_map, weights gathered, gradients reduce-scattered into their shards."""
@@ -190,6 +192,7 @@ print("COST", cost["flops"], cost["bytes accessed"])
 """
 
 
+@pytest.mark.slow
 def test_compiles_for_a_tpu_target_as_mosaic_kernels_that_declare_their_cost():
   """Deviceless compile for a v5e 2x2 slice: forward and backward are Mosaic kernels, FLOPs counted."""
   stdout = tpu_compile.run(_TPU_COMPILE)

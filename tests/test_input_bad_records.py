@@ -77,7 +77,7 @@ def _until_counted(it, limit=40):
   raise AssertionError(f"no skipped record counted in {limit} batches")
 
 
-@pytest.mark.parametrize("pack", [False, True])
+@pytest.mark.parametrize("pack", [False, pytest.param(True, marks=pytest.mark.slow)])
 def test_count_survives_worker_processes_and_restore(corrupt, pack):
   folder = corrupt[0]
   segments = {"max_segments": 2} if pack else {}

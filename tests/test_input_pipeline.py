@@ -140,6 +140,7 @@ def test_resume_is_exact_with_state_and_orbax(data, tmp_path):
   assert not np.array_equal(other["sample_id"], first[0]["sample_id"])
 
 
+@pytest.mark.slow
 def test_resume_is_exact_with_worker_processes(data):
   cfg = config([(data["a"][0], 3.0), (data["b"][0], 1.0)], hflip=True, worker_count=2)
   it = ip.make_train_iterator(cfg, process_index=0, process_count=1)

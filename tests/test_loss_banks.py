@@ -26,6 +26,7 @@ def _bank(rng, head, d):
   return c
 
 
+@pytest.mark.slow
 def test_two_banks_two_sources_match_dense_reference_per_bank():
   mesh = _mesh()
   rng = np.random.default_rng(0)
@@ -79,6 +80,7 @@ def test_bank_config_errors_name_the_key():
   assert banks_lib.bank_specs(_cfg([])) is None
 
 
+@pytest.mark.slow
 def test_two_banks_two_sources_train_export_import(tmp_path):
   """Each source names its bank: its labels arrive shifted into that bank's id range; the trainer
   keeps {bank: centers}, reports per-bank metrics; --with_centers exports and imports every bank."""

@@ -92,6 +92,7 @@ def test_other_axis_layout_matches_reference():
   close_grads(np.asarray(gc)[:1003], ref_gc)
 
 
+@pytest.mark.slow
 def test_labels_per_step_sampling():
   mesh = _mesh()
   # More label slots (6) than labels_per_step (3), but <= 3 valid per row: every valid one is used.
@@ -124,6 +125,7 @@ def _selected_rows(gc):
   return np.abs(np.asarray(gc)).sum(axis=1) > 0
 
 
+@pytest.mark.slow
 def test_partial_fc_sampling():
   mesh = _mesh()
   num_classes = 20003
@@ -230,7 +232,7 @@ def test_centers_logical_axes_shard_rows_over_every_axis():
   assert spec == P(("data", "fsdp", "tensor"), None)
 
 
-@pytest.mark.parametrize("chunk", [1, 3, 7, 64])
+@pytest.mark.parametrize("chunk", [pytest.param(1, marks=pytest.mark.slow), 3, 7, 64])
 def test_positive_cosines_visit_owned_positives_in_chunks(chunk):
   """The owned positives' cosines and gradients, visited `chunk` at a time (one pass or many, a
   partial last chunk), and by the gathering path, equal a float64 numpy transcription of
@@ -352,6 +354,7 @@ print(json.dumps(dict(auto_is_compare=out["auto"]["text"] == out["compare"]["tex
 """
 
 
+@pytest.mark.slow
 def test_own_label_mask_on_tpu():
   """Deviceless compile for a v5e 2x2 slice: 'auto' lowers like 'compare', and XLA's TPU cost model
   counts fewer bytes for it than for the scatter (the reason it is TPU's default)."""

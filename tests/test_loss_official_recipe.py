@@ -115,9 +115,10 @@ def _uniforms(rng, b, l, k, n_shards, c_local, sampled):
     # A small scale keeps the zeroed classes' e^0 terms visible next to e^{s cos} (at s=64 they
     # would be within the tolerance of leaving them out).
     (1003, 1.0, 0.3, 8.0, "auto"),      # dense, filter on, fixed-shift path
-    (2003, 0.1, 0.3, 8.0, "auto"),      # Partial FC: one selection per slot
-    (2003, 0.1, None, 64.0, "auto"),    # no filter
-    (1003, 0.1, 0.3, 100.0, "auto"),    # span s*(1+u) > 130: exact row-max path with the zeroed logits
+    pytest.param(2003, 0.1, 0.3, 8.0, "auto", marks=pytest.mark.slow),  # Partial FC: one selection per slot
+    pytest.param(2003, 0.1, None, 64.0, "auto", marks=pytest.mark.slow),  # no filter
+    # span s*(1+u) > 130: exact row-max path with the zeroed logits
+    pytest.param(1003, 0.1, 0.3, 100.0, "auto", marks=pytest.mark.slow),
     (1003, 1.0, 0.3, 8.0, "compare"),   # TPU's own-label mask (loss.own_label_mask), dense
     (2003, 0.1, 0.3, 8.0, "compare"),   # and per slot's selection
 ])

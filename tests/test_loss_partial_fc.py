@@ -3,6 +3,7 @@ import math
 
 import jax
 import numpy as np
+import pytest
 
 from ovenc_jax.loss import discrimination as loss_lib
 from ovenc_jax.loss import partial_fc
@@ -63,6 +64,7 @@ def test_selection_stays_sparse_when_batch_positives_exceed_a_shard():
   close_grads(np.asarray(gc)[:num_classes], ref_gc)
 
 
+@pytest.mark.slow
 def test_overflow_keeps_every_term_exact_and_is_counted():
   """48 distinct positives on shard 0, room for 16: the 32 left out are no one's negatives (every
   row has the same labels), each still has its own exact term, and the overflow is reported."""

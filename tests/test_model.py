@@ -187,6 +187,7 @@ def test_chunked_attention_matches_dense_with_grads():
     np.testing.assert_allclose(a, b, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_uint8_input_is_clip_normalised():
   enc = _tiny()
   x, pos = _image_tokens(10)
@@ -198,7 +199,7 @@ def test_uint8_input_is_clip_normalised():
   np.testing.assert_allclose(a, b, atol=1e-5)
 
 
-@pytest.mark.parametrize("data,fsdp,tensor", [(2, 2, 2), (1, 8, 1)])
+@pytest.mark.parametrize("data,fsdp,tensor", [(2, 2, 2), pytest.param(1, 8, 1, marks=pytest.mark.slow)])
 def test_sharded_forward_and_grad_match_single_device(data, fsdp, tensor):
   """FSDP (weights gathered before use, gradients reduce-scattered), tensor and data parallelism."""
   cfg = pretrain.get_config("variant=tiny")

@@ -9,6 +9,8 @@ import pytest
 from tests.helpers import digit_shards
 from tests.helpers.train_cli import finish, losses, start_processes
 
+pytestmark = pytest.mark.slow  # multi-process or long end-to-end runs
+
 STEPS = 16
 
 

@@ -31,6 +31,7 @@ def data(tmp_path_factory):
 def shards(tmp_path_factory):
   return digit_shards.write_digit_shards(str(tmp_path_factory.mktemp("digits") / "train"), 0, 300, num_shards=2)
 
+@pytest.mark.slow
 def test_short_run_lowers_loss_and_lifts_knn(data, tmp_path):
   cfg = make_config(*data, total_steps=300, ckpt_every=300, log_every=50,
                     **{"input.global_batch_size": 16, "optim.warmup_steps": 20})
@@ -44,6 +45,7 @@ def test_short_run_lowers_loss_and_lifts_knn(data, tmp_path):
   assert os.path.isdir(os.path.join(tmp_path, "tensorboard"))
 
 
+@pytest.mark.slow
 def test_checkpoint_restores_on_fewer_devices(data, tmp_path):
   devices = jax.devices()
   cfg = make_config(data[0], total_steps=4, async_ckpt=False)
@@ -62,6 +64,7 @@ def test_checkpoint_restores_on_fewer_devices(data, tmp_path):
   assert len(centers.sharding.device_set) == 4
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mesh", [{}, {"mesh.data": 1, "mesh.fsdp": 8}], ids=["data", "fsdp8"])
 def test_two_processes_match_one_process(data, tmp_path, mesh):
   """Data parallel, and FSDP over both processes (each weight gathered from, and its gradient
@@ -79,6 +82,7 @@ def test_two_processes_match_one_process(data, tmp_path, mesh):
     assert_reorder_close(b[s], a[s], err_msg=f"step {s}")
 
 
+@pytest.mark.slow
 def test_nan_stops_with_message(data, tmp_path):
   cfg = make_config(data[0], total_steps=6, max_bad_steps=2, **{"optim.lr": 1e30, "optim.clip_norm": None,
                                                "optim.warmup_steps": 0})
@@ -107,6 +111,7 @@ def test_unknown_config_key_on_command_line(data, tmp_path):
   assert "learning_rate" in r.stderr
 
 
+@pytest.mark.slow
 def test_embed_from_workdir_feeds_clustering(data, tmp_path):
   from data_prep import cluster
   from ovenc_format import atomic_io
@@ -130,6 +135,7 @@ def test_embed_from_workdir_feeds_clustering(data, tmp_path):
 
 # ---- the official recipe ---------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_official_preset_trains(data, tmp_path):
   train_dir, _ = data
   c = pretrain.get_config(f"variant=tiny,data={train_dir},recipe=official")
@@ -146,6 +152,7 @@ def test_official_preset_trains(data, tmp_path):
 
 # ---- mesh axes from the axis rules -----------------------------------------------------------
 
+@pytest.mark.slow
 def test_centers_follow_the_classes_axis_rule(shards, tmp_path):
   """Rules that shard "classes" over data and fsdp only: the centers are split 4 ways and replicated
   over tensor, the loss reduces over those axes, and the first step's loss is the default layout's."""
@@ -176,6 +183,7 @@ def _tiny(path, **kw):
 
 # ---- exact accumulation ----------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_accumulation_equals_full_batch_with_uneven_packed_rows(shards):
   kw = {"input.global_batch_size": 32, "input.tokens_per_row": 56, "input.max_segments": 4,
         "loss.sample_rate": 1.0}
@@ -231,6 +239,7 @@ def _saved_params(workdir, step):
   return ckpt_lib.load_params(str(workdir), step)[1]
 
 
+@pytest.mark.slow
 def test_nan_gradient_with_finite_loss_is_skipped_and_never_saved(shards, tmp_path):
   cfg = _tiny(shards, total_steps=3, ckpt_every=1, log_every=3)
   trainer = PoisonedTrainer(cfg, str(tmp_path))
@@ -245,6 +254,7 @@ def test_nan_gradient_with_finite_loss_is_skipped_and_never_saved(shards, tmp_pa
   assert np.isfinite(losses(str(tmp_path))[1])
 
 
+@pytest.mark.slow
 def test_bad_steps_in_a_row_stop_the_run(shards, tmp_path):
   cfg = _tiny(shards, total_steps=6, ckpt_every=1, log_every=2, max_bad_steps=3)
   trainer = PoisonedTrainer(cfg, str(tmp_path))
@@ -257,6 +267,7 @@ def test_bad_steps_in_a_row_stop_the_run(shards, tmp_path):
 
 # ---- labels ----------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_no_labels_stops_at_the_first_step_naming_the_label_table(tmp_path):
   rng = np.random.default_rng(0)
   digits = load_digits()
@@ -280,6 +291,7 @@ def test_num_classes_comes_from_the_label_table_and_must_agree(shards, tmp_path)
     train.Trainer(cfg, str(tmp_path / "w"))
 
 
+@pytest.mark.slow
 def test_labels_out_of_range_are_an_error(shards, tmp_path):
   # Digit labels are 0..9; 5 classes leave half of them out of range.
   with pytest.raises(ValueError, match=r"label\(s\) outside \[0, loss.num_classes=5\)"):
@@ -295,6 +307,7 @@ def test_model_and_input_patch_sizes_must_agree(shards, tmp_path):
 
 # ---- host syncs ------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_steps_per_s_leaves_out_compilation_and_the_initial_save(shards, tmp_path, monkeypatch):
   """orbax always checkpoints the first step, and that save blocks; steps_per_s times steps 2..N only. A fake clock in train.py ticks 1 per reading and jumps 1000
   during the first save: with the jump inside the window, the figure would be below 0.01."""
@@ -318,6 +331,7 @@ def test_steps_per_s_leaves_out_compilation_and_the_initial_save(shards, tmp_pat
   assert 0.1 < summary["steps_per_s"] <= 4.0, summary["steps_per_s"]
 
 
+@pytest.mark.slow
 def test_metrics_reach_the_host_once_per_log_window(shards, tmp_path, monkeypatch):
   calls = []
   real = jax.device_get
