@@ -3,14 +3,53 @@
 # install -> demo data -> codec patchify (Beam) -> glyph teacher (no download) -> k-means concepts ->
 # train tiny -> kNN on digit labels vs the initial model -> PyTorch export -> PNGs.
 #   ./run_demo.sh [OUT_DIR]      (default demo_out/; extra trainer flags via DEMO_TRAIN_FLAGS)
+#   ./run_demo.sh --check-out DIR   only says whether DIR may be used as OUT_DIR (exit 0) or not (exit 2)
+# OUT_DIR is replaced on every run, so it must be a folder this script made (it carries the marker
+# file .ovenc-demo), an empty folder or a new path; relative paths are taken from the checkout.
 set -euo pipefail
 cd "$(dirname "$0")"
+marker=.ovenc-demo
+
+refuse() { echo "run_demo.sh: error: $*" >&2; return 2; }
+
+# Whether "$1" may be deleted and rebuilt as the demo's output folder; touches nothing.
+check_out() {
+  local out=$1 abs home root
+  [ -n "$out" ] || { refuse "OUT is empty"; return; }
+  case "/$out/" in
+    */../*) refuse "OUT '$out' has a '..' component: name the folder without it"; return ;;
+  esac
+  if [ -L "$out" ]; then refuse "OUT '$out' is a symbolic link: name the folder itself"; return; fi
+  [ -e "$out" ] || return 0
+  [ -d "$out" ] || { refuse "OUT '$out' exists and is not a folder"; return; }
+  abs=$(cd "$out" && pwd -P)
+  root=$(pwd -P)
+  home=$(cd "${HOME:-/}" 2>/dev/null && pwd -P || echo /)
+  for keep in / "$home" "$root"; do
+    if [ "$abs" = "$keep" ]; then refuse "OUT '$out' is $keep (/, \$HOME or the checkout): refusing to replace it"; return; fi
+  done
+  if [ ! -f "$out/$marker" ] && [ -n "$(ls -A "$out")" ]; then
+    refuse "OUT '$out' exists and was not made by run_demo.sh (no $marker file in it): it would be deleted; remove it yourself or pass another OUT"
+    return
+  fi
+}
+
+if [ "${1:-}" = "--check-out" ]; then
+  [ $# -eq 2 ] || { refuse "usage: run_demo.sh --check-out DIR"; exit; }
+  check_out "$2"
+  exit
+fi
 out=${1:-demo_out}
+check_out "$out" || exit
 steps=${DEMO_STEPS:-600}
 scripts/ensure_venv.sh
 py=.venv/bin/python
-rm -rf "$out"
+# The demo runs on the CPU; naming the platform keeps JAX from probing for a TPU through libtpu.
+export JAX_PLATFORMS=${JAX_PLATFORMS:-cpu}
+# Only a folder carrying the marker is removed (check_out accepted it); the marker goes in first.
+if [ -f "$out/$marker" ]; then rm -rf "$out"; fi
 mkdir -p "$out"
+echo "made by run_demo.sh; the next run replaces this folder" > "$out/$marker"
 t0=$(date +%s)
 step() { echo; echo "== [$(( $(date +%s) - t0 ))s] $*"; }
 

@@ -4,6 +4,7 @@ import functools
 import glob
 import math
 import os
+import sys
 import time
 
 import jax
@@ -12,9 +13,12 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from ovenc_format import atomic_io
+from ovenc_format import failures
 from ovenc_format import label_table
+from ovenc_format import progress
 
 MESH_AXES = ("data", "model")
+FAILURES_FILE = "failures.jsonl"  # rejected input rows, one JSON object per line
 _CENTER_BUDGET_BYTES = 1 << 30  # per-device bytes for centers (+ sums) before the model axis is used
 
 
@@ -32,8 +36,13 @@ def ids_path_for(embeddings_path: str) -> str:
   return os.path.join(d, name.replace("embeddings", "sample_ids", 1))
 
 
-def load_embeddings(path) -> tuple[np.ndarray, np.ndarray]:
-  """(float32 [N, D], int64 [N]) from one embeddings .npy or a folder of *embeddings*.npy files."""
+def load_embeddings(path, reject_bad_rows: bool = False):
+  """(float32 [N, D], int64 [N]) from one embeddings .npy or a folder of *embeddings*.npy files.
+
+  A row run_clustering cannot take (NaN/inf or all zero, a negative = missing sample id, or a
+  sample id that more than one row has) raises, naming the file and the rows; with
+  reject_bad_rows it is left out instead, and the result is (x, ids, rejected), one dict per
+  rejected row (file, row, sample_id, reason). Files that do not fit together always raise."""
   path = os.fspath(path)
   if os.path.isdir(path):
     files = sorted(glob.glob(os.path.join(path, "*embeddings*.npy")))
@@ -43,7 +52,7 @@ def load_embeddings(path) -> tuple[np.ndarray, np.ndarray]:
     files = [path]
   else:
     raise FileNotFoundError(f"--embeddings {path} does not exist")
-  xs, ids, dim = [], [], None
+  xs, ids, dim, where = [], [], None, []
   for f in files:
     idf = ids_path_for(f)
     if not os.path.isfile(idf):
@@ -60,12 +69,38 @@ def load_embeddings(path) -> tuple[np.ndarray, np.ndarray]:
       raise ValueError(f"{f}: dim {x.shape[1]} differs from {dim} of {files[0]}")
     dim = x.shape[1]
     x = np.asarray(x, np.float32)
-    _check_rows(x, f)
+    if not reject_bad_rows:
+      _check_rows(x, f)
     xs.append(x)
     ids.append(i.astype(np.int64))
+    where.append(np.stack([np.full(len(i), len(where)), np.arange(len(i))], 1))
   x, ids = np.concatenate(xs), np.concatenate(ids)
-  _check_ids(ids, path)
-  return x, ids
+  if not reject_bad_rows:
+    _check_ids(ids, path)
+    return x, ids
+  reasons = _row_problems(x, ids)
+  where = np.concatenate(where)
+  rejected = [dict(file=files[where[r, 0]], row=int(where[r, 1]), sample_id=int(ids[r]),
+                   reason=reasons[r]) for r in sorted(reasons)]
+  keep = np.ones(len(ids), bool)
+  keep[list(reasons)] = False
+  return x[keep], ids[keep], rejected
+
+
+def _row_problems(x, ids) -> dict:
+  """{row: reason} of the rows _check_rows/_check_ids refuse; every row of a duplicated id."""
+  out = {}
+  for r in np.flatnonzero(~np.isfinite(x).all(axis=1)):
+    out[int(r)] = "embedding contains NaN/inf"
+  for r in np.flatnonzero(~(np.abs(x) > 0).any(axis=1)):
+    out.setdefault(int(r), "embedding is all zero (no direction)")
+  for r in np.flatnonzero(ids < 0):
+    out.setdefault(int(r), "sample id is missing (negative)")
+  uniq, inverse, counts = np.unique(ids, return_inverse=True, return_counts=True)
+  # Which of the copies is right is unknown, so none of them is used.
+  for r in np.flatnonzero(counts[inverse] > 1):
+    out.setdefault(int(r), f"sample id {int(ids[r])} is duplicated ({int(counts[inverse[r]])} rows)")
+  return out
 
 
 def _check_rows(x, where):
@@ -231,7 +266,8 @@ def _kmeanspp(x, w, key, num_clusters, trials):
 
 def run_clustering(embeddings, sample_ids, num_clusters: int, top_k: int, *, iters: int = 20,
                    seed: int = 0, init: str = "kmeans++", mesh: Mesh = None, model_shards=None,
-                   chunk_size: int = 4096, repair: int = 1024, init_trials=None, log=None) -> dict:
+                   chunk_size: int = 4096, repair: int = 1024, init_trials=None, log=None,
+                   progress=None) -> dict:
   """Spherical k-means + top-k labels. Returns dict(centers float32 [C, D] (unit rows), labels int32
   [N, top_k] (nearest first), cosine float32 [N, top_k], sample_ids int64 [N], history list)."""
   x = np.asarray(embeddings, np.float32)
@@ -307,6 +343,8 @@ def run_clustering(embeddings, sample_ids, num_clusters: int, top_k: int, *, ite
     stats["mean_cos"] /= n
     history.append(dict(iter=it, **stats))
     log(f"iter {it}: mean cos {stats['mean_cos']:.4f}, empty {stats['empty']}, repaired {stats['repaired']}")
+    if progress is not None:
+      progress.update()
 
   topk = jax.jit(jax.shard_map(
       functools.partial(_top_k, k=top_k, chunk=chunk), mesh=mesh,
@@ -337,7 +375,9 @@ def write_outputs(output_dir, result: dict, params: dict) -> dict:
 
 
 def main(argv=None):
-  ap = argparse.ArgumentParser(prog="python -m data_prep.cluster", description=__doc__)
+  # No abbreviations: a typo that is a prefix of a flag must not pass as that flag.
+  ap = argparse.ArgumentParser(prog="python -m data_prep.cluster", description=__doc__,
+                               allow_abbrev=False)
   ap.add_argument("--embeddings", required=True,
                   help="embeddings .npy (+ sibling sample_ids .npy) or a folder of them, e.g. a teacher's "
                        "output or `python -m ovenc_jax.eval.embed --output DIR` for a trained encoder")
@@ -352,12 +392,24 @@ def main(argv=None):
   ap.add_argument("--chunk_size", type=int, default=4096, help="points per scoring block")
   ap.add_argument("--init_trials", type=int, default=None,
                   help="k-means++ candidates per step (default 2 + ln C; 1 = plain k-means++)")
+  failures.add_flag(ap, "embedding rows (NaN/inf or all-zero rows, missing or duplicated sample ids)")
   a = ap.parse_args(argv)
-  x, ids = load_embeddings(a.embeddings)
-  print(f"{x.shape[0]} embeddings of dim {x.shape[1]} from {a.embeddings}; devices: {jax.local_device_count()}")
-  res = run_clustering(x, ids, a.num_clusters, a.top_k, iters=a.iters, seed=a.seed, init=a.init,
-                       model_shards=a.model_shards, chunk_size=a.chunk_size,
-                       init_trials=a.init_trials, log=print)
+  x, ids, rejected = load_embeddings(a.embeddings, reject_bad_rows=True)
+  # The report is written before any check, so it always matches this run's input.
+  report = failures.write_report(os.path.join(a.output, FAILURES_FILE), rejected)
+  total = x.shape[0] + len(rejected)
+  print(f"{total} embeddings of dim {x.shape[1]} from {a.embeddings}, {len(rejected)} rejected "
+        f"(see {report}); devices: {jax.local_device_count()}")
+  try:
+    failures.check(len(rejected), total, a.max_failure_fraction, report, "embedding rows",
+                   num_written=x.shape[0])
+  except failures.TooManyFailures as e:
+    print(f"{ap.prog}: error: {e}", file=sys.stderr)
+    sys.exit(failures.EXIT_CODE)
+  with progress.Progress(a.iters, "k-means", unit="iter") as bar:
+    res = run_clustering(x, ids, a.num_clusters, a.top_k, iters=a.iters, seed=a.seed, init=a.init,
+                         model_shards=a.model_shards, chunk_size=a.chunk_size,
+                         init_trials=a.init_trials, log=bar.write, progress=bar)
   params = dict(embeddings=a.embeddings, num_clusters=a.num_clusters, top_k=a.top_k,
                 iters=a.iters, seed=a.seed, init=a.init)
   paths = write_outputs(a.output, res, params)

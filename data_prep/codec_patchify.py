@@ -2,6 +2,8 @@
 import argparse
 import contextlib
 import dataclasses
+import difflib
+import importlib
 import json
 import logging
 import math
@@ -19,6 +21,7 @@ from apache_beam.runners.portability.fn_api_runner import FnApiRunner
 from data_prep import patchify_output as output
 from data_prep.codec import clip, config
 from data_prep.codec.worker import DecodeWorker
+from ovenc_format import failures as failures_lib
 from ovenc_format import records
 
 log = logging.getLogger("codec_patchify")
@@ -144,6 +147,15 @@ class PatchifyFn(beam.DoFn):
         self.worker.close()
     self.done = self.n_failed = self.n_tokens = 0
     self.started = self.last_log = time.time()
+    self.marks = None
+    if not output.is_url(self.staging):
+      # One byte per finished file, so the driver can show progress across worker processes
+      # (it sums the sizes of these files; see patchify_output.watch_progress).
+      try:
+        name = f"{output.PROGRESS_PREFIX}{uuid.uuid4().hex}"
+        self.marks = open(os.path.join(self.staging, name), "ab", buffering=0)
+      except OSError as e:  # progress is a convenience: the job goes on without it
+        log.warning("no progress marks in %s: %s", self.staging, e)
 
   def _decoder_key(self):
     return (repr(self.cfg), self.timeout)
@@ -183,6 +195,8 @@ class PatchifyFn(beam.DoFn):
       self.n_failed += 1
       log.warning("failed: %s: %s", path, result[1])
       self.part.fail({"path": path, "reason": result[1]})
+    if self.marks is not None:
+      self.marks.write(b".")
     now = time.time()
     if now - self.last_log >= self.log_every_s:
       self.last_log = now
@@ -193,6 +207,9 @@ class PatchifyFn(beam.DoFn):
     self.part.close()
 
   def teardown(self):
+    marks, self.marks = getattr(self, "marks", None), None
+    if marks is not None:
+      marks.close()
     worker, self.worker = getattr(self, "worker", None), None
     if worker is None:
       return
@@ -210,12 +227,28 @@ class PatchifyFn(beam.DoFn):
 # ----------------------------------------------------------------------------------------------
 # CLI.
 
+PROG = "python -m data_prep.codec_patchify"
+EPILOG = (
+    "Other flags are Beam pipeline options (--runner, --direct_num_workers, "
+    "--direct_running_mode, --dask_client_address, --project, ...): each must be an option Beam "
+    "defines, else the job stops with 'unknown flag' and the closest known flag. Flags after a "
+    "lone '--' go to Beam unchecked (options of a PipelineOptions class this process does not "
+    "import).")
+
+
+class _Parser(argparse.ArgumentParser):
+  """argparse with a one-line error (exit code 2): the flag list is too long to repeat."""
+
+  def error(self, message):
+    self.exit(2, f"{self.prog}: error: {message}\n")
+
+
 def build_parser():
   d = config.PatchifyConfig()
-  ap = argparse.ArgumentParser(
+  ap = _Parser(
+      prog=PROG,
       allow_abbrev=False,  # a Beam option must never be taken for a prefix of one of ours
-      description=__doc__, epilog="Unknown flags are Beam pipeline options (--runner, "
-      "--direct_num_workers, --project, ...) and pass straight through to Beam.")
+      description=__doc__, epilog=EPILOG)
   ap.add_argument("--input", action="append", required=True,
                   help="glob, list file (.txt/.list/.lst), directory or file; repeatable")
   ap.add_argument("--output_dir", required=True, help="local dir or a Beam filesystem URL")
@@ -281,7 +314,55 @@ def build_parser():
                   help="seconds between progress lines of each worker")
   ap.add_argument("--overwrite", action="store_true",
                   help="replace shards/manifest/failures of an earlier run in output_dir")
+  failures_lib.add_flag(ap, "inputs (failures.jsonl rows)")
   return ap
+
+
+def _beam_parser():
+  """A parser of every option Beam defines, built as PipelineOptions.get_all_options builds it
+  (each direct PipelineOptions subclass adds its own), with the Dask runner's options loaded."""
+  from apache_beam.options import pipeline_options as po
+  try:  # DaskOptions is defined where the runner is; register it unless dask is missing
+    importlib.import_module("apache_beam.runners.dask.dask_runner")
+  except ImportError:
+    pass
+  parser = po._BeamArgumentParser(allow_abbrev=False)  # pylint: disable=protected-access
+  subset = {}
+  for cls in po.PipelineOptions.__subclasses__():
+    subset.setdefault(str(cls), cls)
+  for cls in subset.values():
+    cls._add_argparse_args(parser)  # pylint: disable=protected-access
+  return parser
+
+
+def _option_strings(parser) -> list:
+  return [o for a in parser._actions for o in a.option_strings if o.startswith("--")]
+
+
+def parse_args(argv=None):
+  """Our flags, then Beam's: (args, beam_args). Leftover flags must be Beam options; an unknown
+  one is an argparse error naming it and the closest known flag. After a lone '--', everything
+  goes to Beam unchecked."""
+  argv = list(sys.argv[1:] if argv is None else argv)
+  unchecked = []
+  if "--" in argv:
+    i = argv.index("--")
+    argv, unchecked = argv[:i], argv[i + 1:]
+  ap = build_parser()
+  args, leftover = ap.parse_known_args(argv)
+  if leftover:
+    beam = _beam_parser()
+    try:
+      _, unknown = beam.parse_known_args(leftover)
+    except SystemExit:  # Beam's parser already printed why (a bad value of one of its options)
+      ap.exit(2)
+    for token in unknown:
+      name = token.split("=", 1)[0]
+      if not token.startswith("-"):
+        ap.error(f"unexpected argument {token!r}")
+      close = difflib.get_close_matches(name, _option_strings(ap) + _option_strings(beam), n=1)
+      ap.error(f"unknown flag {name}" + (f" (did you mean {close[0]}?)" if close else ""))
+  return args, leftover + unchecked
 
 
 def config_from_args(args) -> config.PatchifyConfig:
@@ -375,7 +456,11 @@ def _direct_defaults(beam_args, decode_timeout: float, num_inputs: int):
 
 def run(argv=None):
   """Parses flags, runs the pipeline, returns the manifest dict."""
-  args, beam_args = build_parser().parse_known_args(argv)
+  return run_parsed(*parse_args(argv))
+
+
+def run_parsed(args, beam_args):
+  """run() of parsed flags (parse_args)."""
   cfg = config_from_args(args)
   if not args.shard_mb > 0:
     raise ValueError(f"--shard_mb={args.shard_mb} must be > 0")
@@ -403,7 +488,7 @@ def run(argv=None):
       "inputs": args.input, "class_labels": args.class_labels,
       "num_class_labels": len(labels), "decode_timeout": args.decode_timeout,
       "shard_mb": args.shard_mb, "shard_compression": args.shard_compression,
-      "beam_args": beam_args,
+      "beam_args": beam_args, "max_failure_fraction": args.max_failure_fraction,
   }
   log.info("codec_patchify: %d inputs -> %s (shards cut at %g MiB), K=%d of %s per video",
            len(paths), output_dir, args.shard_mb, cfg.num_keep(), header["grid"])
@@ -415,6 +500,8 @@ def run(argv=None):
     # The DirectRunner itself would first try to download the Prism runner's binary (network
     # at run time, and a different runner wherever the download works).
     runner = None if _flag(beam_args, "--runner") else FnApiRunner()
+    if not output.is_url(staging):
+      stack.enter_context(output.watch_progress(staging, len(paths)))
     pipeline = beam.Pipeline(runner=runner, options=PipelineOptions(beam_args))
     # One linear chain and no side inputs: runners that only evaluate the last transform's graph
     # inside worker tasks (the DaskRunner) run it as they run the DirectRunner and Dataflow.
@@ -465,13 +552,19 @@ def main(argv=None):
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", force=True)
   logging.getLogger("apache_beam").setLevel(logging.WARNING)
   try:
-    run(argv)
+    args, beam_args = parse_args(argv)
+    manifest = run_parsed(args, beam_args)
+    # The outputs and failures.jsonl are final by now: too many failures only set the exit code.
+    failures_lib.check(manifest["num_failures"], manifest["num_inputs"],
+                       args.max_failure_fraction,
+                       FileSystems.join(args.output_dir, "failures.jsonl"), "inputs",
+                       num_written=manifest["num_records"])
   except ValueError as e:
     print(f"codec_patchify: error: {e}", file=sys.stderr)
     sys.exit(2)
-  except output.IncompleteOutput as e:
+  except (output.IncompleteOutput, failures_lib.TooManyFailures) as e:
     print(f"codec_patchify: error: {e}", file=sys.stderr)
-    sys.exit(1)
+    sys.exit(failures_lib.EXIT_CODE)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """Output of the codec_patchify job: bundle parts in a staging folder, finalised into shards."""
 import collections
+import contextlib
 import hashlib
 import json
 import logging
@@ -7,11 +8,13 @@ import os
 import re
 import shutil
 import tempfile
+import threading
 import time
 import uuid
 
 from apache_beam.io.filesystems import FileSystems
 
+from ovenc_format import progress as progress_lib
 from ovenc_format import records
 
 log = logging.getLogger("codec_patchify")
@@ -66,6 +69,8 @@ DEFAULT_WRITER_OPTIONS = writer_options(DEFAULT_COMPRESSION)
 # Parts are staged in <output_dir>/beam-temp-*; the driver renames them into place.
 STAGING_PREFIX = "beam-temp-"
 PART_GLOB = "part-*.json"
+# Per-worker progress files in the staging folder (not part-*: finalize_output never reads them).
+PROGRESS_PREFIX = ".progress-"
 
 
 class PartWriter:
@@ -255,3 +260,35 @@ def prepare_output_dir(output_dir: str, overwrite: bool):
   if not is_url(output_dir):
     os.makedirs(output_dir, exist_ok=True)
 
+
+@contextlib.contextmanager
+def watch_progress(staging: str, total: int, every_s: float = 0.5):
+  """Files done / total with rate and ETA, from the workers' progress marks (PatchifyFn.setup in
+  codec_patchify): workers may be threads, processes or Dask workers, so the driver reads their
+  count off disk."""
+  bar = progress_lib.Progress(total, "codec_patchify", unit="file")
+  stop = threading.Event()
+
+  def done():
+    n = 0
+    try:
+      for name in os.listdir(staging):
+        if name.startswith(PROGRESS_PREFIX):
+          n += os.path.getsize(os.path.join(staging, name))
+    except OSError:  # the folder is being finalised
+      pass
+    return n
+
+  def poll():
+    while not stop.wait(every_s):
+      bar.set(done())
+
+  thread = threading.Thread(target=poll, name="codec_patchify-progress", daemon=True)
+  thread.start()
+  try:
+    yield bar
+  finally:
+    stop.set()
+    thread.join()
+    bar.set(done())
+    bar.close()

@@ -6,11 +6,22 @@ import os
 from absl import app, flags
 from ml_collections import config_flags
 
+from ovenc_jax import cli_errors
+
+PROG = "ovenc-train"
+
 # The packaged pretraining config, so an installed copy trains without knowing where its files live.
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "pretrain.py")
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", DEFAULT_CONFIG, "a config file and its args, e.g. ovenc_jax/configs/pretrain.py:variant=base "
-    "(default: the packaged pretrain.py, variant tiny)", lock_config=True)
+_CONFIG = None  # the --config flag, defined by cli(): defining it parses the command line's overrides
+
+
+def _define_config_flag() -> None:
+  global _CONFIG
+  _CONFIG = config_flags.DEFINE_config_file(
+      "config", DEFAULT_CONFIG, "a config file and its args, e.g. ovenc_jax/configs/pretrain.py:variant=base "
+      "(default: the packaged pretrain.py, variant tiny)", lock_config=True)
+
+
 _WORKDIR = flags.DEFINE_string("workdir", None, "checkpoints, metrics.jsonl and TensorBoard events go here")
 _DISTRIBUTED = flags.DEFINE_enum(
     "distributed", "auto", ["auto", "on", "off"],
@@ -19,6 +30,8 @@ _COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of pr
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "total processes (with --coordinator_address)")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "this process's index (with --coordinator_address)")
 _PRINT_CONFIG = flags.DEFINE_bool("print_config", False, "print the config after all overrides as JSON and exit")
+cli_errors.define_verbose_flag()
+flags.declare_key_flag("verbose")
 
 
 def _want_distributed() -> bool:
@@ -68,7 +81,9 @@ def main(argv):
 
 
 def cli():
-  app.run(main)
+  """The `ovenc-train` command: user errors as one line `ovenc-train: error: ...` (exit 2), --verbose for
+  the traceback."""
+  cli_errors.run(main, PROG, define_flags=_define_config_flag)
 
 
 if __name__ == "__main__":

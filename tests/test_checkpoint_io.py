@@ -7,6 +7,7 @@ import sys
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from ovenc_jax.train import checkpoint
@@ -76,3 +77,18 @@ def test_import_leaves_orbax_global_handlers_alone():
   out = subprocess.run([sys.executable, "-c", _IMPORT_CHANGES_NOTHING], capture_output=True, text=True,
                        check=True)
   assert out.stdout.strip().splitlines()[-1] == "True", out.stderr
+
+
+def test_stored_shapes_and_latest_step_read_without_restoring_or_creating(tmp_path):
+  work = str(tmp_path / "w")
+  enc = {"embed": {"kernel": np.zeros((588, 16), np.float32)}, "norm": {"scale": np.ones((16,), np.float32)}}
+  checkpoint.write_params_checkpoint(work, {"encoder": enc, "centers": np.zeros((128, 16), np.float32)}, step=1)
+  checkpoint.write_params_checkpoint(work, {"encoder": enc}, step=3)
+  assert checkpoint.latest_step(work) == 3
+  assert checkpoint.state_shapes(work, 1) == {"params/centers": (128, 16), "params/encoder/embed/kernel": (588, 16),
+                                              "params/encoder/norm/scale": (16,), "step": ()}
+  assert "params/centers" not in checkpoint.state_shapes(work, 3)
+  missing = tmp_path / "none"
+  assert checkpoint.latest_step(str(missing)) is None and not missing.exists()
+  with pytest.raises(FileNotFoundError, match="no checkpoint for step 2 at .*checkpoints/2"):
+    checkpoint.resolve_step(work, 2)

@@ -115,7 +115,8 @@ def test_cli_folder_and_label_table(tmp_path, planted):
   out = tmp_path / "out"
   cluster.main(["--embeddings", str(emb_dir), "--num_clusters", "32", "--top_k", "4",
                 "--output", str(out), "--iters", "5", "--seed", "0"])
-  assert sorted(os.listdir(out)) == ["centers.npy", "cluster_summary.json", "labels.npz"]
+  assert sorted(os.listdir(out)) == ["centers.npy", "cluster_summary.json", "failures.jsonl", "labels.npz"]
+  assert open(out / "failures.jsonl").read() == ""  # every row was valid
   centers = np.load(out / "centers.npy")
   table = label_table.LabelTable(out)
   assert len(table) == 3200 and table.top_k == 4 and table.num_classes == 32

@@ -90,3 +90,28 @@ def test_main_runs_from_any_directory_with_the_packaged_config(tmp_path):
                      text=True, timeout=120)
   assert r.returncode == 0, r.stderr[-3000:]
   assert json.loads(r.stdout)["model"]["variant"] == "tiny"
+
+
+@pytest.mark.parametrize("flag, names", [
+    ("--config.optim.learning_rate=1", "--config.optim.learning_rate=1: the config has no key 'learning_rate'"),
+    ("--config.total_steps=many", "--config.total_steps=many"),
+    ("--no_such_flag=1", "no_such_flag"),
+])
+def test_flag_errors_are_one_line_with_exit_2(tmp_path, flag, names):
+  work = tmp_path / "run"
+  args = [sys.executable, "-m", "ovenc_jax.main", f"--workdir={work}", flag]
+  r = subprocess.run(args, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+  assert r.returncode == 2, r.stderr[-3000:]
+  assert r.stderr.count("ovenc-train: error: ") == 1 and names in r.stderr, r.stderr
+  assert "Traceback" not in r.stderr and not work.exists()
+  r = subprocess.run(args + ["--verbose"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+  assert r.returncode == 2 and "Traceback (most recent call last)" in r.stderr, r.stderr[-3000:]
+  assert r.stderr.rstrip().splitlines()[-1].startswith("ovenc-train: error: ")
+
+
+def test_a_config_file_that_raises_is_one_line_naming_the_arg(tmp_path):
+  r = subprocess.run([sys.executable, "-m", "ovenc_jax.main", f"--config={pretrain.__file__}:variant=giant",
+                      "--print_config"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+  assert r.returncode == 2, r.stderr[-3000:]
+  line, = [l for l in r.stderr.splitlines() if l.startswith("ovenc-train: error: ")]
+  assert "variant='giant' is unknown" in line and "Traceback" not in r.stderr, r.stderr

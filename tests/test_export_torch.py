@@ -181,7 +181,11 @@ def test_state_dict_names_shapes_and_config(pair):
   np.testing.assert_array_equal(state["head.attention.in_proj_weight"][2 * d:], v)
   with open(os.path.join(out_dir, layout_lib.CONFIG_FILE)) as f:
     cfg = json.load(f)
-  assert cfg["model_type"] == "onevision_encoder" and cfg["architectures"] == ["OneVisionEncoderModel"]
+  # consistent exports get their own model_type, so the published code never takes them for its own.
+  suffix = {"official": "", "consistent": "_consistent"}[layout]
+  model_class = {"official": "OneVisionEncoderModel", "consistent": "OneVisionEncoderConsistentModel"}[layout]
+  assert cfg["model_type"] == "onevision_encoder" + suffix and cfg["architectures"] == [model_class]
+  assert cfg["auto_map"]["AutoModel"] == f"modeling_onevision_encoder.{model_class}"
   assert (cfg["hidden_size"], cfg["num_hidden_layers"], cfg["num_attention_heads"],
           cfg["intermediate_size"], cfg["patch_size"]) == (d, depth, h, m, P)
   assert cfg["hidden_act"] == "gelu" and cfg["layer_norm_eps"] == 1e-6 and cfg["use_head"] is True
@@ -284,7 +288,8 @@ def test_roundtrip_jax_torch_jax_is_bitwise(pair, tmp_path):
   assert model_cfg.variant == "tiny" and model_cfg.rope_layout == layout
   # Re-exporting overwrites the earlier export in place; a foreign directory is refused.
   export_torch.export_params(params, str(tmp_path / "out"), rope_layout=layout)
-  assert sorted(os.listdir(tmp_path / "out")) == ["config.json", "model.safetensors"]
+  assert sorted(os.listdir(tmp_path / "out")) == ["README.md", "config.json", "configuration_onevision_encoder.py",
+                                                  "model.safetensors", "modeling_onevision_encoder.py"]
   (tmp_path / "mine").mkdir()
   (tmp_path / "mine" / "notes.txt").write_text("keep")
   with pytest.raises(FileExistsError, match="notes.txt"):

@@ -14,6 +14,7 @@ from ovenc_jax.configs import pretrain
 from ovenc_jax.input import global_arrays
 from ovenc_jax.input import pipeline as input_pipeline
 from ovenc_jax.train import checkpoint as ckpt_lib
+from ovenc_jax.train import compat
 from ovenc_jax.train import trainer as train
 from tests.helpers import digit_shards
 from tests.helpers.tolerances import assert_reorder_close
@@ -344,3 +345,18 @@ def test_metrics_reach_the_host_once_per_log_window(shards, tmp_path, monkeypatc
                 str(tmp_path / "every")).run()
   a, b = losses(str(tmp_path / "window")), losses(str(tmp_path / "every"))
   assert sorted(a) == list(range(1, 10)) and a == b
+
+
+def test_init_from_of_another_shape_names_the_parameter_before_writing(shards, tmp_path):
+  cfg = make_config(shards)
+  trainer = train.Trainer(cfg, str(tmp_path / "run"))
+  # The encoder with every matrix's last axis halved: another model of the same structure.
+  enc = jax.tree.map(lambda a: np.zeros(a.shape[:-1] + (a.shape[-1] // 2,) if a.ndim else (), a.dtype),
+                     trainer.abstract_state["params"]["encoder"])
+  src = str(tmp_path / "src")
+  ckpt_lib.write_params_checkpoint(src, {"encoder": enc})
+  cfg.init_from = src
+  with pytest.raises(compat.ModelMismatchError, match=r"config.init_from=.*src: checkpoint step 0 does not fit the "
+                     r"configured model: params/encoder/\S+ has shape \[.*\] in the checkpoint and \[.*\] in the model"):
+    train.Trainer(cfg, str(tmp_path / "run")).run()
+  assert not (tmp_path / "run").exists()

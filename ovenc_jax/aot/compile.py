@@ -391,9 +391,12 @@ def main(argv):
 def cli() -> None:
   """The `ovenc-aot` command (and `python -m ovenc_jax.aot.compile`)."""
   prepare_host_environment()
-  from absl import app
+  from absl import flags
+  from ovenc_jax import cli_errors
   _define_flags()
-  app.run(main)
+  cli_errors.define_verbose_flag()
+  flags.declare_key_flag("verbose")  # listed by --help
+  cli_errors.run(main, "ovenc-aot")
 
 
 if __name__ == "__main__":

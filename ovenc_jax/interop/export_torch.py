@@ -1,6 +1,9 @@
-"""Export a JAX checkpoint to PyTorch: OUT/config.json + OUT/model.safetensors in the official OneVision-Encoder layout.
+"""Export a JAX checkpoint to a Hugging Face-ready PyTorch folder in the official OneVision-Encoder layout.
 
-python -m ovenc_jax.interop.export_torch --workdir DIR [--step N] --output OUT [--with_centers]
+python -m ovenc_jax.interop.export_torch --workdir DIR [--step N] --output OUT [--with_centers] [--push_to_hub REPO_ID]
+
+OUT holds config.json (with auto_map), model.safetensors, the transformers code beside them and a README.md
+model card: transformers.AutoModel.from_pretrained(OUT, trust_remote_code=True) loads it.
 """
 import argparse
 import json
@@ -11,11 +14,15 @@ import tempfile
 from typing import Any, Callable, Mapping
 
 import numpy as np
-from safetensors.numpy import save_file
+from tqdm import tqdm
 
 from ovenc_jax.interop import torch_layout as layout_lib
+from ovenc_jax.interop.hf import card as card_lib
 
-_EXPORT_FILES = {layout_lib.MODEL_FILE, layout_lib.CONFIG_FILE, layout_lib.CENTERS_FILE}
+_EXPORT_FILES = {layout_lib.MODEL_FILE, layout_lib.CONFIG_FILE, layout_lib.CENTERS_FILE, layout_lib.CARD_FILE,
+                 *card_lib.CODE_FILES}
+# numpy dtype name -> safetensors dtype tag (bfloat16 comes from ml_dtypes, named "bfloat16").
+_ST_DTYPES = {"float32": "F32", "float16": "F16", "float64": "F64", "bfloat16": "BF16"}
 # The keys of a workdir's config.json "model" section that fix parameter shapes, with the Arch field.
 _SIZE_KEYS = {"width": "width", "depth": "depth", "num_heads": "num_heads", "mlp_dim": "mlp_dim",
               "patch_size": "patch_size"}
@@ -50,11 +57,41 @@ def _write_dir_atomically(output: str, fill: Callable[[str], None]) -> None:
     raise
 
 
+def _save_safetensors(tensors: Mapping[str, np.ndarray], path: str, bar) -> None:
+  """The safetensors format (8-byte header size, JSON header, raw little-endian data), written one tensor
+  at a time so the progress bar follows the bytes; metadata format=pt, which transformers requires."""
+  header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+  offset = 0
+  for key, a in tensors.items():
+    if a.dtype.name not in _ST_DTYPES:
+      raise layout_lib.LayoutError(f"{key} has dtype {a.dtype}, expected one of {sorted(_ST_DTYPES)}")
+    header[key] = {"dtype": _ST_DTYPES[a.dtype.name], "shape": list(a.shape),
+                   "data_offsets": [offset, offset + a.nbytes]}
+    offset += a.nbytes
+  blob = json.dumps(header, separators=(",", ":")).encode()
+  blob += b" " * (-len(blob) % 8)  # the data starts 8-byte aligned
+  with open(path, "wb") as f:
+    f.write(len(blob).to_bytes(8, "little"))
+    f.write(blob)
+    for a in tensors.values():
+      f.write(np.ascontiguousarray(a.byteswap().view(a.dtype.newbyteorder()) if a.dtype.byteorder == ">"
+                                   else a).tobytes())
+      bar.update(1)
+
+
+def _progress(total: int):
+  # Quiet in CI logs and pipes, where a redrawn bar is noise.
+  return tqdm(total=total, desc="export", unit="tensor", file=sys.stderr,
+              disable=not sys.stderr.isatty() or os.environ.get("CI") == "true")
+
+
 def export_params(params: Mapping[str, Any], output: str, *, rope_layout: str = "official",
                   rope_theta: float = 10000.0, centers: Any = None, image_size: int = 224,
-                  extra: Mapping[str, Any] | None = None) -> dict[str, str]:
-  """Writes OUTPUT/{config.json, model.safetensors[, centers.safetensors]} from the Encoder 'params'
-  collection (or {"params": ...}); returns the written paths by file name."""
+                  extra: Mapping[str, Any] | None = None, train_config: Mapping[str, Any] | None = None,
+                  repo_id: str | None = None) -> dict[str, str]:
+  """Writes OUTPUT/{config.json, model.safetensors[, centers.safetensors]}, the transformers code and
+  README.md from the Encoder 'params' collection (or {"params": ...}); TRAIN_CONFIG (the workdir's
+  config.json) fills the model card. Returns the written paths by file name."""
   if set(params) == {"params"}:
     params = params["params"]
   arch = layout_lib.arch_from_flax(params)
@@ -72,23 +109,34 @@ def export_params(params: Mapping[str, Any], output: str, *, rope_layout: str = 
         raise layout_lib.LayoutError(f"{key} has shape {centers_arr[key].shape} dtype {centers_arr[key].dtype}, "
                                      f"expected float [num_classes, {arch.width}]")
 
+  if rope_layout == "consistent":
+    print(f"warning: rope_layout=consistent: {output} gets model_type "
+          f"{layout_lib.HF_MODEL_TYPES['consistent']!r}; the published OneVision-Encoder code pairs RoPE channels "
+          "the official way and would compute other positions, so load it with the code shipped beside the "
+          "weights (trust_remote_code=True) or ovenc_jax's OVEncoder", file=sys.stderr)
+  fields = card_lib.card_fields(cfg, train_config, (extra or {}).get("step"),
+                                sum(int(a.size) for a in state.values()), repo=repo_id)
+  written = []
+
   def fill(tmp):
-    # metadata format=pt: transformers' from_pretrained refuses safetensors without it.
-    save_file(state, os.path.join(tmp, layout_lib.MODEL_FILE), metadata={"format": "pt"})
-    if centers_arr is not None:
-      save_file(centers_arr, os.path.join(tmp, layout_lib.CENTERS_FILE),
-                metadata={"format": "pt"})
+    with _progress(len(state) + len(centers_arr or {})) as bar:
+      _save_safetensors(state, os.path.join(tmp, layout_lib.MODEL_FILE), bar)
+      if centers_arr is not None:
+        _save_safetensors(centers_arr, os.path.join(tmp, layout_lib.CENTERS_FILE), bar)
     with open(os.path.join(tmp, layout_lib.CONFIG_FILE), "w") as f:
       json.dump(cfg, f, indent=2)
       f.write("\n")
+    written[:] = card_lib.write_hf_files(tmp, fields)
 
   _write_dir_atomically(output, fill)
-  names = [layout_lib.CONFIG_FILE, layout_lib.MODEL_FILE] + ([layout_lib.CENTERS_FILE] if centers_arr is not None else [])
+  names = ([layout_lib.CONFIG_FILE, layout_lib.MODEL_FILE] +
+           ([layout_lib.CENTERS_FILE] if centers_arr is not None else []) + written)
   return {name: os.path.join(os.path.abspath(output), name) for name in names}
 
 
 def export_workdir(workdir: str, output: str, *, step: int | None = None, with_centers: bool = False,
-                   rope_layout: str | None = None, image_size: int = 224) -> dict[str, str]:
+                   rope_layout: str | None = None, image_size: int = 224,
+                   repo_id: str | None = None) -> dict[str, str]:
   """Loads WORKDIR's checkpoint (latest or STEP) and exports it; the model config comes from
   WORKDIR/config.json when present, else the sizes are read off the parameter shapes."""
   from ovenc_jax.train import checkpoint as ckpt_lib  # jax/orbax only for the checkpoint path
@@ -121,8 +169,24 @@ def export_workdir(workdir: str, output: str, *, step: int | None = None, with_c
   extra = {"step": int(step)}  # provenance only; no local paths in a file meant for sharing
   if model_cfg is not None and "variant" in model_cfg:
     extra["variant"] = model_cfg["variant"]
+  train_config = None
+  if model_cfg is not None:  # read_model_section has parsed it already
+    with open(cfg_path) as f:
+      train_config = json.load(f)
   return export_params(params["encoder"], output, rope_layout=rope_layout, rope_theta=rope_theta,
-                       centers=centers, image_size=image_size, extra=extra)
+                       centers=centers, image_size=image_size, extra=extra, train_config=train_config,
+                       repo_id=repo_id)
+
+
+def push_to_hub(folder: str, repo_id: str) -> str:
+  """Uploads an export folder to the Hugging Face Hub model repo REPO_ID (created if missing)."""
+  from huggingface_hub import HfApi  # only for this optional step
+
+  api = HfApi()
+  api.create_repo(repo_id, repo_type="model", exist_ok=True)
+  api.upload_folder(folder_path=folder, repo_id=repo_id, repo_type="model",
+                    commit_message="Upload OneVision-Encoder export from ovenc-jax")
+  return f"https://huggingface.co/{repo_id}"
 
 
 def main(argv=None) -> dict[str, str]:
@@ -135,14 +199,20 @@ def main(argv=None) -> dict[str, str]:
   ap.add_argument("--rope_layout", choices=layout_lib.ROPE_LAYOUTS, default=None,
                   help="only for a workdir without config.json (default official)")
   ap.add_argument("--image_size", type=int, default=224, help="config.json image_size (informational)")
+  ap.add_argument("--push_to_hub", metavar="REPO_ID", default=None,
+                  help="then upload OUT to this Hugging Face Hub model repo (needs a login or HF_TOKEN)")
   args = ap.parse_args(argv)
+  if args.push_to_hub is not None and args.push_to_hub.count("/") != 1:
+    ap.error(f"--push_to_hub {args.push_to_hub!r}: expected a repo id of the form OWNER/NAME")
   try:
     paths = export_workdir(args.workdir, args.output, step=args.step, with_centers=args.with_centers,
-                           rope_layout=args.rope_layout, image_size=args.image_size)
+                           rope_layout=args.rope_layout, image_size=args.image_size, repo_id=args.push_to_hub)
   except (layout_lib.LayoutError, FileNotFoundError, FileExistsError, KeyError) as e:
     raise SystemExit(f"{ap.prog}: error: {e.args[0] if isinstance(e, KeyError) else e}") from e
   for path in paths.values():
     print(f"wrote {path}")
+  if args.push_to_hub is not None:
+    print(f"uploaded to {push_to_hub(os.path.abspath(args.output), args.push_to_hub)}")
   return paths
 
 

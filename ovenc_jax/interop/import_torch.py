@@ -8,8 +8,13 @@ OUT gets checkpoints/<step> (params only) and config.json ("model" section); tra
 import argparse
 import json
 import os
+import shutil
+import uuid
 from typing import Any
 
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import torch
@@ -20,6 +25,7 @@ from ovenc_jax.interop import torch_layout as layout_lib
 from ovenc_jax.model import defaults as model_defaults
 from ovenc_jax.model import encoder as model_lib
 from ovenc_jax.train import checkpoint as ckpt_lib
+from ovenc_jax.train import compat
 
 
 def _load_safetensors(path: str) -> dict[str, torch.Tensor]:
@@ -75,18 +81,58 @@ def read_export(input_dir: str) -> tuple[ml_collections.ConfigDict, dict[str, An
   return model_config_for(arch, rope_layout, rope_theta), params
 
 
+def check_against_model(model_cfg: ml_collections.ConfigDict, encoder_params: dict[str, Any], source: str) -> None:
+  """LayoutError naming the first encoder parameter whose shape is not the one the JAX encoder of
+  `model_cfg` creates (both shapes), or that only one side has."""
+  encoder = model_lib.encoder_from_config(model_cfg, platform="cpu")
+  n, p = 4, int(model_cfg.patch_size)  # parameter shapes do not depend on the token count
+  abstract = nn.meta.unbox(jax.eval_shape(lambda: encoder.init(
+      jax.random.key(0), jnp.zeros((1, n, p * p * 3), jnp.uint8), jnp.zeros((1, n, 3), jnp.int32),
+      jnp.ones((1, n), jnp.int32))["params"]))
+  problem = compat.first_difference(compat.leaf_shapes(encoder_params, "encoder"),
+                                    compat.leaf_shapes(abstract, "encoder"), stored_name=source)
+  if problem:
+    raise layout_lib.LayoutError(f"{source} does not fit the encoder its config.json describes: {problem}")
+
+
 def import_dir(input_dir: str, workdir: str, step: int = 0) -> str:
-  """Writes WORKDIR/checkpoints/STEP (params only) and WORKDIR/config.json; returns the checkpoint path."""
+  """Writes WORKDIR/checkpoints/STEP (params only) and WORKDIR/config.json; returns the checkpoint path.
+
+  Both are written into a staging folder beside WORKDIR and moved in once complete: a failed import
+  leaves WORKDIR as it was."""
   model_cfg, params = read_export(input_dir)
+  check_against_model(model_cfg, params["encoder"], os.path.join(input_dir, layout_lib.MODEL_FILE))
+  workdir = os.path.abspath(workdir)
   existing = ckpt_lib.latest_step(workdir)
   if existing is not None:
     raise FileExistsError(f"{ckpt_lib.checkpoint_dir(workdir)} already holds checkpoints (latest step "
                           f"{existing}); import into an empty --workdir")
-  path = ckpt_lib.write_params_checkpoint(workdir, params, step)
-  # The model section lets export_torch / embed rebuild the encoder from this workdir alone.
-  atomic_io.save_json(os.path.join(os.path.abspath(workdir), layout_lib.CONFIG_FILE),
-                      {"model": model_cfg.to_dict(), "imported_from": os.path.abspath(input_dir)})
-  return path
+  target = ckpt_lib.checkpoint_dir(workdir)
+  if os.path.isdir(target) and os.listdir(target):
+    raise FileExistsError(f"{target} holds unfinished checkpoint files ({sorted(os.listdir(target))[0]}, ...); "
+                          f"import into an empty --workdir")
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise NotADirectoryError(f"--workdir {workdir} is not a folder")
+  parent = os.path.dirname(workdir)
+  os.makedirs(parent, exist_ok=True)
+  # os.mkdir, not mkdtemp: the folder may become WORKDIR itself, with the permissions the umask gives.
+  staging = os.path.join(parent, f".{os.path.basename(workdir)}.import-{uuid.uuid4().hex[:12]}")
+  os.mkdir(staging)
+  try:
+    ckpt_lib.write_params_checkpoint(staging, params, step)
+    # The model section lets export_torch / embed rebuild the encoder from this workdir alone.
+    atomic_io.save_json(os.path.join(staging, layout_lib.CONFIG_FILE),
+                        {"model": model_cfg.to_dict(), "imported_from": os.path.abspath(input_dir)})
+    if not os.path.exists(workdir):
+      os.rename(staging, workdir)
+    else:
+      if os.path.isdir(target):
+        os.rmdir(target)  # empty (checked above)
+      os.rename(ckpt_lib.checkpoint_dir(staging), target)
+      os.replace(os.path.join(staging, layout_lib.CONFIG_FILE), os.path.join(workdir, layout_lib.CONFIG_FILE))
+  finally:
+    shutil.rmtree(staging, ignore_errors=True)
+  return os.path.join(target, str(step))
 
 
 def main(argv=None) -> str:
@@ -98,7 +144,7 @@ def main(argv=None) -> str:
   args = ap.parse_args(argv)
   try:
     path = import_dir(args.input, args.workdir, args.step)
-  except (layout_lib.LayoutError, FileNotFoundError, FileExistsError, KeyError) as e:
+  except (layout_lib.LayoutError, FileNotFoundError, FileExistsError, NotADirectoryError, KeyError) as e:
     raise SystemExit(f"{ap.prog}: error: {e.args[0] if isinstance(e, KeyError) else e}") from e
   print(f"wrote {path}")
   return path

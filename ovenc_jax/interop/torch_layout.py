@@ -12,6 +12,16 @@ MODEL_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 CENTERS_FILE = "centers.safetensors"
 CENTERS_KEY = "centers"
+CARD_FILE = "README.md"
+# The transformers code written beside the weights (sources in ovenc_jax/interop/hf/), loaded through
+# config.json's auto_map with trust_remote_code=True.
+HF_CONFIG_MODULE = "configuration_onevision_encoder"
+HF_MODEL_MODULE = "modeling_onevision_encoder"
+# A consistent-layout export gets its own model_type and config class: code that knows only the
+# published model (official RoPE pairing) must not take it for one.
+HF_MODEL_TYPES = {"official": "onevision_encoder", "consistent": "onevision_encoder_consistent"}
+HF_CONFIG_CLASSES = {"official": "OneVisionEncoderConfig", "consistent": "OneVisionEncoderConsistentConfig"}
+HF_MODEL_CLASSES = {"official": "OneVisionEncoderModel", "consistent": "OneVisionEncoderConsistentModel"}
 
 ROPE_LAYOUTS = ("official", "consistent")
 
@@ -243,16 +253,19 @@ def torch_to_flax(state: Mapping[str, np.ndarray], arch: Arch, source: str = "st
   return params
 
 
-# ---- config.json (the official OneVisionEncoderConfig fields, plus ovenc's rope_layout) ----
+# ---- config.json (the official OneVisionEncoderConfig fields, plus ovenc's rope_layout and auto_map) ----
 
 def hf_config(arch: Arch, *, rope_layout: str = "official", rope_theta: float = 10000.0,
               image_size: int = 224, extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
-  """config.json for OneVisionEncoderModel.from_pretrained; 'rope_layout' is ours (absent = official)."""
+  """config.json for OneVisionEncoderModel.from_pretrained and transformers' AutoModel (trust_remote_code);
+  'rope_layout' is ours (absent = official), read by the code shipped beside the weights."""
   if rope_layout not in ROPE_LAYOUTS:
     raise LayoutError(f"rope_layout={rope_layout!r}: expected one of {ROPE_LAYOUTS}")
   cfg = {
-      "architectures": ["OneVisionEncoderModel"],
-      "model_type": "onevision_encoder",
+      "architectures": [HF_MODEL_CLASSES[rope_layout]],
+      "model_type": HF_MODEL_TYPES[rope_layout],
+      "auto_map": {"AutoConfig": f"{HF_CONFIG_MODULE}.{HF_CONFIG_CLASSES[rope_layout]}",
+                   "AutoModel": f"{HF_MODEL_MODULE}.{HF_MODEL_CLASSES[rope_layout]}"},
       "hidden_size": arch.width,
       "intermediate_size": arch.mlp_dim,
       "num_hidden_layers": arch.depth,
@@ -273,6 +286,7 @@ def hf_config(arch: Arch, *, rope_layout: str = "official", rope_theta: float = 
       "rope_temporal_size": ROPE_TEMPORAL_SIZE,
       "use_head": True,
       "torch_dtype": "float32",
+      "dtype": "float32",  # transformers 5's name for torch_dtype
       "rope_layout": rope_layout,
   }
   if extra:
@@ -305,6 +319,10 @@ def parse_hf_config(cfg: Mapping[str, Any], source: str = CONFIG_FILE) -> tuple[
   rope_layout = _field(cfg, "rope_layout", source, default="official", required=False)
   if rope_layout not in ROPE_LAYOUTS:
     raise LayoutError(f"{source}: field 'rope_layout'={rope_layout!r}: expected one of {ROPE_LAYOUTS}")
+  model_type = cfg.get("model_type", HF_MODEL_TYPES[rope_layout])
+  if model_type != HF_MODEL_TYPES[rope_layout]:
+    raise LayoutError(f"{source}: field 'model_type'={model_type!r} does not match rope_layout={rope_layout!r} "
+                      f"(expected {HF_MODEL_TYPES[rope_layout]!r})")
   rope_theta = float(_field(cfg, "rope_theta", source, default=10000.0, required=False))
   arch = Arch(width=ints["hidden_size"], depth=ints["num_hidden_layers"],
               num_heads=ints["num_attention_heads"], mlp_dim=ints["intermediate_size"],

@@ -5,6 +5,7 @@ from typing import Any
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 from orbax.checkpoint.experimental.v1 import options as ocp_options
 
 # The state is a plain dict, so export/import need no trainer code:
@@ -99,13 +100,15 @@ def _reader(workdir: str) -> ocp.CheckpointManager:
 
 
 def latest_step(workdir: str) -> int | None:
+  """The newest finalized step under WORKDIR/checkpoints, or None; reads the listing only (no manager,
+  so nothing is created and orbax logs nothing)."""
   if not os.path.isdir(checkpoint_dir(workdir)):
     return None
-  with _reader(workdir) as mngr:
-    return mngr.latest_step()
+  return max(ocp.utils.checkpoint_steps(checkpoint_dir(workdir)), default=None)
 
 
-def _resolve_step(workdir: str, step: int | None) -> int:
+def resolve_step(workdir: str, step: int | None) -> int:
+  """`step` when its checkpoint exists, else the latest; FileNotFoundError naming the folder."""
   if step is not None:
     path = os.path.join(checkpoint_dir(workdir), str(step))
     if not os.path.isdir(path):
@@ -119,7 +122,7 @@ def _resolve_step(workdir: str, step: int | None) -> int:
 
 def load_state_tree(workdir: str, step: int | None = None) -> tuple[int, dict[str, Any]]:
   """Restores the whole 'state' item as host numpy arrays (no target, no mesh needed)."""
-  step = _resolve_step(workdir, step)
+  step = resolve_step(workdir, step)
   with _reader(workdir) as mngr:
     restored = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
   return step, jax.tree.map(np.asarray, dict(restored[STATE_ITEM]))
@@ -131,6 +134,22 @@ def load_params(workdir: str, step: int | None = None) -> tuple[int, dict[str, A
   if "params" not in state or "encoder" not in state["params"]:
     raise KeyError(f"checkpoint step {step} in {checkpoint_dir(workdir)} has no params/encoder entry")
   return step, state["params"]
+
+
+def state_shapes(workdir: str, step: int) -> dict[str, tuple[int, ...]]:
+  """{'params/encoder/...': shape} of every array in a checkpoint's state item, from its metadata:
+  nothing is restored, so a checkpoint of another model size is read as cheaply as a matching one."""
+  path = epath.Path(checkpoint_dir(workdir)) / str(step) / STATE_ITEM
+  if not path.is_dir():
+    raise FileNotFoundError(f"no state item at {path}")
+  handler = ocp.handlers.StandardCheckpointHandler()
+  try:
+    meta = handler.metadata(path)
+  finally:
+    handler.close()
+  leaves = jax.tree_util.tree_flatten_with_path(meta)[0]
+  return {jax.tree_util.keystr(p, simple=True, separator="/"): tuple(getattr(m, "shape", ()) or ())
+          for p, m in leaves}
 
 
 def write_params_checkpoint(workdir: str, params: dict[str, Any], step: int = 0) -> str:

@@ -16,6 +16,7 @@ import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
 from ovenc_jax.train import checkpoint as ckpt_lib
+from ovenc_jax.train import compat
 from ovenc_jax.eval import embed as embed_lib
 from ovenc_jax.eval import probes as eval_lib
 from ovenc_jax.input import features as input_features
@@ -295,13 +296,26 @@ class Trainer:
   # ---- loop --------------------------------------------------------------------------------
   def run(self) -> dict[str, Any]:
     c = self.config
-    os.makedirs(self.workdir, exist_ok=True)
-    if jax.process_index() == 0:
-      embed_lib.save_config(self.workdir, c)
+    # Everything that can refuse the run is checked before the workdir is touched: a checkpoint or
+    # init_from of another model, then the data.
+    init_params = None
+    resume_step = ckpt_lib.latest_step(self.workdir)
+    if resume_step is not None:
+      compat.check_resume(self.workdir, resume_step, self.abstract_state, c.model)
+    elif c.init_from:
+      init_params = compat.load_init_params(c.init_from, self.abstract_state["params"], c.model)
     data_iter = input_pipeline.make_train_iterator(c.input, banks=loss_lib.source_banks(c.loss))
+    os.makedirs(self.workdir, exist_ok=True)
     mngr = ckpt_lib.make_manager(self.workdir, max_to_keep=c.keep_ckpts,
                                  save_interval_steps=c.ckpt_every, async_save=c.async_ckpt)
-    state, start = self._restore_or_init(mngr, data_iter)
+    try:
+      state, start = self._restore_or_init(mngr, data_iter, init_params)
+    except BaseException:
+      mngr.close()
+      raise
+    # Only now: the workdir's config.json always describes the model its checkpoints hold.
+    if jax.process_index() == 0:
+      embed_lib.save_config(self.workdir, c)
     writer = MetricsWriter(self.workdir, enabled=jax.process_index() == 0)
     sigterm = {"seen": False}
     previous = signal.signal(signal.SIGTERM, lambda *_: sigterm.__setitem__("seen", True))
@@ -404,14 +418,15 @@ class Trainer:
                               ds=grain.checkpoint.CheckpointSave(data_iter))
     mngr.save(step, args=args, force=force)
 
-  def _restore_or_init(self, mngr, data_iter):
+  def _restore_or_init(self, mngr, data_iter, init_params=None):
+    """Restores the latest checkpoint, else a fresh state (around `init_params`, init_from's checked
+    params, when given)."""
     c = self.config
     step = mngr.latest_step()
     if step is None:
-      if c.init_from:
-        _, params = ckpt_lib.load_params(c.init_from)
+      if init_params is not None:
         log.info("initialising params from %s", c.init_from)
-        return self.state_from_params(params, c.seed), 0
+        return self.state_from_params(init_params, c.seed), 0
       return self.init_state(c.seed), 0
     log.info("resuming from %s step %d", ckpt_lib.checkpoint_dir(self.workdir), step)
     restored = mngr.restore(step, args=ocp.args.Composite(
