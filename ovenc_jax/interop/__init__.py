@@ -1,1 +1,1 @@
-"""PyTorch interop: the weight layout, a PyTorch port of the encoder, export and import."""
+"""PyTorch interop: the weight layout, the PyTorch encoder shipped in exports, export and import."""

@@ -2,7 +2,7 @@
 
 AutoModel.from_pretrained(export_dir, trust_remote_code=True) loads it. The forward takes token sets
 as the JAX encoder does: patches [B, N, p*p*3], (t, h, w) positions [B, N, 3] and segment ids [B, N]
-(0 = padding, k = the k-th sample packed into the row); it computes what ovenc_jax's OVEncoder computes.
+(0 = padding, k = the k-th sample packed into the row); ovenc_jax's OVEncoder is this model, built from this file.
 """
 import dataclasses
 
@@ -50,6 +50,33 @@ def apply_rope(x, cos, sin, layout):
   """x [B, H, N, hd] rotated by cos/sin [B, 1, N, hd]; math in fp32, result in x.dtype."""
   xf = x.float()
   return (xf * cos + rotate_half(xf, layout) * sin).to(x.dtype)
+
+
+def _check_frames(frames, p):
+  if frames.dim() != 4 or frames.shape[-1] != 3:
+    raise ValueError(f"frames has shape {tuple(frames.shape)}, expected [T, H, W, 3]")
+  h, w = frames.shape[1:3]
+  if h % p or w % p:
+    raise ValueError(f"frames are {h}x{w}: height and width must be multiples of patch_size={p}")
+
+
+def video_patches(frames, positions, patch_size):
+  """frames [T, H, W, 3], positions [N, 3] -> patches [N, p*p*3], each flattened (row, col, channel)."""
+  frames = torch.as_tensor(frames)
+  positions = torch.as_tensor(positions).long()
+  p = patch_size
+  _check_frames(frames, p)
+  t, h, w, _ = frames.shape
+  if positions.dim() != 2 or positions.shape[-1] != 3:
+    raise ValueError(f"positions has shape {tuple(positions.shape)}, expected [N, 3] = (t, h, w)")
+  limits = torch.tensor([t, h // p, w // p], device=positions.device)
+  bad = ((positions < 0) | (positions >= limits)).any(-1)
+  if bad.any():
+    i = int(bad.nonzero()[0, 0])
+    raise ValueError(f"positions[{i}]={positions[i].tolist()} is outside the patch grid (t, h, w) < "
+                     f"{limits.tolist()}")
+  grid = frames.reshape(t, h // p, p, w // p, p, 3).permute(0, 1, 3, 2, 4, 5).reshape(t, h // p, w // p, -1)
+  return grid[positions[:, 0], positions[:, 1], positions[:, 2]]
 
 
 class OneVisionEncoderMlp(nn.Module):
@@ -251,28 +278,18 @@ class OneVisionEncoderModel(OneVisionEncoderPreTrainedModel):
 
   def encode_video(self, frames, positions=None):
     """frames [T, H, W, 3] pixels (uint8, or CLIP-normalised float); positions int [N, 3] = the kept
-    patches' (t, h, w) on the patch grid, None = every patch. One sample (B = 1, one segment)."""
+    patches' (t, h, w) on the patch grid, None = every patch. One sample (B = 1, one segment).
+
+    Returns last_hidden_state [1, N, D], pooled [1, 1, D] and positions [N, 3]."""
     p = self.config.patch_size
     frames = torch.as_tensor(frames, device=self.inv_freq_t.device)
-    if frames.dim() != 4 or frames.shape[-1] != 3:
-      raise ValueError(f"frames has shape {tuple(frames.shape)}, expected [T, H, W, 3]")
-    t, h, w, _ = frames.shape
-    if h % p or w % p:
-      raise ValueError(f"frames are {h}x{w}: height and width must be multiples of patch_size={p}")
+    _check_frames(frames, p)
     if positions is None:
+      t, h, w, _ = frames.shape
       grid = torch.meshgrid(torch.arange(t), torch.arange(h // p), torch.arange(w // p), indexing="ij")
       positions = torch.stack(grid, dim=-1).reshape(-1, 3)
     positions = torch.as_tensor(positions, device=frames.device).long()
-    if positions.dim() != 2 or positions.shape[-1] != 3:
-      raise ValueError(f"positions has shape {tuple(positions.shape)}, expected [N, 3] = (t, h, w)")
-    limits = torch.tensor([t, h // p, w // p], device=positions.device)
-    bad = ((positions < 0) | (positions >= limits)).any(-1)
-    if bad.any():
-      i = int(bad.nonzero()[0, 0])
-      raise ValueError(f"positions[{i}]={positions[i].tolist()} is outside the patch grid (t, h, w) < "
-                       f"{limits.tolist()}")
-    grid = frames.reshape(t, h // p, p, w // p, p, 3).permute(0, 1, 3, 2, 4, 5).reshape(t, h // p, w // p, -1)
-    patches = grid[positions[:, 0], positions[:, 1], positions[:, 2]]
+    patches = video_patches(frames, positions, p)
     out = self.forward(patches[None], positions[None])
     out["positions"] = positions
     return out
@@ -284,4 +301,4 @@ class OneVisionEncoderConsistentModel(OneVisionEncoderModel):
 
 
 __all__ = ["OneVisionEncoderModel", "OneVisionEncoderConsistentModel", "OneVisionEncoderPreTrainedModel",
-           "OneVisionEncoderOutput"]
+           "OneVisionEncoderOutput", "video_patches"]
