@@ -12,6 +12,7 @@ from array_record.python import array_record_module
 
 from data_prep import cluster, codec_patchify
 from ovenc_format import failures, progress, records
+from tests.helpers import shards
 from tests.helpers.codec_clips import digit_clip
 
 SMALL = ["--image_size", "28", "--patch_size", "14", "--num_frames", "4", "--decode_timeout", "0"]
@@ -25,15 +26,6 @@ def _tree_hashes(d):
       p = os.path.join(root, n)
       out[os.path.relpath(p, d)] = hashlib.sha1(open(p, "rb").read()).hexdigest()
   return out
-
-
-def _raw_records(d):
-  out = []
-  for path in records.list_shards(str(d)):
-    reader = array_record_module.ArrayRecordReader(path)
-    out.extend(reader.read_all())
-    reader.close()
-  return sorted(out)
 
 
 def _exit_code(fn, argv):
@@ -108,7 +100,7 @@ def test_all_failing_prep_job_exits_1_after_writing_its_report(tmp_path, capsys)
                                           "--max_failure_fraction", "1"] + SMALL)
   err = capsys.readouterr().err
   assert code == 1
-  assert f"nothing was written: 2 of 2 inputs failed" in err and str(out / "failures.jsonl") in err
+  assert "nothing was written: 2 of 2 inputs failed" in err and str(out / "failures.jsonl") in err
   rows = [json.loads(l) for l in open(out / "failures.jsonl")]
   assert sorted(os.path.basename(r["path"]) for r in rows) == ["a.mp4", "b.mp4"]
   assert json.load(open(out / "manifest.json"))["num_failures"] == 2
@@ -129,7 +121,7 @@ def test_one_bad_of_three_fails_only_at_fraction_zero_and_keeps_the_valid(inputs
   assert code == 1
   assert err[-1] == ("codec_patchify: error: 1 of 3 inputs failed: fraction 0.333 > --max_failure_fraction 0; "
                      f"failure report: {tmp_path / 'strict' / 'failures.jsonl'}")
-  a, b = _raw_records(tmp_path / "default"), _raw_records(tmp_path / "strict")
+  a, b = shards.raw_records(tmp_path / "default"), shards.raw_records(tmp_path / "strict")
   assert len(a) == 2 and a == b
   assert {r["source"] for r in records.read_all(str(tmp_path / "strict"))} == {
       str(inputs / "good0.mp4"), str(inputs / "good1.mp4")}

@@ -16,6 +16,7 @@ from data_prep import make_demo_data as md
 from data_prep import patchify_output
 from data_prep.codec import config, selection, worker
 from ovenc_format import records
+from tests.helpers import shards
 from tests.helpers.codec_clips import digit_clip
 
 FLAGS = ["--image_size", "56", "--patch_size", "14", "--num_frames", "8", "--budget", "0.25"]
@@ -218,21 +219,12 @@ def test_direct_runner_modes_give_the_same_records(tmp_path, monkeypatch):
   assert m["num_inputs"] == 4 and m["num_failures"] == 0
   assert sorted(os.listdir(tmp_path / "b")) == m["shards"] + ["failures.jsonl", "manifest.json"]
 
-  def raw(d):
-    from array_record.python import array_record_module
-    out = []
-    for path in records.list_shards(str(d)):
-      reader = array_record_module.ArrayRecordReader(path)
-      out.extend(reader.read_all())
-      reader.close()
-    return sorted(out)
-
   # No runner flags: a worker thread per core, each with its decoder child.
   monkeypatch.setattr(os, "cpu_count", lambda: 2)
   m = codec_patchify.run(flags + ["--output_dir", str(tmp_path / "c")])
   assert m["beam_args"] == ["--direct_num_workers=2", "--direct_running_mode=multi_threading"]
   assert m["shard_compression"] == "zstd:1"
-  a, b, c = raw(tmp_path / "a"), raw(tmp_path / "b"), raw(tmp_path / "c")
+  a, b, c = shards.raw_records(tmp_path / "a"), shards.raw_records(tmp_path / "b"), shards.raw_records(tmp_path / "c")
   assert len(a) == 4 and a == b == c
   assert prism_calls == []
   # The same records, stored raw, with snappy and with zstd level 1 (the shards say which).
