@@ -262,11 +262,12 @@ def prepare_output_dir(output_dir: str, overwrite: bool):
 
 
 @contextlib.contextmanager
-def watch_progress(staging: str, total: int, every_s: float = 0.5):
+def watch_progress(staging: str, total: int, every_s: float = 0.5, desc: str = "codec_patchify",
+                   unit: str = "file"):
   """Files done / total with rate and ETA, from the workers' progress marks (PatchifyFn.setup in
   codec_patchify): workers may be threads, processes or Dask workers, so the driver reads their
   count off disk."""
-  bar = progress_lib.Progress(total, "codec_patchify", unit="file")
+  bar = progress_lib.Progress(total, desc, unit=unit)
   stop = threading.Event()
 
   def done():
