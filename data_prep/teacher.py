@@ -115,6 +115,8 @@ def embed_shard(teacher, recipe, items, prepared, on_done=None):
       rows.append(recipe.row(kind, emb[start:start + t]))
       ids.append(sid)
       start += t
+      if on_done is not None:  # a clip counts once its row exists
+        on_done()
     batch.clear()
 
   for item, res in zip(items, prepared):
@@ -125,8 +127,8 @@ def embed_shard(teacher, recipe, items, prepared, on_done=None):
     else:
       log.warning("failed: %s: %s", ti.item_name(item), res[1])
       fails.append({"path": ti.item_name(item), "reason": res[1]})
-    if on_done is not None:
-      on_done()
+      if on_done is not None:
+        on_done()
   flush()
   return rows, np.asarray(ids, np.int64), fails
 
@@ -142,24 +144,31 @@ def write_shard(files: dict, rows, ids, fails, dim: int):
 # ----------------------------------------------------------------------------------------------
 # Runs.
 
-def run_local(teacher, recipe, shards, output_dir, num_shards, decode_workers, bar):
-  """Single host: decode (and the image processor) in worker processes, the model in batches here."""
-  pool = None
-  if decode_workers > 0:
-    pool = concurrent.futures.ProcessPoolExecutor(
-        decode_workers, mp_context=multiprocessing.get_context("spawn"),
-        initializer=ti.init_worker, initargs=(teacher.name, recipe.frames, recipe.frame_rule))
-  try:
-    for i, items in shards:
-      if pool is not None:
-        prepared = _bounded_map(pool, ti.prepare_in_worker, items, max(2 * recipe.batch_size, 4))
-      else:
-        prepared = (ti.prepare(it, teacher.processor, recipe.frames, recipe.frame_rule) for it in items)
-      rows, ids, fails = embed_shard(teacher, recipe, items, prepared, bar.update)
-      write_shard(shard_files(output_dir, i, num_shards), rows, ids, fails, recipe.out_dim)
-  finally:
+def decode_pool(model: str, frames: int, rule: str, workers: int):
+  """Decode workers (spawned: the model's process may hold threads), started now so that their
+  imports overlap the model's load; None for workers == 0."""
+  if workers < 1:
+    return None
+  pool = concurrent.futures.ProcessPoolExecutor(
+      workers, mp_context=multiprocessing.get_context("spawn"), initializer=ti.init_worker,
+      initargs=(model, frames, rule))
+  for _ in range(workers):
+    pool.submit(ti.ping)
+  return pool
+
+
+def run_local(teacher, recipe, shards, output_dir, num_shards, pool, bar, workers=1):
+  """Single host: decode and the image processor in `pool` (decode_pool of `workers`; None = here),
+  the model in batches of recipe.batch_size frames here."""
+  # Clips in flight: two batches' worth, at least two per worker.
+  window = max(2 * -(-recipe.batch_size // recipe.frames), 2 * workers, 4)
+  for i, items in shards:
     if pool is not None:
-      pool.shutdown(cancel_futures=True)
+      prepared = _bounded_map(pool, ti.prepare_in_worker, items, window)
+    else:
+      prepared = (ti.prepare(it, teacher.processor, recipe.frames, recipe.frame_rule) for it in items)
+    rows, ids, fails = embed_shard(teacher, recipe, items, prepared, bar.update)
+    write_shard(shard_files(output_dir, i, num_shards), rows, ids, fails, recipe.out_dim)
 
 
 class TeacherShardFn(beam.DoFn):
@@ -354,6 +363,20 @@ def run_parsed(args, beam_args) -> dict:
   if not items:
     raise ValueError("--input: no input paths")
   start = time.time()
+  pool = decode_pool(args.model, args.frames, args.frame_rule,
+                     args.decode_workers if args.mode == "local" else 0)
+  try:
+    manifest = _run(args, beam_args, items, pool, start)
+  except BaseException:
+    if pool is not None:  # do not wait for workers still starting
+      pool.shutdown(wait=False, cancel_futures=True)
+    raise
+  if pool is not None:
+    pool.shutdown()
+  return manifest
+
+
+def _run(args, beam_args, items, pool, start) -> dict:
   teacher = tm.Teacher(args.model, args.device, args.dtype)
   recipe = Recipe(args.frames, args.per_frame_dim, args.frame_rule, args.image_embedding,
                   args.batch_size)
@@ -383,7 +406,7 @@ def run_parsed(args, beam_args) -> dict:
            teacher.model_type, len(items), len(todo), num_shards, output_dir)
   if args.mode == "local":
     with progress_lib.Progress(num_todo, "teacher", unit="clip") as bar:
-      run_local(teacher, recipe, todo, output_dir, num_shards, args.decode_workers, bar)
+      run_local(teacher, recipe, todo, output_dir, num_shards, pool, bar, args.decode_workers)
   elif todo:
     del teacher  # each Beam worker loads its own
     settings = dict(model=args.model, device=args.device, dtype=args.dtype, frames=args.frames,

@@ -129,5 +129,9 @@ def prepare(item, processor, frames, rule):
     return ("fail", f"internal error: {type(e).__name__}: {e}")
 
 
+def ping():
+  """A no-op task: submitting it starts a worker (and its initializer) ahead of the first input."""
+
+
 def prepare_in_worker(item):
   return prepare(item, _WORKER["processor"], _WORKER["frames"], _WORKER["rule"])

@@ -1,4 +1,5 @@
 """A Hugging Face vision tower as a teacher: loading, frame embedding, and the published video recipe."""
+import functools
 
 import numpy as np
 
@@ -76,11 +77,13 @@ class Teacher:
         raise ValueError(f"--model {self.name!r} ({self.model_type}) returns none of {names}")
       return emb.float().cpu().numpy()
 
-  @property
+  @functools.cached_property
   def dim(self) -> int:
-    """Width of one image embedding."""
-    cfg = self.model.config
-    return int(getattr(cfg, "projection_dim", 0) if self.output == "image_embeds" else cfg.hidden_size)
+    """Width of one image embedding, from the model run once on a grey frame (any model type,
+    and a processor that does not fit its model fails here, before the run starts)."""
+    grey = np.full((64, 64, 3), 128, np.uint8)
+    arrays = self.processor(images=[grey], return_tensors="np")
+    return int(self.embed_inputs({k: np.asarray(v) for k, v in arrays.items()}).shape[-1])
 
 
 def check_recipe(frames: int, per_frame_dim: int, dim: int):

@@ -158,7 +158,8 @@ def test_images_use_their_embedding_directly(tiny_model, media, tmp_path):
   # Videos and images of different widths cannot share one folder.
   with pytest.raises(ValueError, match="--image_embedding frames"):
     teacher.run(["--input", str(media / "still.png"), "--input", str(media / "good"), "--model",
-                 tiny_model, "--output_dir", str(tmp_path / "mixed"), "--per_frame_dim", "32"])
+                 tiny_model, "--output_dir", str(tmp_path / "mixed"), "--per_frame_dim", "32",
+                 "--decode_workers", "0"])
 
 
 def test_ids_align_with_codec_records_and_dense_records_input(tiny_model, media, main_run,
@@ -222,7 +223,7 @@ def test_output_feeds_cluster(main_run, tmp_path):
 def test_cli_errors(tiny_model, media, tmp_path, capsys):
   with pytest.raises(SystemExit) as e:
     teacher.main(["--input", str(media / "good"), "--model", tiny_model, "--output_dir",
-                  str(tmp_path / "a")])  # --per_frame_dim 512 > 48
+                  str(tmp_path / "a"), "--decode_workers", "0"])  # --per_frame_dim 512 > 48
   assert e.value.code == 2 and "--per_frame_dim must be in [0, 48]" in capsys.readouterr().err
   with pytest.raises(SystemExit) as e:
     teacher.main(["--input", str(media / "bad"), "--model", tiny_model, "--output_dir",
