@@ -181,13 +181,18 @@ class TeacherShardFn(beam.DoFn):
   def setup(self):
     s = self.settings
     self.teacher = tm.Teacher(s["model"], s["device"], s["dtype"])
-    self.marks = open(os.path.join(self.marks_dir, f"{output.PROGRESS_PREFIX}{uuid.uuid4().hex}"),
-                      "ab", buffering=0)
+    self.marks = None
+    try:  # one byte per clip for the driver's progress bar; remote workers have no such folder
+      self.marks = open(os.path.join(self.marks_dir, f"{output.PROGRESS_PREFIX}{uuid.uuid4().hex}"),
+                        "ab", buffering=0)
+    except OSError as e:
+      log.info("no progress marks in %s: %s", self.marks_dir, e)
 
   def process(self, i):
     items, r = self.shard_items[i], self.recipe
     prepared = (ti.prepare(it, self.teacher.processor, r.frames, r.frame_rule) for it in items)
-    rows, ids, fails = embed_shard(self.teacher, r, items, prepared, lambda: self.marks.write(b"."))
+    mark = (lambda: self.marks.write(b".")) if self.marks is not None else None
+    rows, ids, fails = embed_shard(self.teacher, r, items, prepared, mark)
     write_shard(shard_files(self.output_dir, i, self.num_shards), rows, ids, fails, r.out_dim)
     yield i
 
