@@ -47,11 +47,29 @@ def top_scored(scores: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarr
   return np.sort(order[:n])
 
 
+def check_geometry(record: Mapping[str, Any], geometry: Mapping[str, int] | None, patch_size: int) -> None:
+  """A record whose grid is not input.geometry's (a clip of num_frames x video_size px, or a still
+  of image_size px) was prepped with other --num_frames/--image_size: an error naming it."""
+  if not geometry:
+    return
+  grid = tuple(int(x) for x in record["grid"])
+  if grid[0] == 1:
+    want = (1,) + (geometry["image_size"] // patch_size,) * 2
+    what, flags = "still", f"--image_size {geometry['image_size']}"
+  else:
+    want = (int(geometry["num_frames"]),) + (geometry["video_size"] // patch_size,) * 2
+    what, flags = "clip", f"--num_frames {geometry['num_frames']} --image_size {geometry['video_size']}"
+  if grid != want:
+    raise ValueError(f"record sample_id={record['sample_id']} (source {record['source']!r}): grid {grid} "
+                     f"is not the {what} grid {want} of input.geometry={dict(geometry)}; prep it with {flags}")
+
+
 def sample_features(record: Mapping[str, Any], rng: np.random.Generator, *, patch_size: int,
                     tokens_per_row: int, max_labels: int, hflip: bool,
                     label_table: "label_table_lib.LabelTable | None" = None,
                     max_tokens_per_sample: int | None = None,
-                    temporal_positions: str = "sample_index") -> dict[str, np.ndarray]:
+                    temporal_positions: str = "sample_index",
+                    geometry: Mapping[str, int] | None = None) -> dict[str, np.ndarray]:
   """One decoded record -> truncated, optionally flipped, flattened token set and its row features.
 
   With `max_tokens_per_sample`, only that many tokens are kept: the highest `scores` of the record
@@ -66,6 +84,7 @@ def sample_features(record: Mapping[str, Any], rng: np.random.Generator, *, patc
   if p != patch_size:
     raise ValueError(f"record sample_id={record['sample_id']} (source {record['source']!r}): patch "
                      f"size {p} != input.patch_size={patch_size}")
+  check_geometry(record, geometry, patch_size)
   # The coin is drawn first and always, so a sample's flip does not depend on its length.
   flip = bool(hflip) and bool(rng.random() < 0.5)
   k = patches.shape[0]
