@@ -41,6 +41,9 @@ def default_input_config() -> ml_collections.ConfigDict:
       # None, or {"num_frames", "video_size", "image_size"} the records must have been made with
       # (set by the geometry= config arg); a record of another grid is an error naming it.
       geometry=config_dict.placeholder(dict),
+      # None, or {"scale": [lo, hi], "ratio": [lo, hi], "hflip": bool}: stills get a random resized
+      # crop back onto their grid and a flip, seeded per sample (augment.py; recipe=official sets it).
+      image_augment=config_dict.placeholder(dict),
   ))
 
 

@@ -5,6 +5,7 @@ from typing import Mapping
 
 import numpy as np
 
+from ovenc_jax.input import augment
 from ovenc_jax.input.defaults import TEMPORAL_POSITIONS, default_input_config, source_list
 
 
@@ -84,6 +85,7 @@ def validate_input_config(cfg, process_count: int = 1) -> None:
     raise ValueError(f"input.temporal_positions must be one of {TEMPORAL_POSITIONS}, "
                      f"got {cfg.temporal_positions!r}")
   _validate_geometry(cfg)
+  augment.validate(cfg.get("image_augment"))
   if cfg.global_batch_size % process_count:
     raise ValueError(f"input.global_batch_size={cfg.global_batch_size} is not divisible by the "
                      f"process count {process_count}")
