@@ -72,6 +72,8 @@ def official_recipe(c):
   # until optim.warmup_steps is set itself.
   c.optim.warmup_steps = c.get_ref("total_steps") // 10
   c.optim.clip_per_group = True  # encoder and centers each clipped to clip_norm
+  # The published run clips each head's slice of centers on each GPU, and decays every backbone weight.
+  c.optim.update(clip_centers="per_head_shard", decay_mask="all")
   # Stills: the published random resized crop (area 0.7-1, ratio 0.8-1.25) and flip; clips unchanged.
   c.input.image_augment = dict(scale=[0.7, 1.0], ratio=[0.8, 1.25], hflip=True)
 
