@@ -144,3 +144,31 @@ def test_two_stage_config_stage2_starts_from_stage1(tmp_path):
   with pytest.raises(ValueError, match="video_classes=N is needed"):
     two_stage.get_config(f"stage=2,images={img},videos={vid},variant=base,image_classes=5")
   assert float(jnp.sum(jnp.abs(state["params"]["centers"]["image"]))) > 0
+
+
+def _published_lr_loop(peak, warmup, total, power, n):
+  """The published scheduler stepped one call at a time: the lr it leaves in the optimizer after
+  `last_epoch` = 0, 1, ... (step 0 keeps the base lr; past warmup each call scales the current lr)."""
+  out, lr = [], peak
+  for e in range(n):
+    if 0 < e <= warmup:
+      lr = peak * e / warmup
+    elif warmup < e <= total:
+      d = ((1 - (e - warmup) / (total - warmup)) / (1 - (e - 1 - warmup) / (total - warmup))) ** power
+      lr = 0.5 * lr * (1 + d)
+    out.append(lr)
+  return np.array(out)
+
+
+def test_polynomial_as_run_schedule_matches_the_stepped_scheduler():
+  o = default_optim_config()
+  o.update(lr=1e-3, warmup_steps=10, schedule="polynomial_as_run", power=2.0)
+  sched = optim.schedule(o, 100, lr_mult=0.5)
+  got = np.array([float(sched(i)) for i in range(106)])
+  np.testing.assert_allclose(got, _published_lr_loop(0.5e-3, 10, 100, 2.0, 106), rtol=1e-6)
+  assert got[0] == pytest.approx(0.5e-3) and got[1] == pytest.approx(0.5e-4)
+  o2 = o.copy_and_resolve_references()
+  o2.schedule = "polynomial"
+  closed = optim.schedule(o2, 100)
+  assert float(closed(55)) < 0.5 * float(optim.schedule(o, 100)(55))  # the run decays more slowly
+  assert got[100] > 0 and float(closed(100)) == 0.0

@@ -1,7 +1,8 @@
 """The optimizer's `config.optim` defaults as plain data (no jax, so configs import it cheaply)."""
 import ml_collections
 
-SCHEDULES = ("cosine", "polynomial")
+# "polynomial_as_run": the published scheduler's curve as its code steps it (optim.as_run_polynomial).
+SCHEDULES = ("cosine", "polynomial", "polynomial_as_run")
 # optim.decay_mask: weight decay on the encoder's kernels only, or on every encoder parameter.
 DECAY_MASKS = ("kernels", "all")
 # optim.clip_centers (with clip_per_group): the centers clipped as one group, per bank, or per bank

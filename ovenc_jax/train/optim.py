@@ -1,6 +1,7 @@
 """Optimizer from config: AdamW (no decay on norms/biases), warmup + decay, clipping, centers group."""
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from ovenc_jax.loss.banks import bank_specs
@@ -26,8 +27,28 @@ def validate(o, total_steps: int) -> None:
     raise ValueError(f"optim.clip_centers={o.clip_centers!r}: expected one of {CLIP_CENTERS}")
 
 
+def as_run_polynomial(peak: float, warmup: int, total: int, power: float) -> np.ndarray:
+  """lr at optimizer steps 0..total of the published scheduler as its code runs (not its closed
+  form): step 0 at the peak, then linear warmup from peak/warmup, then each step the previous lr
+  times (1 + r)/2, r the ratio of consecutive (1 - progress)^power values, so the decay is about
+  half as steep in log terms and the last step halves the one before instead of reaching 0."""
+  lr = np.empty(total + 1, np.float64)
+  lr[0] = peak
+  ramp = np.arange(1, min(warmup, total) + 1)
+  lr[ramp] = peak * ramp / max(warmup, 1)
+  steps = np.arange(warmup + 1, total + 1)
+  if steps.size:
+    span = total - warmup
+    ratio = ((1.0 - (steps - warmup) / span) / (1.0 - (steps - 1 - warmup) / span)) ** power
+    lr[steps] = lr[warmup] * np.cumprod((1.0 + ratio) / 2.0)
+  return lr
+
+
 def schedule(o, total_steps: int, lr_mult: float = 1.0) -> optax.Schedule:
   peak = o.lr * lr_mult
+  if o.schedule == "polynomial_as_run":
+    table = jnp.asarray(as_run_polynomial(peak, o.warmup_steps, total_steps, o.power), jnp.float32)
+    return lambda count: table[jnp.clip(count, 0, total_steps)]
   decay_steps = max(1, total_steps - o.warmup_steps)
   if o.schedule == "cosine":
     decay = optax.cosine_decay_schedule(peak, decay_steps, alpha=o.end_lr_ratio)
