@@ -1,6 +1,6 @@
 """The "Will it fit?" table of docs/benchmarks.md: `ovenc_jax.aot.compile` for base/large on clips and images, per target, one compile at a time.
 
-ovenc-aot-fit-table --out DIR [--json PATH] [--cached]   (rows whose DIR/<row>.json exists are reused)
+ovenc-aot-fit-table --out DIR [--json PATH] [--cached] [--inputs clips64,images448]   (rows whose DIR/<row>.json exists are reused)
 """
 import argparse
 import json
