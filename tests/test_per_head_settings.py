@@ -142,7 +142,9 @@ def test_two_stage_config_stage2_starts_from_stage1(tmp_path):
   assert video.shape[0] >= 12 and np.abs(video[:12]).sum() > 0  # a fresh head
   assert int(state["step"]) == 0
   with pytest.raises(ValueError, match="video_classes=N is needed"):
-    two_stage.get_config(f"stage=2,images={img},videos={vid},variant=base,image_classes=5")
+    two_stage.get_config(f"stage=2,images={img},videos={vid},init=s1,variant=base,image_classes=5")
+  with pytest.raises(ValueError, match="init=STAGE1_WORKDIR"):
+    two_stage.get_config(f"stage=2,images={img},videos={vid},image_classes=5")
   assert float(jnp.sum(jnp.abs(state["params"]["centers"]["image"]))) > 0
 
 

@@ -18,8 +18,9 @@ def get_config(arg=None):
                        image_weight=1.0, video_weight=1.0)
   if a.stage not in (1, 2):
     raise ValueError(f"config arg stage={a.stage} must be 1 or 2")
-  if not a.images or (a.stage == 2 and not a.videos):
-    raise ValueError("config args: stage 1 needs images=DIR, stage 2 images=DIR and videos=DIR")
+  if not a.images or (a.stage == 2 and not (a.videos and a.init)):
+    raise ValueError("config args: stage 1 needs images=DIR, stage 2 images=DIR, videos=DIR and "
+                     "init=STAGE1_WORKDIR")
   passed = ",".join(f"{k}={a[k]}" for k in ("variant", "recipe", "pod", "geometry") if a[k])
   c = pretrain.get_config(passed + (",runlocal" if a.runlocal else "") + f",data={a.images}")
   for key in ("image_classes",) + (("video_classes",) if a.stage == 2 else ()):
