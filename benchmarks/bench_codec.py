@@ -407,7 +407,40 @@ def bench_interval(args, paths, cfg, tmp):
 
 
 # Each section: (args, clip paths, cfg, temp dir) -> (figures for --json, table lines).
-SECTIONS = {"codec": bench_codec_modes, "transcode": bench_transcode,
+def bench_reencode(args, paths, cfg, tmp):
+  """(r): a record with --score_on reencode at T = 64 (the published geometry's frame count)
+  against (a) bare decode of the same clips (up to their last frame; the 64 samples span the
+  clip), one process, one thread, CPU time; (c64) is the source-stream scoring at T = 64."""
+  c64 = dataclasses.replace(cfg, num_frames=64)
+  r64 = dataclasses.replace(c64, score_on="reencode")
+  modes = {"a_decode": lambda p: decode_all(p, False), "c64_patchify": lambda p: patchify(p, c64),
+           "r_patchify_reencode": lambda p: patchify(p, r64)}
+  for fn in modes.values():  # warm caches and the compiled kernels
+    fn(paths[0])
+  cpu = {m: [] for m in modes}
+  for _ in range(args.rounds):
+    for mode, fn in modes.items():
+      c0 = time.process_time()
+      for p in paths:
+        fn(p)
+      cpu[mode].append(time.process_time() - c0)
+  best = {m: min(v) for m, v in cpu.items()}
+  n = len(paths)
+  fig = {f"{m}_t64_videos_per_s": n / best[m] for m in modes}
+  fig["reencode_over_decode"] = best["a_decode"] / best["r_patchify_reencode"]
+  fig["reencode_over_source_scoring"] = best["c64_patchify"] / best["r_patchify_reencode"]
+  lines = [f"--score_on reencode at T=64: best of {args.rounds} rounds, CPU time",
+           f"{'(a) bare decode':<24}{fig['a_decode_t64_videos_per_s']:>9.1f}",
+           f"{'(c64) source scoring':<24}{fig['c64_patchify_t64_videos_per_s']:>9.1f}"
+           f"{best['a_decode'] / best['c64_patchify']:>8.2f}",
+           f"{'(r) reencode scoring':<24}{fig['r_patchify_reencode_t64_videos_per_s']:>9.1f}"
+           f"{fig['reencode_over_decode']:>8.2f}",
+           f"reencode_over_decode (r/a) = {fig['reencode_over_decode']:.2f}; "
+           f"(r) over (c64) = {fig['reencode_over_source_scoring']:.2f}"]
+  return fig, lines
+
+
+SECTIONS = {"codec": bench_codec_modes, "transcode": bench_transcode, "reencode": bench_reencode,
             "interval": bench_interval, "beam": bench_beam, "rss": bench_rss,
             "compression": bench_compression}
 

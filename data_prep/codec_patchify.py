@@ -277,6 +277,10 @@ def build_parser():
   ap.add_argument("--interval_frames", type=int, default=d.interval_frames,
                   help="frames scored per sampling interval (evenly spaced, the sampled one "
                   "included); 0 = every decoded frame, 1 = the sampled frame only (faster)")
+  ap.add_argument("--score_on", choices=config.SCORE_ON, default=d.score_on,
+                  help="source: the video's own codec signals over each sampling interval; "
+                  "reencode: a P-only encode of the sampled frames alone (GOP 16, crf 23, "
+                  "keyframes zeroed), as the published pipeline scores")
   ap.add_argument("--no_static_fallback", dest="static_fallback", action="store_false",
                   help="always use top-K, even on static videos")
   ap.add_argument("--static_threshold", type=float, default=d.static_threshold,

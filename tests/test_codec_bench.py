@@ -60,15 +60,16 @@ def test_benchmark_smoke(tmp_path):
   # test_codec_patchify run those jobs.
   saved, out = _run_bench(tmp_path, ["--clips", "1", "--frames", "8", "--size", "64", "--rounds",
                                      "1", "--image_size", "56", "--num_frames", "4", "--sections",
-                                     "codec,transcode,rss", "--transcode_rounds", "1",
+                                     "codec,transcode,rss,reencode", "--transcode_rounds", "1",
                                      "--rss_videos", "1"])
   assert saved["frames"] == 8 and saved["videos"] == 1
   assert saved["rss_ratio_10x"] == pytest.approx(
       saved["rss_peak_gib_10x"] / saved["rss_peak_gib_1x"])
   for key in ("patchify_over_decode", "a_decode_frames_per_s", "b_decode_mvs_videos_per_s",
               "c_patchify_frames_per_s", "rss_ratio_10x", "transcode_over_patchify",
-              "every_frame_ceiling_over_decode"):
+              "every_frame_ceiling_over_decode", "reencode_over_decode"):
     assert isinstance(saved[key], float) and saved[key] > 0
+  assert f"reencode_over_decode (r/a) = {saved['reencode_over_decode']:.2f}" in out
   assert saved["patchify_over_decode"] == pytest.approx(
       saved["c_patchify_videos_per_s"] / saved["a_decode_videos_per_s"])
   # The printed summary shows the saved figures.

@@ -8,6 +8,7 @@ import numpy as np
 
 from ovenc_format import records
 from data_prep.codec import decode, selection
+from data_prep.codec.reencode import reencode_scores
 from data_prep.codec.config import InputError, PatchifyConfig, is_image_path
 from data_prep.codec.scoring import IntervalScorer, select_patches
 from data_prep.codec.signals import normalise, patch_means, percentile95
@@ -72,8 +73,9 @@ def _flush(encoder, scorer):
     scorer.add(m, coded, mvs)
 
 
-def _score_frames(container, stream, idx, fps, cfg, seek, transcode, free_between_samples):
-  """Decodes up to the last sample, feeding every frame to an IntervalScorer.
+def _score_frames(container, stream, idx, fps, cfg, seek, transcode, free_between_samples, score=True):
+  """Decodes up to the last sample, feeding every frame to an IntervalScorer (`score` False: only
+  the sampled frames are kept, for --score_on reencode).
 
   Returns (scorer or None if nothing decoded, display rotation, the sampled frames by index,
   the last frame index decoded).
@@ -101,6 +103,8 @@ def _score_frames(container, stream, idx, fps, cfg, seek, transcode, free_betwee
         scorer.restart()
       if n in sampled:
         held[n] = frame
+      if not score:
+        continue
       if transcode:
         encoder = encoder or decode.Transcoder(s, cfg.resize_interpolation)
         for m, coded, mvs in encoder.push(frame, n):
@@ -138,12 +142,16 @@ def _patchify_video(container, cfg, num_decoded, seed=0, free_between_samples=Fa
   decode.prepare_stream(stream)
   transcode = cfg.transcode == "always" or (
       cfg.transcode == "auto" and codec not in decode.MV_CODECS)
-  scorer, rot_k, held, n = _score_frames(container, stream, idx, fps, cfg, seek, transcode,
-                                         free_between_samples)
+  reencode = cfg.score_on == "reencode"
+  scorer, rot_k, held, n = _score_frames(container, stream, idx, fps, cfg, seek, transcode and not reencode,
+                                         free_between_samples, score=not reencode)
   if n < int(idx[-1]):
     return None, n + 1
-  scores, has_mvs, tokens = scorer.finish()
-  if transcode:
+  if reencode:
+    scores, has_mvs, tokens = reencode_scores([held[int(i)] for i in idx], cfg, rot_k)
+  else:
+    scores, has_mvs, tokens = scorer.finish()
+  if transcode and not reencode:
     tokens.add("transcode")
   positions, tokens = _select(scores, has_mvs, tokens, cfg, seed)
   k = positions.shape[0]

@@ -19,6 +19,9 @@ TRANSCODE_MODES = ("auto", "always", "never")
 # --seek: "auto" jumps to the keyframe before a sample when the gap to it is long; "never" decodes
 # every frame from the start.
 SEEK_MODES = ("auto", "never")
+# What the scores come from: the source stream's frames over each sampling interval, or a fresh
+# encode of the sampled frames alone (data_prep/codec/reencode.py).
+SCORE_ON = ("source", "reencode")
 # --selector: `codec` is the codec-signal top-K; the others are the baselines of
 # data_prep.codec.selection, which ignore the signals.
 CODEC = "codec"
@@ -61,6 +64,7 @@ class PatchifyConfig:
   resize_interpolation: str = "AREA"
   max_mv_pixels: int = 64  # motion vectors are clipped to this many pixels when warping
   selector: str = CODEC  # selection rule for videos: one of SELECTORS
+  score_on: str = "source"  # one of SCORE_ON
 
   @property
   def grid_side(self) -> int:
@@ -122,6 +126,8 @@ def _check_modes(cfg):
     _bad(cfg, "interval_frames", "must be an int >= 0 (0 = every frame)")
   if cfg.fusion not in FUSIONS:
     _bad(cfg, "fusion", f"must be one of {FUSIONS}")
+  if cfg.score_on not in SCORE_ON:
+    _bad(cfg, "score_on", f"must be one of {SCORE_ON}")
 
 
 def _check_scoring(cfg):

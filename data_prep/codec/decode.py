@@ -226,13 +226,14 @@ class Transcoder:
   order. The published pipeline does the same with an HEVC step; here it gives vectors to codecs
   FFmpeg exports none for (HEVC, VP9, AV1) and real ones to low-bitrate B-frame streams."""
 
-  def __init__(self, size: int, interpolation: str, crf: int = 23):
+  def __init__(self, size: int, interpolation: str, crf: int = 23, gop: int = 100000):
+    """gop: frames from one keyframe to the next (the default: one GOP)."""
     self.size, self.interpolation = size, interpolation
     self.enc = av.CodecContext.create("libx264", "w")
     self.enc.width = self.enc.height = size
     self.enc.pix_fmt = "yuv420p"
     self.enc.time_base = Fraction(1, 25)
-    self.enc.options = {"bf": "0", "refs": "1", "g": "100000", "keyint_min": "100000",
+    self.enc.options = {"bf": "0", "refs": "1", "g": str(gop), "keyint_min": str(gop),
                         "sc_threshold": "0", "crf": str(crf), "preset": "veryfast",
                         "threads": "1", "rc-lookahead": "0"}
     self.dec = av.CodecContext.create("h264", "r")

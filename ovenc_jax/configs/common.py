@@ -2,6 +2,8 @@
 import ml_collections
 from ml_collections import config_dict
 
+from ovenc_jax.input.defaults import GEOMETRIES
+
 # Logical axis -> mesh axes. Batch over data+fsdp; params FSDP-sharded on embed, tensor-parallel on
 # heads/mlp; the cluster centers (classes) are sharded over every device.
 LOGICAL_AXIS_RULES = (
@@ -80,6 +82,19 @@ def apply_pod_preset(config, pod: str) -> None:
   config.mesh.update(data=data, fsdp=fsdp, tensor=tensor)
   config.input.global_batch_size = batch
   config.model.update(dtype="bfloat16", remat=remat, attention=preset["attention"])
+
+
+def apply_geometry(config, name: str) -> None:
+  """`geometry=NAME`: patch size, row token budget, samples per row and the 64-slot timeline together,
+  plus the record grids the input checks (prep with --num_frames/--image_size as input.geometry says)."""
+  if name not in GEOMETRIES:
+    raise ValueError(f"config arg geometry={name!r} is unknown; known: {sorted(GEOMETRIES)}")
+  g = dict(GEOMETRIES[name])
+  patch, tokens, segments = g.pop("patch_size"), g.pop("tokens_per_row"), g.pop("max_segments")
+  config.model.patch_size = patch
+  config.input.update(patch_size=patch, tokens_per_row=tokens, max_segments=segments,
+                      temporal_positions="timeline64", geometry=g)
+  config.eval.tokens_per_row = tokens
 
 
 def mesh_config(data=-1, fsdp=1, tensor=1) -> ml_collections.ConfigDict:

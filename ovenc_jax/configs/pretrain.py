@@ -1,4 +1,4 @@
-"""Pretraining config: `ovenc_jax/configs/pretrain.py:variant=tiny[,runlocal][,data=SOURCES][,recipe=official][,pod=v5e-256]`.
+"""Pretraining config: `ovenc_jax/configs/pretrain.py:variant=tiny[,runlocal][,data=SOURCES][,recipe=official][,pod=v5e-256][,geometry=official]`.
 
 SOURCES is one shard folder or glob, or a weighted mix `videos/:0.7+images/:0.3` (also as `sources=`).
 Built from plain values and the light defaults modules next to the code (none imports jax).
@@ -14,7 +14,7 @@ from ovenc_jax.train.defaults import default_optim_config
 
 def get_config(arg=None):
   a = common.parse_arg(arg, variant="tiny", runlocal=False, data="", sources="", eval_data="",
-                       recipe="default", pod="")
+                       recipe="default", pod="", geometry="")
   if a.data and a.sources:
     raise ValueError("config args data= and sources= name the same thing; give one")
   c = ml_collections.ConfigDict()
@@ -57,6 +57,8 @@ def get_config(arg=None):
   if a.recipe not in RECIPE_PRESETS:
     raise ValueError(f"config arg recipe={a.recipe!r} is unknown; known: {sorted(RECIPE_PRESETS)}")
   RECIPE_PRESETS[a.recipe](c)
+  if a.geometry:  # frames, token budget, timeline, patch and image sizes (input.defaults.GEOMETRIES)
+    common.apply_geometry(c, a.geometry)
   if a.pod:  # mesh, batch, dtype, remat, attention for a pod shape (common.POD_PRESETS)
     common.apply_pod_preset(c, a.pod)
   return c
@@ -70,6 +72,10 @@ def official_recipe(c):
   # until optim.warmup_steps is set itself.
   c.optim.warmup_steps = c.get_ref("total_steps") // 10
   c.optim.clip_per_group = True  # encoder and centers each clipped to clip_norm
+  # The published run clips each head's slice of centers on each GPU, and decays every backbone weight.
+  c.optim.update(clip_centers="per_head_shard", decay_mask="all")
+  # Stills: the published random resized crop (area 0.7-1, ratio 0.8-1.25) and flip; clips unchanged.
+  c.input.image_augment = dict(scale=[0.7, 1.0], ratio=[0.8, 1.25], hflip=True)
 
 
 def default_recipe(c):

@@ -10,6 +10,15 @@ TEMPORAL_POSITIONS = ("sample_index", "timeline64")
 # "timeline64" spreads a clip's frames over the model's temporal RoPE grid.
 TIMELINE_FRAMES = ROPE_TEMPORAL_SIZE
 
+# `geometry=NAME` config presets: what the prep job made (frames per clip, clip and still-image side in
+# pixels) and the token budget a row holds. "official" is the published OneVision-Encoder geometry:
+# 64 frames at 224 px (16x16 patches of 14 px a frame), 12.5% of 64x256 = 2,048 kept patches on the
+# 64-slot temporal RoPE grid, and stills at 448 px (32x32 = 1,024 patches, two to a row).
+GEOMETRIES = {
+    "official": dict(num_frames=TIMELINE_FRAMES, video_size=224, image_size=448, patch_size=14,
+                     tokens_per_row=2048, max_segments=2),
+}
+
 
 def default_input_config() -> ml_collections.ConfigDict:
   """Input defaults; `sources` must be filled with at least one {"path", "weight"} before use."""
@@ -29,6 +38,12 @@ def default_input_config() -> ml_collections.ConfigDict:
       max_tokens_per_sample=config_dict.placeholder(int),  # keep this many highest-scored tokens
       temporal_positions="sample_index",          # t as "sample_index" or on the 64-frame "timeline64"
       max_bad_record_fraction=0.01,               # unreadable records skipped up to this share
+      # None, or {"num_frames", "video_size", "image_size"} the records must have been made with
+      # (set by the geometry= config arg); a record of another grid is an error naming it.
+      geometry=config_dict.placeholder(dict),
+      # None, or {"scale": [lo, hi], "ratio": [lo, hi], "hflip": bool}: stills get a random resized
+      # crop back onto their grid and a flip, seeded per sample (augment.py; recipe=official sets it).
+      image_augment=config_dict.placeholder(dict),
   ))
 
 

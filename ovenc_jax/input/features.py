@@ -6,6 +6,7 @@ import numpy as np
 
 from ovenc_format import label_table as label_table_lib
 from ovenc_format import records
+from ovenc_jax.input import augment
 from ovenc_jax.input.defaults import TIMELINE_FRAMES
 
 
@@ -47,11 +48,30 @@ def top_scored(scores: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarr
   return np.sort(order[:n])
 
 
+def check_geometry(record: Mapping[str, Any], geometry: Mapping[str, int] | None, patch_size: int) -> None:
+  """A record whose grid is not input.geometry's (a clip of num_frames x video_size px, or a still
+  of image_size px) was prepped with other --num_frames/--image_size: an error naming it."""
+  if not geometry:
+    return
+  grid = tuple(int(x) for x in record["grid"])
+  if grid[0] == 1:
+    want = (1,) + (geometry["image_size"] // patch_size,) * 2
+    what, flags = "still", f"--image_size {geometry['image_size']}"
+  else:
+    want = (int(geometry["num_frames"]),) + (geometry["video_size"] // patch_size,) * 2
+    what, flags = "clip", f"--num_frames {geometry['num_frames']} --image_size {geometry['video_size']}"
+  if grid != want:
+    raise ValueError(f"record sample_id={record['sample_id']} (source {record['source']!r}): grid {grid} "
+                     f"is not the {what} grid {want} of input.geometry={dict(geometry)}; prep it with {flags}")
+
+
 def sample_features(record: Mapping[str, Any], rng: np.random.Generator, *, patch_size: int,
                     tokens_per_row: int, max_labels: int, hflip: bool,
                     label_table: "label_table_lib.LabelTable | None" = None,
                     max_tokens_per_sample: int | None = None,
-                    temporal_positions: str = "sample_index") -> dict[str, np.ndarray]:
+                    temporal_positions: str = "sample_index",
+                    geometry: Mapping[str, int] | None = None,
+                    image_augment: Mapping[str, Any] | None = None) -> dict[str, np.ndarray]:
   """One decoded record -> truncated, optionally flipped, flattened token set and its row features.
 
   With `max_tokens_per_sample`, only that many tokens are kept: the highest `scores` of the record
@@ -60,14 +80,24 @@ def sample_features(record: Mapping[str, Any], rng: np.random.Generator, *, patc
   drawn from `rng`, in the record's (t, h, w) order. With `hflip`, a coin from `rng` decides whether
   the kept patches are mirrored left-right and w -> W-1-w; tokens are then re-sorted by (t, h, w).
   `temporal_positions="timeline64"` replaces t by the frame's slot on the 64-frame timeline.
+  With `image_augment` ({"scale", "ratio", "hflip"}), a still (grid T = 1) is first cropped and
+  resized back onto its grid (augment.crop_still) from a generator seeded by one draw of `rng`, and
+  its "hflip" flips stills as `hflip` flips every sample.
   """
   patches, positions = record["patches"], record["positions"]
   p = patches.shape[1]
   if p != patch_size:
     raise ValueError(f"record sample_id={record['sample_id']} (source {record['source']!r}): patch "
                      f"size {p} != input.patch_size={patch_size}")
+  check_geometry(record, geometry, patch_size)
+  still = int(record["grid"][0]) == 1
+  augment_still = still and image_augment is not None
   # The coin is drawn first and always, so a sample's flip does not depend on its length.
-  flip = bool(hflip) and bool(rng.random() < 0.5)
+  flip = (bool(hflip) or (augment_still and bool(image_augment["hflip"]))) and bool(rng.random() < 0.5)
+  if augment_still:  # one draw seeds the crop, so the draws after it do not depend on its tries
+    record = augment.crop_still(record, np.random.default_rng(rng.integers(2**63)),
+                                image_augment["scale"], image_augment["ratio"])
+    patches, positions = record["patches"], record["positions"]
   k = patches.shape[0]
   if max_tokens_per_sample is not None and k > max_tokens_per_sample:
     keep = top_scored(record["scores"], max_tokens_per_sample, rng)

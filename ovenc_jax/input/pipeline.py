@@ -93,11 +93,22 @@ def _sample_stream(cfg, banks) -> grain.MapDataset:
   return parts[0] if len(parts) == 1 else grain.MapDataset.mix(parts, weights)
 
 
+def _geometry(cfg):
+  g = cfg.get("geometry")
+  return None if g is None else {k: int(v) for k, v in dict(g).items()}
+
+
+def _image_augment(cfg):
+  a = cfg.get("image_augment")
+  return None if a is None else dict(scale=tuple(a["scale"]), ratio=tuple(a["ratio"]), hflip=bool(a["hflip"]))
+
+
 def _decoder(cfg, banks, table):
   """record (or (source, record) with banks), rng -> the sample's features."""
   kw = dict(patch_size=int(cfg.patch_size), tokens_per_row=int(cfg.tokens_per_row),
             max_labels=int(cfg.max_labels), hflip=bool(cfg.hflip),
-            max_tokens_per_sample=cfg.max_tokens_per_sample, temporal_positions=cfg.temporal_positions)
+            max_tokens_per_sample=cfg.max_tokens_per_sample, temporal_positions=cfg.temporal_positions,
+            geometry=_geometry(cfg), image_augment=_image_augment(cfg))
   named = [i for i, src in enumerate(cfg.sources) if "bank" in src]
   if named and not banks:
     raise ValueError(f"input.sources[{named[0]}].bank is set, but loss.heads names no banks")

@@ -5,6 +5,7 @@ from typing import Mapping
 
 import numpy as np
 
+from ovenc_jax.input import augment
 from ovenc_jax.input.defaults import TEMPORAL_POSITIONS, default_input_config, source_list
 
 
@@ -32,6 +33,22 @@ def _validate_sources(sources) -> None:
     w = s["weight"]
     if isinstance(w, bool) or not isinstance(w, (int, float, np.number)) or not math.isfinite(w) or w <= 0:
       raise ValueError(f"input.sources[{i}].weight must be a finite number > 0, got {w!r}")
+
+
+GEOMETRY_KEYS = ("image_size", "num_frames", "video_size")
+
+
+def _validate_geometry(cfg) -> None:
+  g = cfg.get("geometry")
+  if g is None:
+    return
+  if not hasattr(g, "keys") or sorted(g.keys()) != list(GEOMETRY_KEYS):
+    raise ValueError(f"input.geometry must be None or a dict with keys {list(GEOMETRY_KEYS)}, got {g!r}")
+  for key in GEOMETRY_KEYS:
+    v = g[key]
+    if not is_int(v) or v < 1 or (key != "num_frames" and v % cfg.patch_size):
+      raise ValueError(f"input.geometry.{key} must be a positive int (sizes a multiple of "
+                       f"input.patch_size={cfg.patch_size}), got {v!r}")
 
 
 def validate_input_config(cfg, process_count: int = 1) -> None:
@@ -67,6 +84,8 @@ def validate_input_config(cfg, process_count: int = 1) -> None:
   if cfg.temporal_positions not in TEMPORAL_POSITIONS:
     raise ValueError(f"input.temporal_positions must be one of {TEMPORAL_POSITIONS}, "
                      f"got {cfg.temporal_positions!r}")
+  _validate_geometry(cfg)
+  augment.validate(cfg.get("image_augment"))
   if cfg.global_batch_size % process_count:
     raise ValueError(f"input.global_batch_size={cfg.global_batch_size} is not divisible by the "
                      f"process count {process_count}")

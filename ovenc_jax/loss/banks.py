@@ -11,7 +11,8 @@ from ovenc_jax.loss.centers import init_centers
 from ovenc_jax.loss.discrimination import make_loss_fn, validate_loss_config
 
 # Keys a bank may set for itself; the others are shared by all banks.
-_BANK_KEYS = ("num_classes", "scale", "margin", "fn_threshold", "labels_per_step", "sample_rate")
+_BANK_KEYS = ("num_classes", "scale", "margin", "fn_threshold", "labels_per_step", "sample_rate",
+              "centers_lr_mult")
 
 
 class BankSpec(NamedTuple):

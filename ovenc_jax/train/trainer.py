@@ -108,7 +108,8 @@ class Trainer:
     self.num_shards = int(np.lcm(int(np.prod([self.mesh.shape[a] for a in self.class_axes])),
                                  CENTER_ROW_MULTIPLE))
     self.loss_fn = loss_lib.loss_fn_from_config(self.mesh, config.loss, self.batch_axes, self.class_axes)
-    self.tx = optim.make_optimizer(config.optim, config.loss, config.total_steps)
+    self.tx = optim.make_optimizer(config.optim, config.loss, config.total_steps,
+                                   class_shards=int(np.prod([self.mesh.shape[a] for a in self.class_axes])))
     self.lr_schedule = optim.schedule(config.optim, config.total_steps)
     i = config.input
     self.example = dict(
@@ -153,8 +154,13 @@ class Trainer:
     state["params"]["encoder"] = jax.tree.map(
         lambda x, s: jax.device_put(np.asarray(x), s), params["encoder"], enc_shardings)
     if "centers" in params:
-      state["params"]["centers"] = jax.tree.map(lambda x, s: jax.device_put(np.asarray(x), s),
-                                                params["centers"], self.state_shardings["params"]["centers"])
+      put = lambda x, s: jax.device_put(np.asarray(x), s)
+      fresh, shardings = state["params"]["centers"], self.state_shardings["params"]["centers"]
+      if isinstance(fresh, dict):  # banks init_from lacks (a stage adding a head) start fresh
+        state["params"]["centers"] = {k: jax.tree.map(put, params["centers"][k], shardings[k])
+                                      if k in params["centers"] else v for k, v in fresh.items()}
+      else:
+        state["params"]["centers"] = jax.tree.map(put, params["centers"], shardings)
     with jax.set_mesh(self.mesh):
       state["opt_state"] = jax.jit(self.tx.init, out_shardings=self.state_shardings["opt_state"])(
           state["params"])
