@@ -29,10 +29,14 @@ class ReadStats:
   records: int = 0
   failures: list = dataclasses.field(default_factory=list)
   missing_labels: int = 0
+  frames: list = dataclasses.field(default_factory=list)  # per kept clip: distinct frames (t) of its tokens
+  tokens: list = dataclasses.field(default_factory=list)  # per kept clip: its tokens
 
   def as_dict(self) -> dict:
     return dict(records=self.records, skipped_unreadable=len(self.failures),
-                skipped_missing_label=self.missing_labels)
+                skipped_missing_label=self.missing_labels,
+                frames_per_clip=float(np.mean(self.frames)) if self.frames else 0.0,
+                tokens_per_clip=float(np.mean(self.tokens)) if self.tokens else 0.0)
 
 
 def labelled_rows(records_dir: str, *, patch_size: int, tokens_per_row: int,
@@ -52,6 +56,9 @@ def labelled_rows(records_dir: str, *, patch_size: int, tokens_per_row: int,
     elif int(row["class_label"][0]) < 0:
       stats.missing_labels += 1
     else:
+      k = int((row["segment_ids"] > 0).sum())
+      stats.tokens.append(k)
+      stats.frames.append(len(np.unique(row["positions"][:k, 0])))
       yield row
   if stats.failures or stats.missing_labels:
     log.warning("%s %s: skipped %d unreadable record(s) and %d without a class label, of %d",
