@@ -42,7 +42,7 @@ def load_model(path: str, step: int | None = None):
   return model_lib.encoder_from_config(cfg), params["encoder"], embed_lib.temporal_positions_of(path)
 
 
-def _features(args, split, encoder, params, temporal_positions, mesh):
+def _features(args, split, model, mesh):
   out = os.path.join(args.output, "features", split)
   records = getattr(args, split)
   meta_path = os.path.join(out, token_features.META_FILE)
@@ -51,12 +51,13 @@ def _features(args, split, encoder, params, temporal_positions, mesh):
       meta = json.load(f)
     if meta["source"] == os.path.abspath(records):
       return token_features.load(out), meta, []
+  encoder, params, temporal_positions = model()
   t0 = time.perf_counter()
   feats, stats = token_features.extract(
       encoder, params, records, patch_size=encoder.patch_size, tokens_per_row=args.tokens_per_row,
       temporal_positions=temporal_positions, batch_size=args.batch_size, mesh=mesh, out_dir=out,
       batch_key="--batch_size", what=f"--{split}")
-  meta = dict(stats.as_dict(), seconds=time.perf_counter() - t0)
+  meta = dict(stats.as_dict(), seconds=time.perf_counter() - t0, temporal_positions=temporal_positions)
   return feats, meta, stats.failures
 
 
@@ -70,13 +71,19 @@ def _label_space(train_labels, val_labels):
 
 def run(args) -> list[dict]:
   mesh = jax.make_mesh((jax.device_count(),), ("data",))
-  encoder, params, tp = load_model(args.model, args.step)
-  if args.temporal_positions != "auto":
-    tp = args.temporal_positions
+  loaded = []
+
+  def model():  # loaded only when a split's features are not cached
+    if not loaded:
+      encoder, params, tp = load_model(args.model, args.step)
+      loaded.append((encoder, params, tp if args.temporal_positions == "auto" else args.temporal_positions))
+    return loaded[0]
+
   feats, metas, bad = {}, {}, []
   for split in ("train", "val"):
-    feats[split], metas[split], failed = _features(args, split, encoder, params, tp, mesh)
+    feats[split], metas[split], failed = _features(args, split, model, mesh)
     bad += failed
+  tp = metas["val"]["temporal_positions"]
   total = metas["train"]["records"] + metas["val"]["records"]
   report = failures_lib.write_report(os.path.join(args.output, "failures.jsonl"), bad)
   failures_lib.check(len(bad), total, args.max_failure_fraction, report, "records",

@@ -52,7 +52,9 @@ def corrupt_and_unlabelled(tmp_path_factory):
 
 
 def test_trainer_eval_skips_unlabelled_and_corrupt_records(corrupt_and_unlabelled, caplog):
-  cfg = make_config(corrupt_and_unlabelled, corrupt_and_unlabelled, **{"input.max_bad_record_fraction": 0.05})
+  cfg = make_config(corrupt_and_unlabelled, corrupt_and_unlabelled, **{
+      "input.max_bad_record_fraction": 0.05, "eval.attentive.enabled": True, "eval.attentive.epochs": 2,
+      "eval.attentive.batch_size": 8})
   mesh = jax.make_mesh((8,), ("data",))
   enc = model_lib.encoder_from_config(cfg.model)
   params = jax.jit(enc.init)(jax.random.key(0), *(np.zeros((1, 32, 588), np.uint8), np.zeros((1, 32, 3), np.int32),
@@ -60,7 +62,7 @@ def test_trainer_eval_skips_unlabelled_and_corrupt_records(corrupt_and_unlabelle
   with caplog.at_level(logging.WARNING):
     res = in_training.Evaluator(enc, cfg, mesh, ("data",))(params)
   assert res["skipped_records"] == 1 and res["missing_labels"] in (11, 12), res
-  assert 0 <= res["knn_top1"] <= 1
+  assert 0 <= res["knn_top1"] <= 1 and 0 <= res["attentive_top1"] <= res["attentive_top5"] <= 1
   assert "without a class label skipped" in caplog.text and "unreadable record" in caplog.text
   # The CLI's reader counts the same cases.
   stats = token_features.ReadStats()
@@ -68,6 +70,14 @@ def test_trainer_eval_skips_unlabelled_and_corrupt_records(corrupt_and_unlabelle
   assert len(rows) + stats.missing_labels + len(stats.failures) == stats.records == 60
   assert len(stats.failures) == 1 and res["missing_labels"] == stats.missing_labels
   assert all(int(r["class_label"][0]) >= 0 for r in rows)
+
+
+def test_split_by_class_keeps_every_class_in_train():
+  labels = np.array([0, 0, 0, 0, 1, 1, 2, 3, 3, 3])
+  ids = np.array([9, 3, 5, 1, 7, 2, 4, 8, 6, 0])
+  val = in_training.split_by_class(labels, ids, 0.3)
+  np.testing.assert_array_equal(np.flatnonzero(val), [3, 5, 9])  # per class the lowest ids; class 2 alone stays
+  assert set(labels[~val]) == {0, 1, 2, 3}
 
 
 def test_rare_classes_are_dropped_and_reported():

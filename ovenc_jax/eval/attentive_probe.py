@@ -181,6 +181,8 @@ class ProbeTrainer:
         for i in range(steps_per_epoch):
           batch = self._put(_gather(feats, perm[i * s.batch_size:(i + 1) * s.batch_size], s.batch_size))
           params, opt_state, loss = step(params, opt_state, batch)
+          if losses:  # two steps in flight at most: many queued collectives can hang XLA's CPU rendezvous
+            losses[-1].block_until_ready()
           losses.append(loss)
     return params, {"probe_train_loss": float(np.mean(jax.device_get(losses[-steps_per_epoch:])))}
 
