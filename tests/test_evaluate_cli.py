@@ -133,3 +133,29 @@ def test_attentive_probe_on_trained_beats_initial_and_pooled_linear(trained, spl
   print(out)
   assert out["attentive_trained"] > out["attentive_initial"] + 0.1, out
   assert out["attentive_trained"] >= out["linear_trained"] - 0.05, out
+
+
+def test_video_labels_from_folder_and_csv_share_class_indices(tmp_path):
+  from data_prep import codec_patchify
+  from data_prep import video_labels
+  for cls, names in (("walk", ["a.mp4", "b.avi"]), ("run", ["c.mp4"])):
+    (tmp_path / "train" / cls).mkdir(parents=True)
+    for n in names:
+      (tmp_path / "train" / cls / n).write_bytes(b"")
+  (tmp_path / "train" / "run" / "notes.txt").write_text("")
+  video_labels.main(["--folder", str(tmp_path / "train"), "--output", str(tmp_path / "out_train")])
+  classes = json.load(open(tmp_path / "out_train" / "classes.json"))
+  assert classes == ["run", "walk"]
+  labels = codec_patchify.load_class_labels(str(tmp_path / "out_train" / "class_labels.json"))
+  assert labels == {str(tmp_path / "train" / "walk" / "a.mp4"): 1, str(tmp_path / "train" / "walk" / "b.avi"): 1,
+                    str(tmp_path / "train" / "run" / "c.mp4"): 0}
+  assert codec_patchify.expand_inputs([str(tmp_path / "out_train" / "inputs.txt")]) == sorted(labels)
+  (tmp_path / "val.csv").write_text("path,label\nv/x.mp4,walk\nv/y.mp4 run\n")
+  video_labels.main(["--csv", str(tmp_path / "val.csv"), "--output", str(tmp_path / "out_val"),
+                     "--classes", str(tmp_path / "out_train" / "classes.json")])
+  val = json.load(open(tmp_path / "out_val" / "class_labels.json"))
+  assert val == {str(tmp_path / "v" / "x.mp4"): 1, str(tmp_path / "v" / "y.mp4"): 0}
+  (tmp_path / "bad.csv").write_text("v/z.mp4,jump\n")
+  with pytest.raises(SystemExit):
+    video_labels.main(["--csv", str(tmp_path / "bad.csv"), "--output", str(tmp_path / "o"),
+                       "--classes", str(tmp_path / "out_train" / "classes.json")])
