@@ -27,6 +27,7 @@ def main(argv=None):
   from ovenc_jax.eval import attentive_probe as probe_lib
   from ovenc_jax.eval import probes
   from ovenc_jax.eval import token_features
+  from ovenc_jax.model import encoder as model_lib
   from ovenc_jax.train import checkpoint as ckpt_lib
   from ovenc_jax.train import trainer as train
   from tests.helpers import digit_shards
@@ -42,6 +43,7 @@ def main(argv=None):
   initial = nn.meta.unbox(jax.jit(t._init_state)(jax.random.key(cfg.seed))["params"]["encoder"])
   t.run()
   trained = ckpt_lib.load_params(os.path.join(root, "wd"))[1]["encoder"]
+  encoder = model_lib.encoder_from_config(cfg.model)  # the trainer's names the training mesh's axes
   mesh = jax.make_mesh((jax.device_count(),), ("data",))
   settings = probe_lib.ProbeSettings(lr=a.lr, epochs=a.epochs, batch_size=16)
   res = dict(devices=jax.device_count(), platform=jax.devices()[0].platform, pretrain_steps=a.steps,
@@ -50,7 +52,7 @@ def main(argv=None):
     feats = {}
     for split, path in zip(("train", "val"), splits):
       t0 = time.perf_counter()
-      feats[split], _ = token_features.extract(t.encoder, params, path, patch_size=14, tokens_per_row=a.tokens_per_row,
+      feats[split], _ = token_features.extract(encoder, params, path, patch_size=14, tokens_per_row=a.tokens_per_row,
                                                batch_size=16, mesh=mesh, out_dir=os.path.join(root, name, split))
       dt = time.perf_counter() - t0
     if name == "trained":  # the val split of the second encoder: compiled already
