@@ -42,6 +42,10 @@ def load_model(path: str, step: int | None = None):
   return model_lib.encoder_from_config(cfg), params["encoder"], embed_lib.temporal_positions_of(path)
 
 
+def _model_key(args) -> str:
+  return f"{os.path.abspath(args.model)}@{args.step if args.step is not None else 'latest'}"
+
+
 def _features(args, split, model, mesh):
   out = os.path.join(args.output, "features", split)
   records = getattr(args, split)
@@ -49,7 +53,7 @@ def _features(args, split, model, mesh):
   if args.reuse_features and os.path.isfile(meta_path):
     with open(meta_path) as f:
       meta = json.load(f)
-    if meta["source"] == os.path.abspath(records):
+    if meta["source"] == os.path.abspath(records) and meta.get("model") == _model_key(args):
       return token_features.load(out), meta, []
   encoder, params, temporal_positions = model()
   t0 = time.perf_counter()
@@ -58,6 +62,10 @@ def _features(args, split, model, mesh):
       temporal_positions=temporal_positions, batch_size=args.batch_size, mesh=mesh, out_dir=out,
       batch_key="--batch_size", what=f"--{split}")
   meta = dict(stats.as_dict(), seconds=time.perf_counter() - t0, temporal_positions=temporal_positions)
+  # The model the cache was made with: --reuse_features ignores a cache of another model or step.
+  with open(meta_path) as f:
+    written = json.load(f)
+  atomic_io.save_json(meta_path, dict(written, model=_model_key(args)))
   return feats, meta, stats.failures
 
 
