@@ -78,6 +78,12 @@ def test_cli_writes_results_reuses_features_and_matches_references(splits, tmp_p
   want = _knn_reference(token_features.pooled(tr), np.asarray(tr.labels), token_features.pooled(va),
                         np.asarray(va.labels))
   assert rows[2]["top1"] == pytest.approx(want)
+  # The same weights exported to the PyTorch/HF layout and read back through import_torch: the same numbers.
+  from ovenc_jax.interop import export_torch
+  export_torch.export_workdir(wd, str(tmp_path / "export"))
+  exported = evaluate.main(["--model", str(tmp_path / "export"), "--temporal_positions", "sample_index",
+                            "--output", str(tmp_path / "out_export")] + argv[2:6] + argv[8:])
+  assert [r["top1"] for r in exported] == [r["top1"] for r in rows]
   # An lr sweep on the cached features: the encoder does not run again, the first lr repeats its number.
   os.rename(os.path.join(wd, "checkpoints"), os.path.join(wd, "moved"))
   again = evaluate.main(argv[:8] + ["--epochs", "2", "--probe_batch_size", "16", "--reuse_features",
