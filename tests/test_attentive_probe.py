@@ -1,6 +1,5 @@
 """Attentive probe head against a PyTorch reference, sharded training equals one device, determinism."""
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
