@@ -20,7 +20,7 @@ LAYERS = (
     ("ovenc_jax.eval",),
     ("ovenc_jax.train",),
     ("ovenc_jax.interop", "ovenc_jax.aot"),
-    ("ovenc_jax.main", "ovenc_jax.configs"),
+    ("ovenc_jax.main", "ovenc_jax.evaluate", "ovenc_jax.configs"),
 )
 
 

@@ -6,6 +6,7 @@ Built from plain values and the light defaults modules next to the code (none im
 import ml_collections
 
 from ovenc_jax.configs import common
+from ovenc_jax.eval.defaults import ATTENTIVE_IN_TRAINING
 from ovenc_jax.input.defaults import default_input_config, parse_sources
 from ovenc_jax.loss.defaults import default_loss_config
 from ovenc_jax.model.defaults import model_config
@@ -41,7 +42,8 @@ def get_config(arg=None):
   c.fetch_metrics_every_step = False
   c.eval_every = 5000
   c.eval = ml_collections.ConfigDict(dict(
-      path=a.eval_data, tokens_per_row=1024, batch_size=64, knn_k=10, linear_probe=True))
+      path=a.eval_data, tokens_per_row=1024, batch_size=64, knn_k=10, linear_probe=True,
+      attentive=ATTENTIVE_IN_TRAINING))
   c.init_from = ""  # a workdir (e.g. from import_torch) whose params start training
   # None is a documented value of these (and sources a list): make them settable by flags.
   common.allow_none(c, "input.sources", "loss.fn_threshold", "optim.clip_norm")

@@ -50,11 +50,12 @@ def load_model_config(workdir: str) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(model)
 
 
-def _read_row(index: int, *, source, starts, paths, patch_size: int, tokens_per_row: int) -> dict:
+def read_row(index: int, *, source, starts, paths, patch_size: int, tokens_per_row: int,
+             temporal_positions: str = "sample_index") -> dict:
   """Record `index` as one padded eval row, or {"failure": {shard, record, reason}}."""
   try:
-    f = features_lib.decode_features_eval(source[index], patch_size=patch_size,
-                                          tokens_per_row=tokens_per_row, max_labels=1)
+    f = features_lib.decode_features_eval(source[index], patch_size=patch_size, tokens_per_row=tokens_per_row,
+                                          max_labels=1, temporal_positions=temporal_positions)
     return packing.pad_row(f, tokens_per_row)
   except (RuntimeError, ValueError, KeyError, TypeError, IndexError) as e:
     shard = int(np.searchsorted(starts, index, side="right")) - 1
@@ -62,14 +63,23 @@ def _read_row(index: int, *, source, starts, paths, patch_size: int, tokens_per_
                             reason=f"{type(e).__name__}: {e}")}
 
 
-def _open_shards(records_dir: str) -> tuple[list[str], np.ndarray]:
-  paths = input_pipeline.shard_paths(records_dir, "--records")
+def temporal_positions_of(workdir: str) -> str:
+  """The input.temporal_positions the workdir's model was trained with (config.json), else sample_index."""
+  path = os.path.join(workdir, CONFIG_FILE)
+  if not os.path.isfile(path):
+    return "sample_index"
+  with open(path) as f:
+    return json.load(f).get("input", {}).get("temporal_positions", "sample_index")
+
+
+def open_shards(records_dir: str, what: str = "--records") -> tuple[list[str], np.ndarray]:
+  paths = input_pipeline.shard_paths(records_dir, what)
   lengths = []
   for p in paths:
     try:
       lengths.append(len(grain.sources.ArrayRecordDataSource([p])))
     except RuntimeError as e:  # a corrupt footer or index: no record of the shard is reachable
-      raise ValueError(f"--records: shard {p} cannot be opened: {e}") from e
+      raise ValueError(f"{what}: shard {p} cannot be opened: {e}") from e
   return paths, np.cumsum([0] + lengths)
 
 
@@ -85,9 +95,10 @@ def embed_records(workdir: str, records_dir: str, *, step: int | None = None, to
   _, params = ckpt_lib.load_params(workdir, step)
   apply = jax.jit(lambda p, b: encoder.apply({"params": p}, b["patches"], b["positions"],
                                              b["segment_ids"])["pooled"][:, 0])
-  paths, starts = _open_shards(records_dir)
-  read = functools.partial(_read_row, source=grain.sources.ArrayRecordDataSource(paths), starts=starts,
-                           paths=paths, patch_size=model_cfg.patch_size, tokens_per_row=tokens_per_row)
+  paths, starts = open_shards(records_dir)
+  read = functools.partial(read_row, source=grain.sources.ArrayRecordDataSource(paths), starts=starts,
+                           paths=paths, patch_size=model_cfg.patch_size, tokens_per_row=tokens_per_row,
+                           temporal_positions=temporal_positions_of(workdir))
   rows_ds = grain.MapDataset.range(int(starts[-1])).map(read).to_iter_dataset(
       grain.ReadOptions(num_threads=input_pipeline.DEFAULT_READ_THREADS, prefetch_buffer_size=2 * batch_size))
   empty = packing.empty_row(tokens_per_row, model_cfg.patch_size, 1)
@@ -134,7 +145,7 @@ def main(argv=None):
   failures_lib.add_flag(ap, "records (unreadable ones, listed in failures.jsonl)")
   a = ap.parse_args(argv)
   try:
-    total = int(_open_shards(a.records)[1][-1])
+    total = int(open_shards(a.records)[1][-1])
   except ValueError as e:
     ap.error(str(e))
   bad = []

@@ -168,6 +168,9 @@ def source_banks(sources, label_table: str | None, banks):
 
 
 def decode_features_eval(data: bytes, **kw) -> dict[str, np.ndarray]:
-  rec = records.decode_record(data)
+  return sample_features_eval(records.decode_record(data), **kw)
+
+
+def sample_features_eval(rec: Mapping[str, Any], **kw) -> dict[str, np.ndarray]:
   # Seeded by the sample itself, so a long sample keeps the same tokens in every evaluation.
   return sample_features(rec, np.random.default_rng(rec["sample_id"]), hflip=False, **kw)

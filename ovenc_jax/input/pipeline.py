@@ -13,7 +13,7 @@ from ovenc_jax.input import features as features_lib
 from ovenc_jax.input import packing
 from ovenc_jax.input import skipped
 from ovenc_jax.input.defaults import source_list
-from ovenc_jax.input.shards import CheckedShards, shard_paths
+from ovenc_jax.input.shards import CheckedShards, SkippedRecord, shard_paths
 from ovenc_jax.input.validation import is_int, validate_input_config
 
 # Reader threads per process: they hide storage latency, but decoding holds the GIL, so on a small
@@ -181,12 +181,15 @@ def skipped_records(iterator: skipped.CountSkippedIterator) -> int:
 # ---- eval -----------------------------------------------------------------------------------------
 
 def make_eval_batches(path, *, tokens_per_row: int, batch_size: int, patch_size: int = 14,
-                      max_labels: int = 1, process_index=None,
-                      process_count=None) -> Iterator[dict[str, np.ndarray]]:
+                      max_labels: int = 1, process_index=None, process_count=None,
+                      temporal_positions: str = "sample_index", max_bad_fraction: float = 1.0,
+                      stats: dict | None = None) -> Iterator[dict[str, np.ndarray]]:
   """One pass, file order, one sample per row; `batch_size` rows over all processes per batch.
 
   Each process reads its contiguous block of records; every process yields the same number of
   batches (needed by the collectives of the eval step); rows past the data are empty (sample_id -1).
+  An unreadable record reads as an empty row, is logged, and once the pass is over `stats`
+  (when given) holds its count as "skipped_records"; more than `max_bad_fraction` of them is an error.
   """
   pi, pc = _resolve_process(process_index, process_count)
   for key, v in (("tokens_per_row", tokens_per_row), ("batch_size", batch_size),
@@ -196,20 +199,33 @@ def make_eval_batches(path, *, tokens_per_row: int, batch_size: int, patch_size:
   if batch_size % pc:
     raise ValueError(f"eval.batch_size={batch_size} is not divisible by the process count {pc}")
   rows = batch_size // pc
-  ds = grain.MapDataset.source(grain.sources.ArrayRecordDataSource(shard_paths(path, "eval.path")))
+  checked = CheckedShards(shard_paths(path, "eval.path"), "eval.path", max_bad_fraction)
+  ds = grain.MapDataset.source(checked)
   n = len(ds)
   lo, hi = packing.contiguous_block(n, pi, pc)
   largest_block = -(-n // pc)
   num_batches = -(-largest_block // rows)
   empty = packing.empty_row(tokens_per_row, patch_size, max_labels)
-  ds = ds[lo:hi].map(functools.partial(features_lib.decode_features_eval, patch_size=patch_size,
-                                       tokens_per_row=tokens_per_row, max_labels=max_labels))
-  ds = ds.map(functools.partial(packing.pad_row, tokens_per_row=tokens_per_row))
+  decode = functools.partial(features_lib.sample_features_eval, patch_size=patch_size,
+                             tokens_per_row=tokens_per_row, max_labels=max_labels,
+                             temporal_positions=temporal_positions)
+  ds = ds[lo:hi].map(functools.partial(_eval_row, decode=decode, empty=empty, tokens_per_row=tokens_per_row))
   ds = ds.batch(rows, drop_remainder=False,
                 batch_fn=functools.partial(packing.stack_padded, size=rows, empty=empty))
   if len(ds) < num_batches:
     filler = packing.stack_padded([], size=rows, empty=empty)
     ds = grain.MapDataset.concatenate(
         [ds, grain.MapDataset.source([filler]).repeat(num_batches - len(ds))])
-  return iter(ds.to_iter_dataset(grain.ReadOptions(num_threads=DEFAULT_READ_THREADS,
-                                                   prefetch_buffer_size=2 * rows)))
+  it = iter(ds.to_iter_dataset(grain.ReadOptions(num_threads=DEFAULT_READ_THREADS,
+                                                 prefetch_buffer_size=2 * rows)))
+  return _counting(it, checked, stats)
+
+
+def _eval_row(rec, *, decode, empty, tokens_per_row):
+  return empty if isinstance(rec, SkippedRecord) else packing.pad_row(decode(rec), tokens_per_row)
+
+
+def _counting(it, checked: CheckedShards, stats: dict | None):
+  yield from it
+  if stats is not None:
+    stats["skipped_records"] = checked.num_skipped

@@ -103,6 +103,11 @@ class CheckedShards:
       self._skip(int(index), e)
       return SkippedRecord((self._source, int(index)))
 
+  @property
+  def num_skipped(self) -> int:
+    """Distinct unreadable records met so far (in this process)."""
+    return len(self._bad)
+
   def _skip(self, index: int, error: Exception) -> None:
     shard = int(np.searchsorted(self._starts, index, side="right")) - 1
     where = f"{self._paths[shard]} record {index - self._starts[shard]}"

@@ -18,7 +18,7 @@ from jax.experimental import multihost_utils
 from ovenc_jax.train import checkpoint as ckpt_lib
 from ovenc_jax.train import compat
 from ovenc_jax.eval import embed as embed_lib
-from ovenc_jax.eval import probes as eval_lib
+from ovenc_jax.eval import in_training as in_training_eval
 from ovenc_jax.input import features as input_features
 from ovenc_jax.input import global_arrays
 from ovenc_jax.input import pipeline as input_pipeline
@@ -127,6 +127,7 @@ class Trainer:
     self._step_fn = jax.jit(self._train_step, in_shardings=(self.state_shardings, None),
                             out_shardings=(self.state_shardings, None), donate_argnums=(0,))
     self._embed_fn = jax.jit(self._embed)
+    self._evaluator = in_training_eval.Evaluator(self.encoder, config, self.mesh, self.batch_axes)
 
   # ---- state -------------------------------------------------------------------------------
   def _init_params(self, rng):
@@ -269,18 +270,7 @@ class Trainer:
     return np.concatenate(embs), np.concatenate(labels), np.concatenate(ids)
 
   def evaluate(self, enc_params) -> dict[str, float]:
-    e = self.config.eval
-    if not e.path:
-      return {}
-    batches = input_pipeline.make_eval_batches(
-        e.path, tokens_per_row=e.tokens_per_row, batch_size=e.batch_size,
-        patch_size=self.config.input.patch_size)
-    emb, labels, _ = self.embed(enc_params, batches)
-    keep = labels >= 0
-    out = {"knn_top1": eval_lib.knn_top1(emb[keep], labels[keep], k=e.knn_k)}
-    if e.linear_probe:
-      out["linear_probe"] = eval_lib.linear_probe_accuracy(emb[keep], labels[keep])
-    return out
+    return self._evaluator(enc_params)
 
   # ---- ahead-of-time compile (ovenc_jax.aot.compile) ---------------------------------------------------
   def abstract_batch(self) -> dict[str, jax.ShapeDtypeStruct]:

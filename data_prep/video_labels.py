@@ -1,0 +1,95 @@
+"""Labelled video sets (a folder per class, or a CSV `path,label`) -> the input list and --class_labels JSON of codec_patchify.
+
+python -m data_prep.video_labels --folder ROOT/train --output OUT/train
+python -m data_prep.video_labels --csv val.csv --root VIDEOS --output OUT/val --classes OUT/train/classes.json
+OUT/x gets inputs.txt (one absolute path a line), class_labels.json ({path: class index}) and
+classes.json (class names; index = label). Give val the train's classes.json so indices agree.
+"""
+import argparse
+import csv
+import json
+import os
+
+from data_prep.codec_patchify import MEDIA_EXTENSIONS
+from ovenc_format import atomic_io
+
+
+def from_folder(root: str) -> list[tuple[str, str]]:
+  """(video path, class name) for each media file under ROOT/<class>/ (any depth below the class)."""
+  if not os.path.isdir(root):
+    raise ValueError(f"--folder {root!r} is not a directory")
+  out = []
+  for cls in sorted(os.listdir(root)):
+    d = os.path.join(root, cls)
+    if os.path.isdir(d):
+      out += [(os.path.join(r, n), cls) for r, _, names in os.walk(d) for n in sorted(names)
+              if os.path.splitext(n)[1].lower() in MEDIA_EXTENSIONS]
+  if not out:
+    raise ValueError(f"--folder {root!r}: no media files in class sub-folders")
+  return out
+
+
+def from_csv(path: str, root: str = "") -> list[tuple[str, str]]:
+  """(video path, label) rows of a CSV `path,label` (a header row `path,label` is skipped; spaces
+  also separate, as in the published lists). Relative paths join --root, else the CSV's folder."""
+  base = root or os.path.dirname(os.path.abspath(path))
+  out = []
+  with open(path, newline="") as f:
+    for i, row in enumerate(csv.reader(f)):
+      if len(row) == 1:
+        row = row[0].split()
+      row = [c.strip() for c in row]
+      if not row or not row[0] or row[0].startswith("#"):
+        continue
+      if len(row) != 2:
+        raise ValueError(f"--csv {path!r} line {i + 1}: expected `path,label`, got {row!r}")
+      if i == 0 and row[0].lower() == "path":
+        continue
+      out.append((row[0] if os.path.isabs(row[0]) else os.path.join(base, row[0]), row[1]))
+  if not out:
+    raise ValueError(f"--csv {path!r}: no rows")
+  return out
+
+
+def label_index(rows, classes: list[str] | None) -> tuple[dict[str, int], list[str]]:
+  """{absolute path: class index}, class names. Names are sorted (integer labels numerically)
+  unless `classes` fixes them; a label outside given classes is an error naming it."""
+  names = sorted({c for _, c in rows}, key=lambda c: (0, int(c), "") if c.lstrip("-").isdigit() else (1, 0, c))
+  if classes is None:
+    classes = names
+  index = {c: i for i, c in enumerate(classes)}
+  unknown = sorted(set(names) - set(index))
+  if unknown:
+    raise ValueError(f"--classes: labels {unknown[:5]} are not among its {len(classes)} classes")
+  return {os.path.realpath(p): index[c] for p, c in rows}, list(classes)
+
+
+def main(argv=None):
+  ap = argparse.ArgumentParser(prog="python -m data_prep.video_labels", description=__doc__, allow_abbrev=False,
+                               formatter_class=argparse.RawDescriptionHelpFormatter)
+  src = ap.add_mutually_exclusive_group(required=True)
+  src.add_argument("--folder", help="ROOT with one sub-folder of videos per class")
+  src.add_argument("--csv", help="CSV of `path,label` rows")
+  ap.add_argument("--root", default="", help="folder that relative CSV paths are under (default: the CSV's)")
+  ap.add_argument("--classes", default="", help="classes.json of another split, to share its indices")
+  ap.add_argument("--output", required=True)
+  a = ap.parse_args(argv)
+  try:
+    rows = from_folder(a.folder) if a.folder else from_csv(a.csv, a.root)
+    classes = None
+    if a.classes:
+      with open(a.classes) as f:
+        classes = json.load(f)
+    labels, classes = label_index(rows, classes)
+  except (OSError, ValueError) as e:
+    ap.error(str(e))
+  os.makedirs(a.output, exist_ok=True)
+  paths = sorted(labels)
+  atomic_io.atomic_write(os.path.join(a.output, "inputs.txt"), lambda f: f.write("\n".join(paths) + "\n"), mode="w")
+  atomic_io.save_json(os.path.join(a.output, "class_labels.json"), labels)
+  atomic_io.save_json(os.path.join(a.output, "classes.json"), classes)
+  print(f"{len(paths)} videos in {len(classes)} classes -> {a.output}/inputs.txt, class_labels.json, classes.json")
+
+
+if __name__ == "__main__":
+  main()
