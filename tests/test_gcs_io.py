@@ -1,0 +1,118 @@
+"""gs:// paths against a GCS emulator: the path layer, bad workdirs, and training into a bucket."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from ovenc_format import atomic_io
+from ovenc_format import label_table as label_table_lib
+from ovenc_format import paths
+from ovenc_jax.input import shards as shards_lib
+from tests.helpers import digit_shards
+from tests.helpers.train_cli import cli, finish
+
+
+def _upload_folder(local_dir, remote_dir):
+  for name in sorted(os.listdir(local_dir)):
+    paths.upload(os.path.join(local_dir, name), paths.join(remote_dir, name))
+  return remote_dir
+
+
+@pytest.fixture(scope="module")
+def bucket_shards(gcs_emulator, tmp_path_factory):
+  """Digit shards (with their manifest) in gs://bkt/digits, and the local folder they came from."""
+  local = digit_shards.write_digit_shards(str(tmp_path_factory.mktemp("digits") / "train"), 0, 200,
+                                          num_shards=2)
+  return _upload_folder(local, "gs://bkt/digits"), local
+
+
+def test_remote_writes_are_atomic_and_round_trip(gcs_emulator, tmp_path):
+  arr = np.arange(12, dtype=np.int64).reshape(3, 4)
+  atomic_io.save_npy("gs://bkt/io/a.npy", arr)
+  atomic_io.save_json("gs://bkt/io/b.json", {"x": [1, 2]})
+  # The bytes as the emulator holds them (not read back through the code under test).
+  assert json.loads(gcs_emulator.read_object("bkt", "io/b.json")) == {"x": [1, 2]}
+  staged = paths.stage("gs://bkt/io/a.npy", str(tmp_path / "cache"))
+  assert staged.startswith(str(tmp_path / "cache")) and np.array_equal(np.load(staged), arr)
+  assert paths.stage("gs://bkt/io/a.npy", str(tmp_path / "cache")) == staged  # once per host
+  assert gcs_emulator.list_objects("bkt", "io/") == ["io/a.npy", "io/b.json"]  # no temp objects left
+  assert paths.join("gs://bkt/run", "checkpoints") == "gs://bkt/run/checkpoints"
+
+
+def test_label_table_and_shards_read_from_bucket(bucket_shards, gcs_emulator, tmp_path, monkeypatch):
+  remote, local = bucket_shards
+  monkeypatch.setenv("OVENC_CACHE_DIR", str(tmp_path / "cache"))
+  got = shards_lib.shard_paths(remote, "input.sources[0].path")
+  want = shards_lib.shard_paths(local, "input.sources[0].path")
+  assert [os.path.basename(p) for p in got] == [os.path.basename(p) for p in want]
+  for g, w in zip(got, want):
+    assert g.startswith(str(tmp_path / "cache"))
+    with open(g, "rb") as a, open(w, "rb") as b:
+      assert a.read() == b.read()
+  ids, labels = np.array([5, 1, 9], np.int64), np.array([[0], [2], [1]], np.int32)
+  label_table_lib.write_label_table(f"gs://bkt/labels/{label_table_lib.FILE_NAME}", ids, labels, num_classes=3)
+  assert gcs_emulator.list_objects("bkt", "labels/") == [f"labels/{label_table_lib.FILE_NAME}"]
+  table = label_table_lib.load_label_table("gs://bkt/labels")
+  assert {k: v.tolist() for k, v in table.items()} == {1: [2], 5: [0], 9: [1]}
+
+
+@pytest.mark.parametrize("workdir,env,expect", [
+    ("gs://nobkt/run", {}, "bucket gs://nobkt does not exist"),
+    ("gs://bkt/run", {"STORAGE_EMULATOR_HOST": "", "GOOGLE_APPLICATION_CREDENTIALS": "/nonexistent.json"},
+     "no Google Cloud credentials"),
+    ("{tmp}/file.txt/run", {}, "is not a folder"),
+])
+def test_bad_workdir_fails_at_start_naming_it(gcs_emulator, bucket_shards, tmp_path, workdir, env, expect):
+  (tmp_path / "file.txt").write_text("x")
+  workdir = workdir.format(tmp=tmp_path)
+  t0 = time.time()
+  r = subprocess.run(cli(workdir, bucket_shards[0]), capture_output=True, text=True, timeout=120,
+                     env=dict(os.environ, **env), cwd=tmp_path)
+  assert r.returncode == 2, r.stderr[-2000:]
+  line = r.stderr.strip().splitlines()[-1]
+  assert line.startswith("ovenc-train: error: --workdir " + workdir) and expect in line, line
+  assert time.time() - t0 < 60
+  assert not (tmp_path / "gs:").exists()
+
+
+def _losses(gcs_emulator, name):
+  data = gcs_emulator.read_object("bkt", f"{name}/metrics.jsonl") or b""
+  rows = [json.loads(line) for line in data.decode().splitlines()]
+  return {r["step"]: r["loss"] for r in rows if "loss" in r}
+
+
+@pytest.mark.slow
+def test_bucket_workdir_sigterm_resume_is_bitwise(gcs_emulator, bucket_shards, tmp_path):
+  steps, kw = 8, {"ckpt_every": 1000, "input.tokens_per_row": 32}
+  env = dict(os.environ, OVENC_CACHE_DIR=str(tmp_path / "cache"),
+             JAX_COMPILATION_CACHE_DIR=str(tmp_path / "xla_cache"), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+  run = lambda name: subprocess.Popen(cli(f"gs://bkt/{name}", bucket_shards[0], total_steps=steps, **kw),
+                                      env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                      text=True)
+  finish([run("full")], timeout=300)
+
+  proc = run("cut")
+  deadline = time.time() + 240
+  while not any(s >= 3 for s in _losses(gcs_emulator, "cut")):
+    assert time.time() < deadline and proc.poll() is None, "no progress"
+    time.sleep(0.1)
+  proc.send_signal(signal.SIGTERM)
+  out = finish([proc], timeout=120)[0]
+  k = json.loads(out.split("SUMMARY ")[-1].splitlines()[0])["preempted_at"]
+  assert 3 <= k < steps
+  assert f"cut/checkpoints/{k}/" in " ".join(gcs_emulator.list_objects("bkt", "cut/checkpoints/"))
+  finish([run("cut")], timeout=300)
+
+  a, b = _losses(gcs_emulator, "full"), _losses(gcs_emulator, "cut")
+  assert sorted(a) == sorted(b) == list(range(1, steps + 1))
+  assert all(a[s] == b[s] for s in range(k + 1, steps + 1)), (a, b)
+  names = gcs_emulator.list_objects("bkt", "cut/")
+  assert "cut/config.json" in names
+  assert any(n.startswith("cut/tensorboard/events.out.tfevents") for n in names), names
+  assert not any(".tmp-" in n or ".write-probe-" in n for n in names), names
+  assert sorted(os.listdir(tmp_path)) == ["cache", "xla_cache"]  # nothing under a local `gs:` folder
