@@ -116,3 +116,37 @@ def test_bucket_workdir_sigterm_resume_is_bitwise(gcs_emulator, bucket_shards, t
   assert any(n.startswith("cut/tensorboard/events.out.tfevents") for n in names), names
   assert not any(".tmp-" in n or ".write-probe-" in n for n in names), names
   assert sorted(os.listdir(tmp_path)) == ["cache", "xla_cache"]  # nothing under a local `gs:` folder
+
+
+@pytest.mark.slow
+def test_export_and_import_through_bucket(gcs_emulator, tmp_path):
+  import flax.linen as nn
+  import jax
+  from ovenc_jax.configs import pretrain
+  from ovenc_jax.eval import embed as embed_lib
+  from ovenc_jax.interop import export_torch, import_torch
+  from ovenc_jax.model import defaults as model_defaults
+  from ovenc_jax.model import encoder as model_lib
+  from ovenc_jax.train import checkpoint as ckpt_lib
+  p = model_defaults.model_config("tiny").patch_size
+  enc = model_lib.encoder_from_config(model_defaults.model_config("tiny"))
+  params = jax.tree.map(np.asarray, nn.meta.unbox(enc.init(
+      jax.random.key(1), np.zeros((1, 4, p * p * 3), np.uint8), np.zeros((1, 4, 3), np.int32),
+      np.ones((1, 4), np.int32))["params"]))
+  work = "gs://bkt/interop/train"
+  embed_lib.save_config(work, pretrain.get_config("variant=tiny"))
+  ckpt_lib.write_params_checkpoint(work, {"encoder": params}, step=5)
+  export_torch.main(["--workdir", work, "--output", "gs://bkt/interop/pt"])
+  export_torch.main(["--workdir", work, "--output", str(tmp_path / "pt")])  # the local export, as reference
+  local = sorted(os.listdir(tmp_path / "pt"))
+  assert gcs_emulator.list_objects("bkt", "interop/pt/") == [f"interop/pt/{n}" for n in local]
+  for name in local:
+    assert gcs_emulator.read_object("bkt", f"interop/pt/{name}") == (tmp_path / "pt" / name).read_bytes(), name
+
+  import_torch.main(["--input", "gs://bkt/interop/pt", "--workdir", "gs://bkt/interop/back"])
+  step, back = ckpt_lib.load_params("gs://bkt/interop/back")
+  assert step == 0
+  jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b, strict=True), back["encoder"], params)
+  assert embed_lib.load_model_config("gs://bkt/interop/back").variant == "tiny"
+  with pytest.raises(SystemExit, match="already holds checkpoints"):
+    import_torch.main(["--input", "gs://bkt/interop/pt", "--workdir", "gs://bkt/interop/back"])
