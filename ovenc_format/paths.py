@@ -59,14 +59,27 @@ def upload(local: str, remote: str) -> str:
   try:
     with open(local, "rb") as src, tmp.open("wb") as out:
       shutil.copyfileobj(src, out, CHUNK)
-    # copy + unlink rather than rename: gcsfs's rename first tries an API that emulators lack.
-    tmp.copy(dst, overwrite=True)
-    tmp.unlink()
+    move(str(tmp), str(dst))
   except BaseException:
     if tmp.exists():
       tmp.unlink()
     raise
   return str(dst)
+
+
+def move(src: str, dst: str) -> str:
+  """Renames src to dst. On an object store: a server-side copy (the object appears whole) then a
+  delete of src; gcsfs's own rename first tries an API that emulators lack."""
+  if not is_remote(src) and not is_remote(dst):
+    os.replace(src, dst)
+    return dst
+  epath.Path(src).copy(dst, overwrite=True)
+  epath.Path(src).unlink()
+  return dst
+
+
+def remove(path: str) -> None:
+  epath.Path(path).unlink(missing_ok=True)
 
 
 def download(remote: str, local: str) -> str:

@@ -150,3 +150,48 @@ def test_export_and_import_through_bucket(gcs_emulator, tmp_path):
   assert embed_lib.load_model_config("gs://bkt/interop/back").variant == "tiny"
   with pytest.raises(SystemExit, match="already holds checkpoints"):
     import_torch.main(["--input", "gs://bkt/interop/pt", "--workdir", "gs://bkt/interop/back"])
+
+
+def _decoded(folder):
+  """Records of a shard folder (gs:// ones staged by shard_paths) keyed by their source, which (with
+  the sample_id made from it) is what differs between a bucket and a local run."""
+  from array_record.python import array_record_module
+
+  from ovenc_format import records
+  out = {}
+  for path in shards_lib.shard_paths(folder, "prep"):
+    reader = array_record_module.ArrayRecordReader(path)
+    for raw in reader.read_all():
+      r = records.decode_record(raw)
+      src = r.pop("source")
+      assert r.pop("sample_id") == records.sample_id_for(src)
+      out[src] = r
+    reader.close()
+  return out
+
+
+@pytest.mark.slow
+def test_data_prep_reads_and_writes_a_bucket(gcs_emulator, tmp_path, monkeypatch):
+  from data_prep import codec_patchify
+  from tests.helpers.codec_clips import digit_clip
+  monkeypatch.setenv("OVENC_CACHE_DIR", str(tmp_path / "cache"))
+  (tmp_path / "in").mkdir()
+  for i in range(2):
+    digit_clip(str(tmp_path / "in" / f"c{i}.mp4"), 40 + i, n=6, size=48)
+    paths.upload(str(tmp_path / "in" / f"c{i}.mp4"), f"gs://bkt/videos/c{i}.mp4")
+  flags = ["--decode_timeout", "0", "--image_size", "28", "--patch_size", "14", "--num_frames", "4"]
+  remote = codec_patchify.run(["--input", "gs://bkt/videos/*.mp4", "--output_dir", "gs://bkt/prep"] + flags)
+  local = codec_patchify.run(["--input", str(tmp_path / "in" / "*.mp4"), "--output_dir",
+                              str(tmp_path / "prep")] + flags)
+  names = gcs_emulator.list_objects("bkt", "prep/")
+  shards = [f"prep/{s}" for s in remote["shards"]]
+  assert names == sorted(shards + ["prep/failures.jsonl", "prep/manifest.json"])  # no staging objects left
+  assert json.loads(gcs_emulator.read_object("bkt", "prep/manifest.json"))["num_records"] == 2
+  assert remote["num_records"] == local["num_records"] == 2
+  a, b = _decoded("gs://bkt/prep"), _decoded(str(tmp_path / "prep"))
+  assert sorted(a) == ["gs://bkt/videos/c0.mp4", "gs://bkt/videos/c1.mp4"]
+  for name in ("c0.mp4", "c1.mp4"):
+    ra, rb = a[f"gs://bkt/videos/{name}"], b[os.path.realpath(tmp_path / "in" / name)]
+    assert sorted(ra) == sorted(rb)
+    for field in ra:
+      np.testing.assert_array_equal(np.asarray(ra[field]), np.asarray(rb[field]), err_msg=field)
