@@ -195,3 +195,21 @@ def test_data_prep_reads_and_writes_a_bucket(gcs_emulator, tmp_path, monkeypatch
     assert sorted(ra) == sorted(rb)
     for field in ra:
       np.testing.assert_array_equal(np.asarray(ra[field]), np.asarray(rb[field]), err_msg=field)
+
+
+@pytest.mark.slow
+def test_two_processes_train_into_a_bucket(gcs_emulator, bucket_shards, tmp_path):
+  from tests.helpers.train_cli import losses, start_processes
+  kw = {"total_steps": 4, "log_every": 2, "ckpt_every": 1000, "input.tokens_per_row": 32, "mesh.dcn_data": 2}
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
+             OVENC_CACHE_DIR=str(tmp_path / "cache"), JAX_COMPILATION_CACHE_DIR=str(tmp_path / "xla_cache"),
+             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+  # The same run into a local folder is the reference: the bucket must change nothing.
+  finish(start_processes(tmp_path / "local", bucket_shards[0], 2, env, **kw), timeout=300)
+  finish(start_processes("gs://bkt/two", bucket_shards[0], 2, env, **kw), timeout=300)
+  assert _losses(gcs_emulator, "two") == losses(str(tmp_path / "local"))
+  names = gcs_emulator.list_objects("bkt", "two/")
+  assert {"two/config.json", "two/metrics.jsonl"} <= set(names)
+  assert any(n.startswith("two/checkpoints/4/") for n in names)
+  assert not any(".tmp-" in n or ".write-probe-" in n for n in names), names
+  assert not os.path.exists("gs:") and not (tmp_path / "gs:").exists()
