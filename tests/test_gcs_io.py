@@ -213,3 +213,23 @@ def test_two_processes_train_into_a_bucket(gcs_emulator, bucket_shards, tmp_path
   assert any(n.startswith("two/checkpoints/4/") for n in names)
   assert not any(".tmp-" in n or ".write-probe-" in n for n in names), names
   assert not os.path.exists("gs:") and not (tmp_path / "gs:").exists()
+
+
+@pytest.mark.slow
+def test_teacher_and_concepts_through_a_bucket(gcs_emulator, bucket_shards, tmp_path, monkeypatch):
+  from data_prep import bootstrap_teacher, cluster
+  monkeypatch.setenv("OVENC_CACHE_DIR", str(tmp_path / "cache"))
+  remote, local = bucket_shards
+  bootstrap_teacher.main(["--records", remote, "--output", "gs://bkt/teacher"])
+  bootstrap_teacher.main(["--records", local, "--output", str(tmp_path / "teacher")])
+  flags = ["--num_clusters", "4", "--top_k", "2", "--iters", "3"]
+  cluster.main(["--embeddings", "gs://bkt/teacher", "--output", "gs://bkt/concepts"] + flags)
+  cluster.main(["--embeddings", str(tmp_path / "teacher"), "--output", str(tmp_path / "concepts")] + flags)
+  for name in ("embeddings.npy", "sample_ids.npy"):
+    assert gcs_emulator.read_object("bkt", f"teacher/{name}") == (tmp_path / "teacher" / name).read_bytes()
+  a = label_table_lib.LabelTable("gs://bkt/concepts/labels.npz")
+  b = label_table_lib.LabelTable(str(tmp_path / "concepts" / "labels.npz"))
+  np.testing.assert_array_equal(a.sample_ids, b.sample_ids)
+  np.testing.assert_array_equal(a.labels, b.labels)
+  assert gcs_emulator.read_object("bkt", "concepts/centers.npy") == (tmp_path / "concepts" / "centers.npy").read_bytes()
+  assert not os.path.exists("gs:")

@@ -79,3 +79,34 @@ def test_slurm_dry_run_installs_once_then_prints_srun(tmp_path):
                                     "--config", "cfg.py:variant=tiny", "--workdir", "gs://bkt/run",
                                     "--distributed=on", "--config.model.attention=cudnn",
                                     "--config.model.dtype=bfloat16", "--config.x=a b"]
+
+
+def _pins(path):
+  with open(os.path.join(ROOT, path)) as f:
+    return dict(line.split("==", 1) for line in (x.split("#")[0].strip() for x in f) if "==" in line)
+
+
+def test_dataflow_requirements_cover_the_job_and_match_the_lock():
+  import ast
+  import glob
+  import re
+  from importlib import metadata
+  lock, workers = _pins("requirements.txt"), _pins("launch/dataflow_requirements.txt")
+  assert {k: lock.get(k) for k in workers} == workers  # the same pins as the lock
+  files = (glob.glob(os.path.join(ROOT, "ovenc_format", "*.py")) + glob.glob(os.path.join(ROOT, "data_prep", "codec", "*.py"))
+           + [os.path.join(ROOT, "data_prep", n) for n in ("codec_patchify.py", "patchify_output.py")])
+  modules = set()
+  for path in files:
+    for node in ast.walk(ast.parse(open(path).read())):
+      if isinstance(node, ast.Import):
+        modules |= {a.name.split(".")[0] for a in node.names}
+      elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+        modules.add(node.module.split(".")[0])
+  dists = metadata.packages_distributions()
+  norm = lambda name: re.sub(r"[-_.]+", "-", name).lower()
+  # Beam comes with the worker image; dask/distributed only for --runner=dask (not on Dataflow);
+  # `google` (google.auth, in ovenc_format/paths.py) is a namespace that gcsfs's dependencies fill.
+  third_party = modules - set(sys.stdlib_module_names) - {"google", "ovenc_format", "data_prep"}
+  needed = {norm(d) for m in third_party for d in dists.get(m, [])} - {"apache-beam", "dask", "distributed"}
+  listed = {norm(k) for k in workers}
+  assert {"av", "numba", "array-record", "gcsfs"} <= needed <= listed, sorted(needed - listed)
