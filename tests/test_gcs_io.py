@@ -119,7 +119,7 @@ def test_bucket_workdir_sigterm_resume_is_bitwise(gcs_emulator, bucket_shards, t
 
 
 @pytest.mark.slow
-def test_export_and_import_through_bucket(gcs_emulator, tmp_path):
+def test_export_and_import_through_bucket(gcs_emulator, bucket_shards, tmp_path, monkeypatch):
   import flax.linen as nn
   import jax
   from ovenc_jax.configs import pretrain
@@ -148,6 +148,22 @@ def test_export_and_import_through_bucket(gcs_emulator, tmp_path):
   assert step == 0
   jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b, strict=True), back["encoder"], params)
   assert embed_lib.load_model_config("gs://bkt/interop/back").variant == "tiny"
+  # The imported bucket workdir as the trainer's init_from: shapes and config checked, params read.
+  from ovenc_jax.train import compat
+  init = compat.load_init_params("gs://bkt/interop/back", {"encoder": params},
+                                 model_defaults.model_config("tiny"))
+  jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b, strict=True), init["encoder"], params)
+  with pytest.raises(compat.ModelMismatchError, match="init_from=gs://bkt/interop/back"):
+    compat.load_init_params("gs://bkt/interop/back", {"encoder": {**params, "extra": np.zeros(3)}},
+                            model_defaults.model_config("tiny"))
+  # Embeddings of bucket shards by a bucket workdir, into the bucket: the bytes of a local run.
+  monkeypatch.setenv("OVENC_CACHE_DIR", str(tmp_path / "cache"))
+  embed_lib.main(["--workdir", "gs://bkt/interop/back", "--records", bucket_shards[0], "--output", "gs://bkt/emb",
+                  "--tokens_per_row", "32"])
+  embed_lib.main(["--workdir", "gs://bkt/interop/back", "--records", bucket_shards[1], "--output",
+                  str(tmp_path / "emb"), "--tokens_per_row", "32"])
+  for name in ("embeddings.npy", "sample_ids.npy", "failures.jsonl"):
+    assert gcs_emulator.read_object("bkt", f"emb/{name}") == (tmp_path / "emb" / name).read_bytes(), name
   with pytest.raises(SystemExit, match="already holds checkpoints"):
     import_torch.main(["--input", "gs://bkt/interop/pt", "--workdir", "gs://bkt/interop/back"])
 
