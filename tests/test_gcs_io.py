@@ -1,4 +1,5 @@
 """gs:// paths against a GCS emulator: the path layer, bad workdirs, and training into a bucket."""
+import io
 import json
 import os
 import signal
@@ -8,6 +9,7 @@ import time
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from ovenc_format import atomic_io
 from ovenc_format import label_table as label_table_lib
@@ -249,3 +251,14 @@ def test_teacher_and_concepts_through_a_bucket(gcs_emulator, bucket_shards, tmp_
   np.testing.assert_array_equal(a.labels, b.labels)
   assert gcs_emulator.read_object("bkt", "concepts/centers.npy") == (tmp_path / "concepts" / "centers.npy").read_bytes()
   assert not os.path.exists("gs:")
+
+
+def test_plot_metrics_reads_and_writes_a_bucket(gcs_emulator, tmp_path):
+  from ovenc_jax.train import plot_metrics
+  rows = [{"step": 1, "loss": 2.5}, {"step": 2, "loss": 2.25, "eval/knn_top1": 0.5}, {"step": 2, "loss": 2.0}]
+  text = "".join(json.dumps(r) + "\n" for r in rows)
+  atomic_io.atomic_write("gs://bkt/plot/metrics.jsonl", lambda f: f.write(text), mode="w")
+  assert plot_metrics.read_metrics("gs://bkt/plot") == ({1: 2.5, 2: 2.0}, {"eval/knn_top1": {2: 0.5}})
+  plot_metrics.main(["--workdir", "gs://bkt/plot", "--output", "gs://bkt/plot/loss.png"])
+  png = gcs_emulator.read_object("bkt", "plot/loss.png")
+  assert Image.open(io.BytesIO(png)).size == (1000, 350)
