@@ -4,6 +4,7 @@ import argparse
 import numpy as np
 
 from ovenc_format import atomic_io
+from ovenc_format import paths as pathio
 from ovenc_format import records
 
 # Luminance weights (ITU-R BT.601) for the grey-level features.
@@ -114,7 +115,7 @@ def main(argv=None):
   ap.add_argument("--dim", type=int, default=64, help=f"embedding size (<= {FEATURE_DIM})")
   a = ap.parse_args(argv)
   paths = run(a.records, a.output, a.dim)
-  n = np.load(paths["sample_ids"]).shape[0]
+  n = np.load(pathio.stage(paths["sample_ids"])).shape[0]
   print(f"embedded {n} records -> " + ", ".join(paths.values()))
 
 

@@ -15,6 +15,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from ovenc_format import atomic_io
 from ovenc_format import failures
 from ovenc_format import label_table
+from ovenc_format import paths as pathio
 from ovenc_format import progress
 
 MESH_AXES = ("data", "model")
@@ -44,21 +45,23 @@ def load_embeddings(path, reject_bad_rows: bool = False):
   reject_bad_rows it is left out instead, and the result is (x, ids, rejected), one dict per
   rejected row (file, row, sample_id, reason). Files that do not fit together always raise."""
   path = os.fspath(path)
-  if os.path.isdir(path):
-    files = sorted(glob.glob(os.path.join(path, "*embeddings*.npy")))
+  if pathio.is_dir(path):
+    files = (sorted(str(f) for f in pathio.as_path(path).glob("*embeddings*.npy")) if pathio.is_remote(path)
+             else sorted(glob.glob(os.path.join(path, "*embeddings*.npy"))))
     if not files:
       raise ValueError(f"{path}: no *embeddings*.npy files in this folder")
-  elif os.path.isfile(path):
+  elif pathio.is_file(path):
     files = [path]
   else:
     raise FileNotFoundError(f"--embeddings {path} does not exist")
   xs, ids, dim, where = [], [], None, []
   for f in files:
     idf = ids_path_for(f)
-    if not os.path.isfile(idf):
+    if not pathio.is_file(idf):
       raise ValueError(f"{f}: sibling sample ids file {idf} is missing")
-    x = np.load(f, mmap_mode="r", allow_pickle=False)
-    i = np.load(idf, allow_pickle=False)
+    # Remote files are staged to this host's cache: np.load memory-maps local files only.
+    x = np.load(pathio.stage(f), mmap_mode="r", allow_pickle=False)
+    i = np.load(pathio.stage(idf), allow_pickle=False)
     if x.ndim != 2 or not np.issubdtype(x.dtype, np.floating):
       raise ValueError(f"{f}: expected a float [N, D] array, got {x.dtype} {x.shape}")
     if i.ndim != 1 or not np.issubdtype(i.dtype, np.integer):
@@ -359,10 +362,10 @@ def run_clustering(embeddings, sample_ids, num_clusters: int, top_k: int, *, ite
 
 def write_outputs(output_dir, result: dict, params: dict) -> dict:
   """centers.npy, labels.npz (label_table format) and cluster_summary.json; each atomically."""
-  os.makedirs(output_dir, exist_ok=True)
-  paths = dict(centers=os.path.join(output_dir, "centers.npy"),
-               labels=os.path.join(output_dir, label_table.FILE_NAME),
-               summary=os.path.join(output_dir, "cluster_summary.json"))
+  pathio.makedirs(output_dir)
+  paths = dict(centers=pathio.join(output_dir, "centers.npy"),
+               labels=pathio.join(output_dir, label_table.FILE_NAME),
+               summary=pathio.join(output_dir, "cluster_summary.json"))
   atomic_io.save_npy(paths["centers"], result["centers"].astype(np.float32))
   label_table.write_label_table(paths["labels"], result["sample_ids"], result["labels"],
                                 num_classes=int(result["centers"].shape[0]), cosine=result["cosine"])
@@ -396,7 +399,7 @@ def main(argv=None):
   a = ap.parse_args(argv)
   x, ids, rejected = load_embeddings(a.embeddings, reject_bad_rows=True)
   # The report is written before any check, so it always matches this run's input.
-  report = failures.write_report(os.path.join(a.output, FAILURES_FILE), rejected)
+  report = failures.write_report(pathio.join(a.output, FAILURES_FILE), rejected)
   total = x.shape[0] + len(rejected)
   print(f"{total} embeddings of dim {x.shape[1]} from {a.embeddings}, {len(rejected)} rejected "
         f"(see {report}); devices: {jax.local_device_count()}")

@@ -6,6 +6,7 @@ from PIL import Image
 from scipy import ndimage
 
 from ovenc_format import atomic_io
+from ovenc_format import paths as pathio
 from ovenc_format import records
 
 # Luminance weights (ITU-R BT.601): ink is found by brightness, whatever its tint.
@@ -191,7 +192,7 @@ def main(argv=None):
   ap.add_argument("--glyph_size", type=int, default=GLYPH_SIZE, help="glyph side in pixels")
   a = ap.parse_args(argv)
   paths = run(a.records, a.output, a.dim, a.fit, a.glyph_size)
-  n = np.load(paths["sample_ids"]).shape[0]
+  n = np.load(pathio.stage(paths["sample_ids"])).shape[0]
   print(f"embedded {n} records -> " + ", ".join(paths.values()))
 
 

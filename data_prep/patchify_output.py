@@ -14,6 +14,7 @@ import uuid
 
 from apache_beam.io.filesystems import FileSystems
 
+from ovenc_format import paths as pathio
 from ovenc_format import progress as progress_lib
 from ovenc_format import records
 
@@ -22,6 +23,30 @@ log = logging.getLogger("codec_patchify")
 
 def is_url(path: str) -> bool:
   return "://" in path
+
+
+def _is_gcs(path: str) -> bool:
+  return path.startswith("gs://")
+
+
+def rename(srcs: list[str], dsts: list[str]):
+  """FileSystems.rename, except on gs://: Beam's GCS filesystem renames and deletes in batch
+  requests, which GCS emulators do not serve; there ovenc_format.paths (gcsfs) moves each object
+  by a server-side copy, which makes it visible whole."""
+  if srcs and _is_gcs(srcs[0]):
+    for s, d in zip(srcs, dsts):
+      pathio.move(s, d)
+  else:
+    FileSystems.rename(srcs, dsts)
+
+
+def delete(paths: list[str]):
+  """FileSystems.delete; on gs:// one object at a time (see rename)."""
+  if paths and _is_gcs(paths[0]):
+    for p in paths:
+      pathio.remove(p)
+  else:
+    FileSystems.delete(paths)
 
 
 def read_text(path: str) -> str:
@@ -134,7 +159,7 @@ def write_atomic(path: str, text: str):
   tmp = f"{path}.tmp-{uuid.uuid4().hex}"
   with FileSystems.create(tmp) as f:
     f.write(text.encode("utf-8"))
-  FileSystems.rename([tmp], [path])
+  rename([tmp], [path])
 
 
 def _failure_reason_kind(reason: str) -> str:
@@ -209,7 +234,7 @@ def finalize_output(output_dir: str, staging: str, paths: list, header: dict) ->
   finals = [FileSystems.join(output_dir, records.shard_name(i, len(kept)))
             for i in range(len(kept))]
   if kept:
-    FileSystems.rename([s for s, _ in kept], finals)
+    rename([s for s, _ in kept], finals)
   rows = sorted(failures.values(), key=lambda f: f["path"])
   write_atomic(FileSystems.join(output_dir, "failures.jsonl"),
                 "".join(json.dumps(f, ensure_ascii=False) + "\n" for f in rows))
@@ -239,7 +264,7 @@ def remove_staging(output_dir: str):
                                                                  STAGING_PREFIX + "**")])
              for m in r.metadata_list]
     if found:
-      FileSystems.delete(found)
+      delete(found)
     return
   for name in os.listdir(output_dir):
     if name.startswith(STAGING_PREFIX):
@@ -256,7 +281,7 @@ def prepare_output_dir(output_dir: str, overwrite: bool):
     raise ValueError(f"--output_dir {output_dir!r} holds {len(earlier)} file(s) of an earlier "
                      f"run (e.g. {os.path.basename(earlier[0])}); pass --overwrite to replace them")
   if earlier:
-    FileSystems.delete(earlier)
+    delete(earlier)
   if not is_url(output_dir):
     os.makedirs(output_dir, exist_ok=True)
 

@@ -5,10 +5,18 @@ import tempfile
 
 import numpy as np
 
+from ovenc_format import paths as pathio
+
 
 def atomic_write(path: str, write, mode: str = "wb") -> str:
   """Calls write(f) on a temp file beside `path`, then renames it over `path`: readers never see a
-  half-written file, and a crash leaves only a dot-temp file behind."""
+  half-written file, and a crash leaves only a dot-temp file behind. A remote `path` (gs://...) is
+  written to a local temp file first, then uploaded the same way (pathio.upload)."""
+  if pathio.is_remote(path):
+    with tempfile.TemporaryDirectory(prefix="ovenc-upload-") as d:
+      local = atomic_write(os.path.join(d, os.path.basename(os.fspath(path))), write, mode)
+      pathio.upload(local, path)
+    return path
   d = os.path.dirname(os.path.abspath(path))
   os.makedirs(d, exist_ok=True)
   fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-", suffix=os.path.splitext(path)[1])
@@ -44,8 +52,8 @@ def write_embedding_folder(output_dir: str, embeddings, sample_ids, source: str 
   dup = s[1:][s[1:] == s[:-1]]
   if dup.size:
     raise ValueError(f"{source or output_dir}: duplicate sample_id(s) across records, e.g. {dup[:5].tolist()}")
-  paths = dict(embeddings=save_npy(os.path.join(output_dir, "embeddings.npy"), embeddings),
-               sample_ids=save_npy(os.path.join(output_dir, "sample_ids.npy"), sample_ids))
+  paths = dict(embeddings=save_npy(pathio.join(output_dir, "embeddings.npy"), embeddings),
+               sample_ids=save_npy(pathio.join(output_dir, "sample_ids.npy"), sample_ids))
   if teacher_arrays:
-    paths["teacher"] = save_npz(os.path.join(output_dir, "teacher.npz"), **teacher_arrays)
+    paths["teacher"] = save_npz(pathio.join(output_dir, "teacher.npz"), **teacher_arrays)
   return paths

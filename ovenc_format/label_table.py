@@ -4,6 +4,7 @@ import os
 import numpy as np
 
 from ovenc_format import atomic_io
+from ovenc_format import paths
 
 FORMAT_VERSION = 1
 FILE_NAME = "labels.npz"
@@ -17,7 +18,7 @@ FILE_NAME = "labels.npz"
 
 def _resolve(path) -> str:
   path = os.fspath(path)
-  return os.path.join(path, FILE_NAME) if os.path.isdir(path) else path
+  return paths.join(path, FILE_NAME) if paths.is_dir(path) else path
 
 
 def write_label_table(path, sample_ids, labels, num_classes: int, cosine=None) -> str:
@@ -47,9 +48,7 @@ def write_label_table(path, sample_ids, labels, num_classes: int, cosine=None) -
     cos = np.asarray(cosine, np.float32)
     if cos.shape != lab.shape:
       raise ValueError(f"label table: cosine shape {cos.shape} != labels shape {lab.shape}")
-  path = os.fspath(path)
-  if os.path.isdir(path):
-    path = os.path.join(path, FILE_NAME)
+  path = _resolve(path)
   return atomic_io.save_npz(path, sample_id=ids, labels=lab[order].astype(np.int32), cosine=cos[order],
                             num_classes=np.int64(num_classes), format_version=np.int64(FORMAT_VERSION))
 
@@ -59,10 +58,11 @@ class LabelTable:
 
   def __init__(self, path):
     self.path = _resolve(path)
-    if not os.path.exists(self.path):
+    if not paths.exists(self.path):
       raise FileNotFoundError(f"label table {self.path} does not exist (run data_prep.cluster first)")
     try:
-      with np.load(self.path, allow_pickle=False) as z:
+      # A remote table is staged to this host's cache first (np.load wants a seekable local file).
+      with np.load(paths.stage(self.path), allow_pickle=False) as z:
         data = {k: z[k] for k in z.files}
     except Exception as e:  # zip/npy errors come in several types
       raise ValueError(f"label table {self.path}: not a readable .npz ({type(e).__name__}: {e})") from e

@@ -295,6 +295,8 @@ def read_shard(path):
 
 
 def read_all(output_dir):
-  """Yields every record of an output dir, shard by shard."""
+  """Yields every record of an output dir, shard by shard (remote shards staged to local disk first:
+  ArrayRecord reads local files)."""
+  from ovenc_format import paths  # local, as list_shards' etils import
   for path in list_shards(output_dir):
-    yield from read_shard(path)
+    yield from read_shard(paths.stage(path))

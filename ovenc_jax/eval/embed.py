@@ -2,7 +2,6 @@
 import argparse
 import functools
 import json
-import os
 import sys
 
 import grain
@@ -12,6 +11,7 @@ import numpy as np
 
 from ovenc_format import atomic_io
 from ovenc_format import failures as failures_lib
+from ovenc_format import paths as pathio
 from ovenc_format import progress as progress_lib
 from ovenc_jax.train import checkpoint as ckpt_lib
 from ovenc_jax.input import features as features_lib
@@ -25,19 +25,17 @@ FAILURES_FILE = "failures.jsonl"
 
 def save_config(workdir: str, config) -> str:
   """Writes WORKDIR/config.json (atomically) so tools can rebuild the model without the config file."""
-  os.makedirs(workdir, exist_ok=True)
-  path = os.path.join(workdir, CONFIG_FILE)
+  path = pathio.join(workdir, CONFIG_FILE)
   atomic_io.atomic_write(path, lambda f: f.write(config.to_json(indent=1)), mode="w")
   return path
 
 
 def read_model_section(workdir: str) -> tuple[str, dict | None]:
   """(path of WORKDIR/config.json, its 'model' section), or (path, None) when the file is absent."""
-  path = os.path.join(workdir, CONFIG_FILE)
-  if not os.path.isfile(path):
+  path = pathio.join(workdir, CONFIG_FILE)
+  if not pathio.is_file(path):
     return path, None
-  with open(path) as f:
-    cfg = json.load(f)
+  cfg = json.loads(pathio.as_path(path).read_text())
   if "model" not in cfg:
     raise KeyError(f"{path} has no 'model' section")
   return path, cfg["model"]
@@ -155,7 +153,7 @@ def main(argv=None):
   written = []
   if len(ids):  # nothing valid: leave any earlier embeddings in place rather than emptying them
     written = list(atomic_io.write_embedding_folder(a.output, emb, ids, source=a.records).values())
-  report = failures_lib.write_report(os.path.join(a.output, FAILURES_FILE), bad)
+  report = failures_lib.write_report(pathio.join(a.output, FAILURES_FILE), bad)
   print("wrote " + ", ".join(written + [report]))
   try:
     failures_lib.check(len(bad), total, a.max_failure_fraction, report, "records", num_written=len(ids))

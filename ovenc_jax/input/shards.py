@@ -11,6 +11,7 @@ import grain
 import numpy as np
 from etils import epath
 
+from ovenc_format import paths as pathio
 from ovenc_format import records
 
 log = logging.getLogger(__name__)
@@ -18,8 +19,13 @@ _GLOB_CHARS = frozenset("*?[")
 
 
 def shard_paths(path, what: str) -> list[str]:
-  """Shard files of a directory (complete data-XXXXX-of-YYYYY set) or of a file-name glob."""
-  path = str(path)
+  """Local paths of the shard files of a directory (complete data-XXXXX-of-YYYYY set) or of a
+  file-name glob. ArrayRecord reads local files only: remote shards (gs://) are staged to this host's
+  cache (ovenc_format.paths.stage, $OVENC_CACHE_DIR) once, each through a temp file and rename."""
+  return [pathio.stage(f) for f in _find_shards(str(path), what)]
+
+
+def _find_shards(path: str, what: str) -> list[str]:
   p = epath.Path(path)
   if p.is_dir():
     try:

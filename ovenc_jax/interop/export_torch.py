@@ -16,6 +16,7 @@ from typing import Any, Callable, Mapping
 import numpy as np
 from tqdm import tqdm
 
+from ovenc_format import paths as pathio
 from ovenc_jax.interop import torch_layout as layout_lib
 from ovenc_jax.interop.hf import card as card_lib
 
@@ -28,8 +29,27 @@ _SIZE_KEYS = {"width": "width", "depth": "depth", "num_heads": "num_heads", "mlp
               "patch_size": "patch_size"}
 
 
+def _upload_dir(output: str, fill: Callable[[str], None]) -> None:
+  """A remote OUTPUT (gs://): filled in a local temp dir, then each file uploaded atomically
+  (paths.upload), config.json last: the file loaders look for first appears once the rest is there."""
+  out = pathio.as_path(output)
+  if out.is_file():
+    raise FileExistsError(f"--output {output} exists and is not a directory")
+  foreign = sorted({p.name for p in out.iterdir()} - _EXPORT_FILES) if out.is_dir() else []
+  if foreign:
+    raise FileExistsError(f"--output {output} holds files that are not from an export ({foreign[:5]}); "
+                          "refusing to replace it")
+  with tempfile.TemporaryDirectory(prefix="ovenc-export-") as tmp:
+    fill(tmp)
+    names = sorted(os.listdir(tmp), key=lambda n: (n == layout_lib.CONFIG_FILE, n))
+    for name in names:
+      pathio.upload(os.path.join(tmp, name), pathio.join(output, name))
+
+
 def _write_dir_atomically(output: str, fill: Callable[[str], None]) -> None:
   """Fills a temp dir beside OUTPUT, then renames it into place (replacing an earlier export only)."""
+  if pathio.is_remote(output):
+    return _upload_dir(output, fill)
   output = os.path.abspath(output)
   parent = os.path.dirname(output)
   os.makedirs(parent, exist_ok=True)
@@ -131,7 +151,7 @@ def export_params(params: Mapping[str, Any], output: str, *, rope_layout: str = 
   _write_dir_atomically(output, fill)
   names = ([layout_lib.CONFIG_FILE, layout_lib.MODEL_FILE] +
            ([layout_lib.CENTERS_FILE] if centers_arr is not None else []) + written)
-  return {name: os.path.join(os.path.abspath(output), name) for name in names}
+  return {name: pathio.join(pathio.absolute(output), name) for name in names}
 
 
 def export_workdir(workdir: str, output: str, *, step: int | None = None, with_centers: bool = False,
@@ -171,8 +191,7 @@ def export_workdir(workdir: str, output: str, *, step: int | None = None, with_c
     extra["variant"] = model_cfg["variant"]
   train_config = None
   if model_cfg is not None:  # read_model_section has parsed it already
-    with open(cfg_path) as f:
-      train_config = json.load(f)
+    train_config = json.loads(pathio.as_path(cfg_path).read_text())
   return export_params(params["encoder"], output, rope_layout=rope_layout, rope_theta=rope_theta,
                        centers=centers, image_size=image_size, extra=extra, train_config=train_config,
                        repo_id=repo_id)
@@ -212,6 +231,8 @@ def main(argv=None) -> dict[str, str]:
   for path in paths.values():
     print(f"wrote {path}")
   if args.push_to_hub is not None:
+    if pathio.is_remote(args.output):
+      ap.error("--push_to_hub uploads a local --output folder")
     print(f"uploaded to {push_to_hub(os.path.abspath(args.output), args.push_to_hub)}")
   return paths
 

@@ -8,7 +8,9 @@ OUT gets checkpoints/<step> (params only) and config.json ("model" section); tra
 import argparse
 import json
 import os
+import contextlib
 import shutil
+import tempfile
 import uuid
 from typing import Any
 
@@ -21,6 +23,7 @@ import torch
 from safetensors import safe_open
 
 from ovenc_format import atomic_io
+from ovenc_format import paths as pathio
 from ovenc_jax.interop import torch_layout as layout_lib
 from ovenc_jax.model import defaults as model_defaults
 from ovenc_jax.model import encoder as model_lib
@@ -51,8 +54,32 @@ def model_config_for(arch: layout_lib.Arch, rope_layout: str, rope_theta: float)
   return cfg
 
 
+@contextlib.contextmanager
+def _local_export(input_dir: str):
+  """A local folder with the export's files: INPUT_DIR itself, or for a remote one (gs://) a temp copy
+  of its config.json and safetensors files (safetensors reads local files)."""
+  if not pathio.is_remote(input_dir):
+    yield input_dir
+    return
+  with tempfile.TemporaryDirectory(prefix="ovenc-import-") as tmp:
+    for name in (layout_lib.CONFIG_FILE, layout_lib.MODEL_FILE, layout_lib.CENTERS_FILE):
+      if pathio.is_file(pathio.join(input_dir, name)):
+        pathio.download(pathio.join(input_dir, name), os.path.join(tmp, name))
+    yield tmp
+
+
 def read_export(input_dir: str) -> tuple[ml_collections.ConfigDict, dict[str, Any]]:
   """(model config, {"encoder": params[, "centers": [C, D]]}) from an export directory, fully validated."""
+  if pathio.is_remote(input_dir):
+    with _local_export(input_dir) as local:
+      try:
+        return _read_export(local)
+      except (FileNotFoundError, layout_lib.LayoutError) as e:  # name the remote folder, not the copy
+        raise type(e)(str(e).replace(local, input_dir)) from None
+  return _read_export(input_dir)
+
+
+def _read_export(input_dir: str) -> tuple[ml_collections.ConfigDict, dict[str, Any]]:
   cfg_path = os.path.join(input_dir, layout_lib.CONFIG_FILE)
   if not os.path.isfile(cfg_path):
     raise FileNotFoundError(f"{cfg_path} not found: --input must hold config.json and model.safetensors")
@@ -101,7 +128,9 @@ def import_dir(input_dir: str, workdir: str, step: int = 0) -> str:
   Both are written into a staging folder beside WORKDIR and moved in once complete: a failed import
   leaves WORKDIR as it was."""
   model_cfg, params = read_export(input_dir)
-  check_against_model(model_cfg, params["encoder"], os.path.join(input_dir, layout_lib.MODEL_FILE))
+  check_against_model(model_cfg, params["encoder"], pathio.join(input_dir, layout_lib.MODEL_FILE))
+  if pathio.is_remote(workdir):
+    return _import_remote(input_dir, workdir, model_cfg, params, step)
   workdir = os.path.abspath(workdir)
   existing = ckpt_lib.latest_step(workdir)
   if existing is not None:
@@ -135,6 +164,20 @@ def import_dir(input_dir: str, workdir: str, step: int = 0) -> str:
   return os.path.join(target, str(step))
 
 
+def _import_remote(input_dir, workdir, model_cfg, params, step) -> str:
+  """A gs:// WORKDIR: orbax commits the checkpoint atomically in place (its own temp folder and
+  finalize); config.json follows, uploaded atomically."""
+  existing = ckpt_lib.latest_step(workdir)
+  if existing is not None:
+    raise FileExistsError(f"{ckpt_lib.checkpoint_dir(workdir)} already holds checkpoints (latest step "
+                          f"{existing}); import into an empty --workdir")
+  pathio.check_writable(workdir, "--workdir")
+  path = ckpt_lib.write_params_checkpoint(workdir, params, step)
+  atomic_io.save_json(pathio.join(workdir, layout_lib.CONFIG_FILE),
+                      {"model": model_cfg.to_dict(), "imported_from": input_dir})
+  return path
+
+
 def main(argv=None) -> str:
   ap = argparse.ArgumentParser(prog="python -m ovenc_jax.interop.import_torch", description=__doc__,
                                formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -144,7 +187,8 @@ def main(argv=None) -> str:
   args = ap.parse_args(argv)
   try:
     path = import_dir(args.input, args.workdir, args.step)
-  except (layout_lib.LayoutError, FileNotFoundError, FileExistsError, NotADirectoryError, KeyError) as e:
+  except (layout_lib.LayoutError, FileNotFoundError, FileExistsError, NotADirectoryError, KeyError,
+          ValueError) as e:
     raise SystemExit(f"{ap.prog}: error: {e.args[0] if isinstance(e, KeyError) else e}") from e
   print(f"wrote {path}")
   return path

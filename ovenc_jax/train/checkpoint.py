@@ -1,5 +1,4 @@
 """Orbax checkpoints of the train state (+ grain iterator state) in WORKDIR/checkpoints."""
-import os
 from typing import Any
 
 import jax
@@ -7,6 +6,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 from orbax.checkpoint.experimental.v1 import options as ocp_options
+
+from ovenc_format import paths
 
 # The state is a plain dict, so export/import need no trainer code:
 #   {"step": int32 [], "params": {"encoder": <Encoder 'params' collection>, "centers": [C_pad, D]},
@@ -82,7 +83,8 @@ def _handlers() -> ocp.handlers.DefaultCheckpointHandlerRegistry:
 
 
 def checkpoint_dir(workdir: str) -> str:
-  return os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR)
+  """WORKDIR/checkpoints; a gs:// workdir stays a bucket path (orbax writes it through TensorStore)."""
+  return paths.join(paths.absolute(workdir), CHECKPOINT_DIR)
 
 
 def make_manager(workdir: str, *, max_to_keep: int = 3, save_interval_steps: int = 1,
@@ -102,7 +104,7 @@ def _reader(workdir: str) -> ocp.CheckpointManager:
 def latest_step(workdir: str) -> int | None:
   """The newest finalized step under WORKDIR/checkpoints, or None; reads the listing only (no manager,
   so nothing is created and orbax logs nothing)."""
-  if not os.path.isdir(checkpoint_dir(workdir)):
+  if not paths.is_dir(checkpoint_dir(workdir)):
     return None
   return max(ocp.utils.checkpoint_steps(checkpoint_dir(workdir)), default=None)
 
@@ -110,8 +112,8 @@ def latest_step(workdir: str) -> int | None:
 def resolve_step(workdir: str, step: int | None) -> int:
   """`step` when its checkpoint exists, else the latest; FileNotFoundError naming the folder."""
   if step is not None:
-    path = os.path.join(checkpoint_dir(workdir), str(step))
-    if not os.path.isdir(path):
+    path = paths.join(checkpoint_dir(workdir), str(step))
+    if not paths.is_dir(path):
       raise FileNotFoundError(f"no checkpoint for step {step} at {path}")
     return step
   found = latest_step(workdir)
@@ -158,4 +160,4 @@ def write_params_checkpoint(workdir: str, params: dict[str, Any], step: int = 0)
   with make_manager(workdir, async_save=False) as mngr:
     mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state)), force=True)
     mngr.wait_until_finished()
-  return os.path.join(checkpoint_dir(workdir), str(step))
+  return paths.join(checkpoint_dir(workdir), str(step))

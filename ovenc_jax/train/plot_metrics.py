@@ -1,7 +1,9 @@
 """Loss-curve PNG from WORKDIR/metrics.jsonl: python -m ovenc_jax.train.plot_metrics --workdir DIR --output loss.png."""
 import argparse
 import json
-import os
+
+from ovenc_format import atomic_io
+from ovenc_format import paths as pathio
 
 # A bare Figure renders with Agg and leaves pyplot's global backend alone.
 from matplotlib.figure import Figure
@@ -9,11 +11,11 @@ from matplotlib.figure import Figure
 
 def read_metrics(workdir: str) -> tuple[dict[int, float], dict[str, dict[int, float]]]:
   """Per-step loss (last write wins, so a resumed run overwrites the steps it replays) and eval series."""
-  path = os.path.join(workdir, "metrics.jsonl")
-  if not os.path.exists(path):
+  path = pathio.join(workdir, "metrics.jsonl")
+  if not pathio.exists(path):
     raise FileNotFoundError(f"{path} not found: has the trainer run in {workdir}?")
   loss, evals = {}, {}
-  with open(path) as f:
+  with pathio.as_path(path).open() as f:
     for line in f:
       row = json.loads(line)
       if "loss" in row:
@@ -38,9 +40,8 @@ def plot(workdir: str, output: str) -> str:
     axes[0, 1].set(xlabel="step", ylabel="accuracy", title="held-out evaluation")
     axes[0, 1].legend()
   fig.tight_layout()
-  tmp = output + ".tmp.png"
-  fig.savefig(tmp, dpi=100)
-  os.replace(tmp, output)
+  # A local temp file renamed into place, or uploaded for a gs:// output.
+  atomic_io.atomic_write(output, lambda f: fig.savefig(f, dpi=100, format="png"))
   return output
 
 

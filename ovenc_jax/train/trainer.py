@@ -3,6 +3,7 @@ import json
 import logging
 import os
 import signal
+import tempfile
 import time
 from typing import Any
 
@@ -15,6 +16,7 @@ import optax
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
+from ovenc_format import paths as pathio
 from ovenc_jax.train import checkpoint as ckpt_lib
 from ovenc_jax.train import compat
 from ovenc_jax.eval import embed as embed_lib
@@ -301,7 +303,7 @@ class Trainer:
     elif c.init_from:
       init_params = compat.load_init_params(c.init_from, self.abstract_state["params"], c.model)
     data_iter = input_pipeline.make_train_iterator(c.input, banks=loss_lib.source_banks(c.loss))
-    os.makedirs(self.workdir, exist_ok=True)
+    pathio.makedirs(self.workdir)
     mngr = ckpt_lib.make_manager(self.workdir, max_to_keep=c.keep_ckpts,
                                  save_interval_steps=c.ckpt_every, async_save=c.async_ckpt)
     try:
@@ -461,15 +463,26 @@ class _LogState:
 
 
 class MetricsWriter:
-  """TensorBoard events plus metrics.jsonl (one line per logged step) in the workdir."""
+  """TensorBoard events plus metrics.jsonl (one line per logged step) in the workdir.
+
+  tensorboardX writes gs:// event files itself (google-cloud-storage). Object stores cannot append:
+  with a remote workdir metrics.jsonl is kept in a local copy (the bucket's, when resuming) and
+  uploaded whole at each scalars() call and at close()."""
 
   def __init__(self, workdir: str, enabled: bool = True):
     self.enabled = enabled
     if not enabled:
       return
     from tensorboardX import SummaryWriter  # imported lazily: only process 0 writes
-    self.tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
-    self.jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+    self.tb = SummaryWriter(pathio.join(workdir, "tensorboard"))
+    self.remote = pathio.join(workdir, "metrics.jsonl") if pathio.is_remote(workdir) else None
+    local = os.path.join(workdir, "metrics.jsonl")
+    if self.remote:
+      self._tmp = tempfile.TemporaryDirectory(prefix="ovenc-metrics-")
+      local = os.path.join(self._tmp.name, "metrics.jsonl")
+      if pathio.exists(self.remote):
+        pathio.download(self.remote, local)
+    self.jsonl = open(local, "a")
 
   def step_loss(self, step, loss):
     if self.enabled:
@@ -483,8 +496,16 @@ class MetricsWriter:
       self.tb.add_scalar(k, v, step)
     self.jsonl.write(json.dumps(dict(scalars, step=step)) + "\n")
     self.jsonl.flush()
+    self._sync()
+
+  def _sync(self):
+    if self.remote:
+      pathio.upload(self.jsonl.name, self.remote)
 
   def close(self):
     if self.enabled:
       self.tb.close()
       self.jsonl.close()
+      self._sync()
+      if self.remote:
+        self._tmp.cleanup()
