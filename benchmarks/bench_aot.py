@@ -1,6 +1,7 @@
 """Pod efficiency from ahead-of-time compiles: is the train step compute-bound, light on communication, sharded?
 
 python benchmarks/bench_aot.py [--json PATH] [--out DIR] [--cases large_v5p128,base_v5e256,base_h100x8]
+    [--flags='--config.model.remat=dots ...']
 
 Each case is one `python -m ovenc_jax.aot.compile` run (its own process, one at a time) of a `pod=` preset
 (ovenc_jax/configs/common.py) on 16-frame clips at 12.5% (512 tokens, one clip a row), 1M centers, up to 10
@@ -10,7 +11,9 @@ labels a sample. From its report (ovenc_jax.aot.figures):
   their FLOPs and K/V re-reads to XLA: ovenc_jax/model/attention/splash.py; the fused MLP kernels their
   FLOPs, recomputation included, and streamed bytes: ovenc_jax/model/fused_mlp.py). XLA's bytes are an upper bound
   of HBM traffic (each op's operands and results, VMEM prefetch copies included), so this fraction is
-  a lower bound. GPU targets have no XLA cost analysis: n/a there.
+  a lower bound. GPU targets have no XLA cost analysis: there compute_fraction is
+  compute_fraction_hbm_traffic (<name>_compute_fraction_from says which), so base_h100x8_compute_fraction
+  is the 8 x H100 compile's figure.
 - compute_fraction_hbm_traffic: the same with t_hbm from the bytes the compiled program keeps in HBM,
   each counted once (ovenc_jax/aot/hlo_traffic.py): on TPU, XLA's bytes also count operands that
   memory-space assignment placed in VMEM, and a sliced prefetch once per slice for its whole source.
@@ -44,14 +47,14 @@ INPUT = ["--config.input.tokens_per_row=512", "--config.input.max_segments=1",
 GOALS = {"large_v5p128_compute_fraction": 0.6, "base_v5e256_compute_fraction": 0.5}
 
 
-def compile_case(name: str, out_dir: str) -> dict | None:
+def compile_case(name: str, out_dir: str, flags=()) -> dict | None:
   """The case's aot report; a GPU preset falls back to XLA attention where the cuDNN library (which
   tracing cuDNN attention queries for its version) is not installed, and the report says so."""
   variant, pod = CASES[name]
   path = os.path.join(out_dir, f"{name}.json")
   if not os.path.exists(path):
     cmd = [sys.executable, "-m", "ovenc_jax.aot.compile", f"--config={aot.PRETRAIN_CONFIG}:variant={variant},pod={pod}",
-           f"--topology={pod}", f"--json={path}", *INPUT]
+           f"--topology={pod}", f"--json={path}", *INPUT, *flags]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     fallback = not os.path.exists(path) and "cuDNN not found" in proc.stderr
     if fallback:
@@ -85,7 +88,8 @@ def _fmt(v, unit=""):
 def table(names, res) -> str:
   rows = [("devices (mesh fsdp)", lambda n: f"{res[n + '_devices']} ({res[n + '_fsdp']})"),
           ("global batch (rows x 512 tok)", lambda n: _fmt(res[n + "_global_batch"])),
-          ("compute_fraction", lambda n: _fmt(res[n + "_compute_fraction"])),
+          ("compute_fraction (from)", lambda n: f"{_fmt(res[n + '_compute_fraction'])} "
+                                                f"({res[n + '_compute_fraction_from']})"),
           ("step ms at peak FLOPs (model)", lambda n: _fmt(res[n + "_step_s_model_flops"], "ms")),
           ("step ms at HBM bw (XLA bytes)", lambda n: _fmt(res[n + "_step_s_hbm"], "ms")),
           ("compute_fraction, HBM traffic", lambda n: _fmt(res[n + "_compute_fraction_hbm_traffic"])),
@@ -120,6 +124,8 @@ def main(argv=None):
   ap.add_argument("--json", help="write the figures here")
   ap.add_argument("--out", help="keep the per-case aot reports here (existing ones are reused)")
   ap.add_argument("--cases", default=",".join(CASES))
+  ap.add_argument("--flags", default="", help="config flags added to every case (a step change to compare), "
+                  "e.g. --flags=--config.model.remat=dots; give a fresh --out with them")
   args = ap.parse_args(argv)
   names = [n for n in args.cases.split(",") if n]
   for n in names:
@@ -129,9 +135,13 @@ def main(argv=None):
   os.makedirs(out_dir, exist_ok=True)
   res, done = {}, []
   for n in names:
-    r = compile_case(n, out_dir)
+    r = compile_case(n, out_dir, args.flags.split())
     if r is not None:
       res.update(figures(n, r))
+      res[n + "_compute_fraction_from"] = "xla_bytes"
+      if res[n + "_compute_fraction"] is None:  # GPU targets: XLA gives no bytes accessed
+        res[n + "_compute_fraction"] = res[n + "_compute_fraction_hbm_traffic"]
+        res[n + "_compute_fraction_from"] = "hbm_traffic"
       done.append(n)
   print(table(done, res))
   if args.json:

@@ -1,5 +1,11 @@
 """Train-step throughput (tiny, 8 host devices) with the input pipeline, the input pipeline alone, and the
-trainer's loop with metrics fetched per log window (steps_per_s) vs every step (steps_per_s_before).
+trainer's loop with metrics fetched per log window (steps_per_s) vs every step (steps_per_s_before), and
+the bare jitted step on a device-resident batch.
+
+Both modes write run_over_step (Trainer.run steps/s over the bare step's, same trainer; target >= 0.95),
+mfu_step, mfu_run (the model's FLOPs, ovenc_jax.train.observability.model_flops, against the device's
+bf16 peak from observability's table, or on host CPU devices its nominal CPU peak), tokens_per_s_per_device
+(Trainer.run, the tokens the step computes: rows x tokens_per_row) and device (jax's device_kind).
 
 python benchmarks/bench_train.py [--json PATH] [--steps N] [--loop_steps N] [--variant tiny] [--rows 32]
     [--tokens_per_row 1024]
@@ -33,6 +39,7 @@ from ovenc_format import records
 from ovenc_jax.aot import compile as aot
 from ovenc_jax.configs import common
 from ovenc_jax.configs import pretrain
+from ovenc_jax.train import observability
 
 
 def write_clip_shards(out_dir: str, n: int = 512, frames: int = 8, grid: int = 16, keep: float = 0.2,
@@ -80,6 +87,19 @@ def _bf16_matmul_tflops(n: int = 8192, reps: int = 10) -> float:
   return 2 * n ** 3 * reps / (time.perf_counter() - t0) / 1e12
 
 
+def _peak(args, device) -> float:
+  """--peak_tflops, else the device's bf16 peak from the trainer's table; host CPU devices take its
+  nominal CPU peak, so that the MFU fields exist on every machine."""
+  if args.peak_tflops:
+    return args.peak_tflops * 1e12
+  peak = observability.peak_flops(device.device_kind)
+  if peak is None and device.platform == "cpu":
+    return observability.CPU_NOMINAL_PEAK_FLOPS
+  if peak is None:
+    raise SystemExit(f"no bf16 peak is known for {device.device_kind!r}; give --peak_tflops")
+  return peak
+
+
 def gpu_train(args) -> dict:
   """Trainer.run and the bare step on the visible GPUs, the h100x8 preset's share a GPU (module doc)."""
   import jax
@@ -111,7 +131,9 @@ def gpu_train(args) -> dict:
   flops = aot.model_flops(cfg, math.prod(mesh[a] for a in trainer.class_axes),
                           trainer.abstract_state["params"]["centers"].shape[0], mesh["tensor"])["total"]
   tokens_per_step = rows * 512
-  peak = args.peak_tflops * 1e12 * n_gpu
+  kind = jax.devices()[0].device_kind
+  peak_one = _peak(args, jax.devices()[0])
+  peak = peak_one * n_gpu
   res = {}
 
   it = input_pipeline.make_train_iterator(cfg.input)
@@ -194,12 +216,13 @@ def gpu_train(args) -> dict:
   mem = jax.devices()[0].memory_stats() or {}
   res[pre + "peak_gib_per_gpu"] = mem.get("peak_bytes_in_use", 0) / 2 ** 30
 
-  kind = jax.devices()[0].device_kind
+  res.update(device=kind, run_over_step=run_rate * step_s, mfu_step=res[pre + "step_mfu"],
+             mfu_run=res[pre + "run_mfu"], tokens_per_s_per_device=res[pre + "run_tokens_per_s"] / n_gpu)
   print(f"\n{args.variant} on {n_gpu} x {kind}: {rows} rows x 512 tokens a step ({tokens_per_step:,} tokens), "
         f"{num_classes:,} centers, {cfg.model.dtype}, attention={cfg.model.attention}, remat={cfg.model.remat}")
   print(f"model FLOPs a step {flops / 1e12:.2f} T"
         + (f" (XLA counts {xla_flops / 1e12:.2f} T)" if xla_flops else "") + "; "
-        f"MFU against {args.peak_tflops:.0f} TFLOP/s a GPU (bf16 dense, datasheet); "
+        f"MFU against {peak_one / 1e12:.0f} TFLOP/s a GPU (bf16 dense, datasheet); "
         f"measured bf16 matmul {res['gpu_matmul_tflops']:.0f} TFLOP/s")
   print(f"{'':34} {'steps/s':>8} {'tokens/s':>12} {'MFU':>6}")
   print(f"{'Trainer.run, ' + str(args.loop_steps) + ' steps':34} {run_rate:8.2f} "
@@ -272,7 +295,30 @@ def cpu_run(args) -> dict:
     rate = trainer.run()["steps_per_s"]
     loop[every_step] = max(loop.get(every_step, 0.0), rate)
 
-  res = dict(steps_per_s=loop[False], steps_per_s_before=loop[True],
+  # The bare jitted step on one device-resident batch, same trainer and state: the loop's ceiling.
+  from ovenc_jax.input import global_arrays
+  batch = global_arrays.global_batch(b, trainer.mesh, trainer.batch_axes)
+  state = trainer.state
+  with jax.set_mesh(trainer.mesh):
+    for _ in range(2):
+      state, m = trainer._step_fn(state, batch)
+    jax.block_until_ready(m)
+    bare = []
+    for _ in range(2):  # the faster of two timings, as for the loop
+      t0 = time.perf_counter()
+      for _ in range(args.loop_steps):
+        state, m = trainer._step_fn(state, batch)
+      jax.block_until_ready(m)
+      bare.append(args.loop_steps / (time.perf_counter() - t0))
+  bare_rate = max(bare)
+  n_dev = jax.device_count()
+  flops = observability.trainer_step_flops(trainer)  # per device
+  peak = _peak(args, jax.devices()[0])
+  padded_tokens = cfg.input.global_batch_size * cfg.input.tokens_per_row
+  res = dict(device=jax.devices()[0].device_kind, run_over_step=loop[False] / bare_rate,
+             bare_step_per_s=bare_rate, mfu_step=flops * bare_rate / peak, mfu_run=flops * loop[False] / peak,
+             tokens_per_s_per_device=loop[False] * padded_tokens / n_dev, peak_tflops=peak / 1e12)
+  res.update(steps_per_s=loop[False], steps_per_s_before=loop[True],
              step_per_s=step_rate, step_samples_per_s=s_samples / dt_step, step_tokens_per_s=s_tokens / dt_step,
              input_batches_per_s=input_rate, input_samples_per_s=samples / dt_in,
              input_tokens_per_s=tokens / dt_in, input_over_step=input_rate / step_rate)
@@ -287,6 +333,13 @@ def cpu_run(args) -> dict:
   print(f"{'metrics every step (before)':30} {'per log window (after)':>24} {'ratio':>7}")
   print(f"{res['steps_per_s_before']:30.2f} {res['steps_per_s']:24.2f} "
         f"{res['steps_per_s'] / res['steps_per_s_before']:6.2f}x")
+  print(f"\n{'':30} {'steps/s':>8} {'tokens/s/device':>16} {'MFU':>7}   (MFU against a nominal "
+        f"{peak / 1e12:.2f} TFLOP/s a device; tokens: rows x tokens_per_row)")
+  print(f"{'Trainer.run (per log window)':30} {loop[False]:8.2f} {res['tokens_per_s_per_device']:16,.0f} "
+        f"{100 * res['mfu_run']:6.2f}%")
+  print(f"{'bare jitted step':30} {bare_rate:8.2f} {bare_rate * padded_tokens / n_dev:16,.0f} "
+        f"{100 * res['mfu_step']:6.2f}%")
+  print(f"run_over_step = {res['run_over_step']:.3f} (target >= 0.95)")
   return res
 
 
@@ -299,7 +352,9 @@ def main():
   ap.add_argument("--rows", type=int, default=0, help="global batch rows (default 32; --gpu: the preset's)")
   ap.add_argument("--tokens_per_row", type=int, default=1024)
   ap.add_argument("--gpu", action="store_true", help="the GPU train run (module doc) instead")
-  ap.add_argument("--peak_tflops", type=float, default=989.0, help="bf16 dense peak a GPU (H100/H200 SXM)")
+  ap.add_argument("--peak_tflops", type=float, default=0.0,
+                  help="bf16 dense peak a device (default: ovenc_jax.train.observability's table; on CPU its "
+                       "nominal CPU peak)")
   ap.add_argument("--input_workers", type=int, default=0, help="--gpu: input.worker_count")
   ap.add_argument("--attention", default="", help="--gpu: override the preset's model.attention")
   ap.add_argument("--num_classes", type=int, default=1_000_000, help="--gpu: centers")

@@ -11,6 +11,7 @@ import sys
 import time
 
 from ovenc_jax.aot import hlo_traffic
+from ovenc_jax.train import observability
 
 GiB = 2 ** 30
 REPLICATED_WARN_BYTES = 64 * 2 ** 20
@@ -137,34 +138,8 @@ def get_target(name: str, num_slices: int = 1) -> Target:
 
 # ---- the model's own FLOP count ------------------------------------------------------------------
 
-def model_flops(config, class_shards: int, padded_classes: int, tensor: int = 1) -> dict[str, float]:
-  """Matmul FLOPs of one train step over all devices (fwd + bwd, no recompute).
-
-  Backward costs twice the forward (grads of both operands) except for the patch embedding, whose
-  input (pixels) needs no gradient. Elementwise work (norms, GELU, softmax) is not counted. The patch
-  embedding has no tensor-parallel axis, so each of the `tensor` ranks of a batch shard repeats it.
-  """
-  i, m, lc = config.input, config.model, config.loss
-  b, n, s = int(i.global_batch_size), int(i.tokens_per_row), int(i.max_segments)
-  d, f, depth, p = int(m.width), int(m.mlp_dim), int(m.depth), int(i.patch_size) ** 2 * 3
-  patch = 2 * b * n * p * d
-  layers = depth * (2 * b * n * (4 * d * d + 2 * d * f) + 4 * b * n * n * d)
-  head = 2 * b * (2 * n * d * d + 2 * s * d * d + 2 * s * n * d + 2 * s * d * f)
-  # The loss: each of the class shards scores all B*S embeddings against its columns of the centers.
-  # The column count is loss.make_loss_fn's own: all local rows, or the static Partial-FC selection
-  # (loss.partial_fc.selection_size); the official recipe draws one selection per label slot.
-  from ovenc_jax.loss import partial_fc
-  e = b * s
-  c_local = padded_classes // class_shards
-  k = min(int(lc.labels_per_step), int(i.max_labels))
-  official = lc.get("recipe", "default") == "official"
-  _, n_sel = partial_fc.selection_size(c_local, lc.sample_rate, e if official else e * k, class_shards,
-                                       lc.get("pfc_positive_slack", 2.0))
-  cols = (c_local if n_sel is None else n_sel) * (k if official else 1)
-  loss = 3 * class_shards * 2 * e * d * cols
-  out = dict(patch_embed=2 * patch * tensor, encoder_layers=3 * layers, head=3 * head, loss=loss)
-  out["total"] = sum(out.values())
-  return out
+# One count for the trainer's logged MFU and these reports.
+model_flops = observability.model_flops
 
 
 # ---- reading the compiled program ----------------------------------------------------------------

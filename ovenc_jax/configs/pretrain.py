@@ -41,6 +41,10 @@ def get_config(arg=None):
   # Metrics reach the host once per log window; True fetches them every step (a host sync per step).
   c.fetch_metrics_every_step = False
   c.eval_every = 5000
+  # "start,count": a jax.profiler trace of steps start..start+count-1 into workdir/tensorboard.
+  c.profile_steps = ""
+  # Weights & Biases (the `wandb` extra): off while project is empty.
+  c.wandb = ml_collections.ConfigDict(dict(project="", entity="", name=""))
   c.eval = ml_collections.ConfigDict(dict(
       path=a.eval_data, tokens_per_row=1024, batch_size=64, knn_k=10, linear_probe=True,
       attentive=ATTENTIVE_IN_TRAINING))

@@ -19,6 +19,7 @@ from jax.experimental import multihost_utils
 from ovenc_format import paths as pathio
 from ovenc_jax.train import checkpoint as ckpt_lib
 from ovenc_jax.train import compat
+from ovenc_jax.train import observability
 from ovenc_jax.eval import embed as embed_lib
 from ovenc_jax.eval import in_training as in_training_eval
 from ovenc_jax.input import features as input_features
@@ -83,6 +84,8 @@ def validate_config(config) -> None:
     raise ValueError(f"input.global_batch_size={config.input.global_batch_size} is not divisible by "
                      f"optim.grad_accum_steps={config.optim.grad_accum_steps}")
   optim.validate(config.optim, config.total_steps)
+  observability.parse_profile_steps(config.get("profile_steps", ""))
+  observability.wandb_module(config)
 
 
 class Trainer:
@@ -314,7 +317,8 @@ class Trainer:
     # Only now: the workdir's config.json always describes the model its checkpoints hold.
     if jax.process_index() == 0:
       embed_lib.save_config(self.workdir, c)
-    writer = MetricsWriter(self.workdir, enabled=jax.process_index() == 0)
+    writer = MetricsWriter(self.workdir, enabled=jax.process_index() == 0, config=c)
+    monitor = observability.RunMonitor(self, self.workdir)
     sigterm = {"seen": False}
     previous = signal.signal(signal.SIGTERM, lambda *_: sigterm.__setitem__("seen", True))
     summary: dict[str, Any] = {"start_step": start}
@@ -325,7 +329,8 @@ class Trainer:
       window: list[tuple[int, Any]] = []  # (step, device metrics) not fetched yet
       step, previous_metrics, stopping, t_start = start, None, False, None
       while step < c.total_steps:
-        state, metrics = self.train_step(state, next(data_iter), stop=sigterm["seen"])
+        monitor.before_step(step + 1)
+        state, metrics = self.train_step(state, monitor.next_batch(data_iter), stop=sigterm["seen"])
         step += 1
         window.append((step, metrics))
         # Two steps in flight at most: waiting for step N-1 after dispatching step N keeps the
@@ -336,11 +341,12 @@ class Trainer:
           stopping = bool(previous_metrics["stop"])
         previous_metrics = metrics
         last = step == c.total_steps or stopping
+        monitor.after_step(step, metrics, last)
         if c.fetch_metrics_every_step or step == start + 1 or step % c.log_every == 0 or last:
           self._fetch(window, log_state, writer, first_step=start + 1)
           window = []
         if step % c.log_every == 0 or last:
-          self._log_window(step, log_state, writer, summary, input_pipeline.skipped_records(data_iter))
+          self._log_window(step, log_state, writer, summary, input_pipeline.skipped_records(data_iter), monitor)
         if last:
           now = time.perf_counter()
           summary["steps_per_s"] = (step - start - 1) / max(now - (t_start or now), 1e-9)
@@ -360,6 +366,7 @@ class Trainer:
         summary["final_eval"] = self._log_eval(writer, state, step)
       summary.update(final_step=step, final_loss=log_state.loss, skipped_steps=log_state.bad_total)
     finally:
+      monitor.close()
       mngr.wait_until_finished()
       mngr.close()
       writer.close()
@@ -387,7 +394,7 @@ class Trainer:
       log_state.add(step, m, loss, c.max_bad_steps)
       writer.step_loss(step, loss)
 
-  def _log_window(self, step, log_state, writer, summary, skipped_records):
+  def _log_window(self, step, log_state, writer, summary, skipped_records, monitor=None):
     c = self.config
     dt = time.perf_counter() - log_state.t_last
     scalars = {k: float(v) for k, v in log_state.metrics.items() if k not in ("tokens", "samples", "stop")}
@@ -395,11 +402,14 @@ class Trainer:
     scalars.update(tokens_per_s=log_state.tokens / dt, samples_per_s=log_state.samples / dt,
                    loss_window_mean=float(np.mean(log_state.window)), skipped_steps=log_state.bad_total,
                    input_skipped_records=skipped_records)
+    perf = {} if monitor is None else monitor.window(steps=len(log_state.window), seconds=dt,
+                                                     tokens=log_state.tokens, step=step)
+    scalars.update({f"perf/{k}": v for k, v in perf.items()})
     writer.scalars(step, scalars)
     log.info("step %d/%d loss %.4f (mean of last %d: %.4f) lr %.2e grad_norm %.3f %.0f tokens/s "
-             "%.1f samples/s", step, c.total_steps, log_state.loss, len(log_state.window),
+             "%.1f samples/s%s", step, c.total_steps, log_state.loss, len(log_state.window),
              scalars["loss_window_mean"], scalars["lr"], scalars["grad_norm"], scalars["tokens_per_s"],
-             scalars["samples_per_s"])
+             scalars["samples_per_s"], "; " + observability.describe(perf) if perf else "")
     summary.setdefault("first_window_mean_loss", scalars["loss_window_mean"])
     summary["last_window_mean_loss"] = scalars["loss_window_mean"]
     log_state.reset()
@@ -469,10 +479,12 @@ class MetricsWriter:
   with a remote workdir metrics.jsonl is kept in a local copy (the bucket's, when resuming) and
   uploaded whole at each scalars() call and at close()."""
 
-  def __init__(self, workdir: str, enabled: bool = True):
-    self.enabled = enabled
+  def __init__(self, workdir: str, enabled: bool = True, config=None):
+    self.enabled, self.wandb = enabled, None
     if not enabled:
       return
+    if config is not None:
+      self.wandb = observability.start_wandb(config, workdir)
     from tensorboardX import SummaryWriter  # imported lazily: only process 0 writes
     self.tb = SummaryWriter(pathio.join(workdir, "tensorboard"))
     self.remote = pathio.join(workdir, "metrics.jsonl") if pathio.is_remote(workdir) else None
@@ -494,6 +506,8 @@ class MetricsWriter:
       return
     for k, v in scalars.items():
       self.tb.add_scalar(k, v, step)
+    if self.wandb is not None:
+      self.wandb.log(scalars, step=step)
     self.jsonl.write(json.dumps(dict(scalars, step=step)) + "\n")
     self.jsonl.flush()
     self._sync()
@@ -509,3 +523,5 @@ class MetricsWriter:
       self._sync()
       if self.remote:
         self._tmp.cleanup()
+      if self.wandb is not None:
+        self.wandb.finish()
