@@ -2,6 +2,7 @@
 import ast
 import pathlib
 import re
+import tomllib
 
 import pytest
 
@@ -144,3 +145,17 @@ def test_no_import_time_environment_changes():
       if isinstance(node, (ast.Assign, ast.Expr)) and "os.environ" in ast.unparse(node):
         offenders.append(f"{name}: {ast.unparse(node)[:80]}")
   assert not offenders
+
+
+def test_console_scripts_point_at_functions():
+  """Every `[project.scripts]` entry names a module-level function of a module in the tree."""
+  scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+  missing = []
+  for script, target in scripts.items():
+    module, func = target.split(":")
+    path = MODULES.get(module)
+    defined = path is not None and any(isinstance(n, ast.FunctionDef) and n.name == func
+                                       for n in ast.parse(path.read_text()).body)
+    if not defined:
+      missing.append(f"{script} -> {target}")
+  assert scripts and not missing
