@@ -281,6 +281,10 @@ def build_parser():
                   help="source: the video's own codec signals over each sampling interval; "
                   "reencode: a P-only encode of the sampled frames alone (GOP 16, crf 23, "
                   "keyframes zeroed), as the published pipeline scores")
+  ap.add_argument("--dense_frames", type=int, default=d.dense_frames,
+                  help="also store D whole sampled frames (one per each of D equal bins, seeded) "
+                  "for the training input's dense-frame and collage branches (input.branches); "
+                  "0 = none; each costs H*W patches of storage")
   ap.add_argument("--no_static_fallback", dest="static_fallback", action="store_false",
                   help="always use top-K, even on static videos")
   ap.add_argument("--static_threshold", type=float, default=d.static_threshold,

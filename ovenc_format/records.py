@@ -8,8 +8,8 @@ import numpy as np
 
 # Bumped whenever a field is added, removed or changes meaning. decode_record reads every version
 # in READ_VERSIONS (older ones get the defaults of the fields they lack) and refuses newer ones.
-FORMAT_VERSION = 2
-READ_VERSIONS = (1, 2)
+FORMAT_VERSION = 3
+READ_VERSIONS = (1, 2, 3)
 
 SHARD_PATTERN = "data-*-of-*.array_record"
 _SHARD_RE = re.compile(r"^data-(\d{5})-of-(\d{5})\.array_record$")
@@ -24,6 +24,11 @@ FIELDS = ("patches", "positions", "grid", "frame_types", "source", "sample_id", 
 # Added by format 2; a record (or v1 payload) without them gets these defaults: frame indices -1
 # (unknown), timestamps NaN, fps 0 (unknown), codec "" (unknown), every patch score 0 (unranked).
 V2_FIELDS = ("frame_indices", "timestamps", "fps", "codec", "scores")
+# Added by format 3: whole sampled frames stored beside the kept patches (codec_patchify
+# --dense_frames), read by the dense-frame and collage branches of the training input. dense_t [D]:
+# their t, strictly increasing; dense_patches [D*H*W, p, p, 3]: every patch of each, in (t, h, w)
+# order. Default: none (D = 0). A record without them is written as format 2, byte for byte as before.
+V3_FIELDS = ("dense_t", "dense_patches")
 _INT32 = np.iinfo(np.int32)
 _MAX_ID = 2**63 - 1
 
@@ -70,9 +75,9 @@ def validate_record(rec: dict) -> dict:
   missing = [f for f in FIELDS if f not in rec]
   if missing:
     raise ValueError(f"record is missing field(s) {missing}")
-  extra = sorted(set(rec) - set(FIELDS) - set(V2_FIELDS))
+  extra = sorted(set(rec) - set(FIELDS) - set(V2_FIELDS) - set(V3_FIELDS))
   if extra:
-    raise ValueError(f"record has unknown field(s) {extra}; known: {list(FIELDS + V2_FIELDS)}")
+    raise ValueError(f"record has unknown field(s) {extra}; known: {list(FIELDS + V2_FIELDS + V3_FIELDS)}")
 
   grid = _int_array(rec, "grid", 1)
   if grid.shape != (3,) or (grid < 1).any():
@@ -132,7 +137,27 @@ def validate_record(rec: dict) -> dict:
              source=source, sample_id=int(sample_id), labels=labels, signal=signal,
              class_label=int(class_label))
   out.update(_validate_v2(rec, int(grid[0]), k))
+  out.update(_validate_v3(rec, grid, patches.shape[1]))
   return out
+
+
+def _validate_v3(rec, grid, p):
+  """The format-3 fields of `rec` (no dense frames where absent), checked against the grid."""
+  dense_t = rec.get("dense_t")
+  dense_t = np.zeros(0, np.int32) if dense_t is None else _int_array(rec, "dense_t", 1)
+  d = dense_t.size
+  if d and ((dense_t < 0).any() or (dense_t >= grid[0]).any() or (np.diff(dense_t) <= 0).any()):
+    raise ValueError(f"field 'dense_t': expected strictly increasing frame indices in [0, T={grid[0]}), "
+                     f"got {dense_t.tolist()}")
+  dense = rec.get("dense_patches")
+  want = (d * int(grid[1]) * int(grid[2]), p, p, 3)
+  if dense is None and not d:
+    dense = np.zeros(want, np.uint8)
+  if not isinstance(dense, np.ndarray) or dense.dtype != np.uint8 or dense.shape != want:
+    raise ValueError(f"field 'dense_patches': expected a uint8 array of shape {list(want)} "
+                     f"(every patch of the {d} frames of dense_t), got "
+                     f"{getattr(dense, 'dtype', type(dense).__name__)} {getattr(dense, 'shape', '')}")
+  return dict(dense_t=dense_t, dense_patches=dense)
 
 
 def _validate_v2(rec, t_len, k):
@@ -167,10 +192,15 @@ def _validate_v2(rec, t_len, k):
 
 
 def encode_record(rec: dict) -> bytes:
-  """Validates a record and packs it (format 2) with msgpack, arrays as little-endian raw bytes."""
+  """Validates a record and packs it with msgpack, arrays as little-endian raw bytes: format 3 when
+  it holds dense frames, else format 2 (readable by older checkouts)."""
   r = validate_record(rec)
+  dense = {}
+  if r["dense_t"].size:
+    dense = {"dense_t": r["dense_t"].astype("<i4").tobytes(),
+             "dense_patches": np.ascontiguousarray(r["dense_patches"]).tobytes()}
   return msgpack.packb({
-      "v": FORMAT_VERSION,
+      "v": 3 if dense else 2,
       "patch_size": int(r["patches"].shape[1]),
       "patches": np.ascontiguousarray(r["patches"]).tobytes(),
       "positions": r["positions"].astype("<i4").tobytes(),
@@ -186,13 +216,14 @@ def encode_record(rec: dict) -> bytes:
       "fps": r["fps"],
       "codec": r["codec"],
       "scores": r["scores"].astype("<f2").tobytes(),
+      **dense,
   }, use_bin_type=True)
 
 
 # Raw-byte arrays of the payload: name -> (numpy dtype, format versions that carry it).
-_RAW_ARRAYS = {"patches": ("u1", (1, 2)), "positions": ("<i4", (1, 2)), "labels": ("<i4", (1, 2)),
-               "frame_indices": ("<i4", (2,)), "timestamps": ("<f8", (2,)),
-               "scores": ("<f2", (2,))}
+_RAW_ARRAYS = {"patches": ("u1", (1, 2, 3)), "positions": ("<i4", (1, 2, 3)), "labels": ("<i4", (1, 2, 3)),
+               "frame_indices": ("<i4", (2, 3)), "timestamps": ("<f8", (2, 3)),
+               "scores": ("<f2", (2, 3)), "dense_t": ("<i4", (3,)), "dense_patches": ("u1", (3,))}
 
 
 def decode_record(data: bytes) -> dict:
@@ -211,7 +242,8 @@ def decode_record(data: bytes) -> dict:
     raise ValueError(f"field 'v' (format version): got {version!r}, this reader reads "
                      f"{list(READ_VERSIONS)}" + ("; the shard was written by a newer "
                                                  "data_prep: update this checkout" if newer else ""))
-  want = {"v", "patch_size"} | set(FIELDS) | (set(V2_FIELDS) if version >= 2 else set())
+  want = ({"v", "patch_size"} | set(FIELDS) | (set(V2_FIELDS) if version >= 2 else set())
+          | (set(V3_FIELDS) if version >= 3 else set()))
   if set(raw) != want:
     raise ValueError(f"decode_record: fields {sorted(set(raw) ^ want)} missing or unknown "
                      f"(format {version})")
@@ -250,6 +282,13 @@ def decode_record(data: bytes) -> dict:
     rec.update(frame_indices=arrays["frame_indices"].astype(np.int32),
                timestamps=arrays["timestamps"].astype(np.float64),
                fps=raw["fps"], codec=raw["codec"], scores=arrays["scores"].astype(np.float16))
+  if version >= 3:
+    dense_t = arrays["dense_t"].astype(np.int32)
+    n = dense_t.size * p * p * 3 * int(np.prod(rec["grid"][1:]))
+    if arrays["dense_patches"].size != n:
+      raise ValueError(f"field 'dense_patches': {arrays['dense_patches'].size} bytes, expected "
+                       f"D*H*W*p*p*3 = {n}")
+    rec.update(dense_t=dense_t, dense_patches=arrays["dense_patches"].reshape(-1, p, p, 3).copy())
   return validate_record(rec)
 
 

@@ -1,5 +1,7 @@
 """One file -> one record (data_prep.codec.clip): kept patches, exact pixels and K, images, bad
 files, and the selection rule a record follows and names."""
+import dataclasses
+
 import av
 import numpy as np
 import pytest
@@ -120,3 +122,26 @@ def test_patchify_records_follow_the_rule_and_carry_its_name(clips):
   a, b = (clip.patchify_file(p, cfg)["positions"] for p in paths[:2])
   assert not np.array_equal(a, b)
   np.testing.assert_array_equal(a, clip.patchify_file(paths[0], cfg)["positions"])
+
+
+def test_dense_frames_store_whole_sampled_frames(square_clip):
+  path = square_clip[0]
+  cfg = config.PatchifyConfig(budget=0.125, num_frames=16, image_size=S, patch_size=P,
+                              dense_frames=4).validate()
+  rec = clip.patchify_file(path, cfg)
+  dense_t = rec["dense_t"]
+  # One frame from each bin of 4 sampled frames, the same on a second run.
+  np.testing.assert_array_equal(dense_t // 4, np.arange(4))
+  np.testing.assert_array_equal(clip.patchify_file(path, cfg)["dense_t"], dense_t)
+  assert rec["dense_patches"].shape == (4 * G * G, P, P, 3)
+  frames, idx = codec_clips.decode_rgb(path), selection.sample_indices(16, 16)
+  for j, t in enumerate(dense_t):
+    want = frames[idx[t]].reshape(G, P, G, P, 3).transpose(0, 2, 1, 3, 4).reshape(G * G, P, P, 3)
+    np.testing.assert_array_equal(rec["dense_patches"][j * G * G:(j + 1) * G * G], want)
+  # The kept patches do not change, and the record round-trips as format 3.
+  plain = clip.patchify_file(path, dataclasses.replace(cfg, dense_frames=0))
+  np.testing.assert_array_equal(plain["positions"], rec["positions"])
+  back = records.decode_record(records.encode_record(rec))
+  np.testing.assert_array_equal(back["dense_patches"], rec["dense_patches"])
+  with pytest.raises(ValueError, match="dense_frames=3.*divisor of num_frames=16"):
+    config.PatchifyConfig(num_frames=16, dense_frames=3).validate()

@@ -8,71 +8,8 @@ import pytest
 from ovenc_jax.loss import discrimination as loss_lib
 from ovenc_jax.loss.centers import init_centers, padded_num_classes
 from ovenc_jax.loss.defaults import default_loss_config
-from tests.helpers.loss_reference import BATCH_AXES, CLASS_AXES, mesh as _mesh
-
-
-def official_reference(emb, centers, labels, *, num_classes, scale, margin, thr, k, label_u, slot_u,
-                       n_shards, rate):
-  """The published recipe, written from its description in float64 NumPy, with hand-derived gradients.
-
-  A sample's slots are its k valid labels with the smallest label_u (all of them when L <= k). Slot
-  j is its own single-positive CosFace softmax: its positive y scores s*(cos_y - m); every other
-  class the slot's Partial-FC selection holds (the sample's other labels included) scores s*cos,
-  or s*0 when cos > thr (no gradient then). Selection of slot j on class shard i: the slot-j
-  positives of the whole batch that lie on the shard, filled up to ceil(rate * rows per shard)
-  with the shard's other real classes of highest slot_u[j][i] (all real classes when slot_u is
-  None). The loss is the mean of the per-(sample, slot) terms.
-  """
-  emb, centers = np.asarray(emb, np.float64), np.asarray(centers, np.float64)
-  labels = np.asarray(labels)
-  b, l = labels.shape
-  c_pad = centers.shape[0]
-  c_local = c_pad // n_shards
-  valid = (labels >= 0) & (labels < num_classes)
-  if l <= k:
-    slots = np.where(valid, labels, -1)
-  else:
-    order = np.argsort(np.where(valid, label_u, 2.0), axis=1, kind="stable")[:, :k]
-    slots = np.where(np.take_along_axis(valid, order, 1), np.take_along_axis(labels, order, 1), -1)
-
-  e_norm = np.linalg.norm(emb, axis=1, keepdims=True)
-  c_norm = np.linalg.norm(centers[:num_classes], axis=1, keepdims=True)
-  eh, ch = emb / e_norm, centers[:num_classes] / c_norm
-  cos = eh @ ch.T                                                             # [B, C]
-  n_terms = int((slots >= 0).sum())
-  total, g_cos = 0.0, np.zeros_like(cos)                                      # g_cos = dL/dcos
-  for j in range(slots.shape[1]):
-    y = slots[:, j]
-    selected = np.zeros(num_classes, bool)
-    for i in range(n_shards):
-      rows = np.arange(i * c_local, min((i + 1) * c_local, num_classes))
-      positives = np.intersect1d(y[y >= 0], rows)
-      selected[positives] = True
-      if slot_u is None:
-        selected[rows] = True
-        continue
-      want = math.ceil(rate * c_local) - positives.size
-      others = rows[~np.isin(rows, positives)]
-      if want > 0:
-        selected[others[np.argsort(-slot_u[j][i][others - i * c_local], kind="stable")[:want]]] = True
-    for r in np.nonzero(y >= 0)[0]:
-      cols = np.nonzero(selected)[0]
-      cols = cols[cols != y[r]]
-      filtered = np.zeros(cols.size, bool) if thr is None else cos[r, cols] > thr
-      logits = np.concatenate([[scale * (cos[r, y[r]] - margin)],
-                               np.where(filtered, 0.0, scale * cos[r, cols])])
-      mx = logits.max()
-      p = np.exp(logits - mx)
-      p /= p.sum()
-      total += mx + np.log(np.exp(logits - mx).sum()) - logits[0]
-      # d(term)/dlogit = p - onehot(positive); dlogit/dcos = s, or 0 for a filtered class.
-      g_cos[r, y[r]] += scale * (p[0] - 1.0) / n_terms
-      g_cos[r, cols] += np.where(filtered, 0.0, scale * p[1:]) / n_terms
-  g_eh, g_ch = g_cos @ ch, g_cos.T @ eh
-  g_emb = (g_eh - np.sum(g_eh * eh, axis=1, keepdims=True) * eh) / e_norm
-  g_c = np.zeros_like(centers)
-  g_c[:num_classes] = (g_ch - np.sum(g_ch * ch, axis=1, keepdims=True) * ch) / c_norm
-  return total / n_terms, g_emb, g_c, n_terms
+from tests.helpers.loss_reference import BATCH_AXES, CLASS_AXES, mesh as _mesh, official_reference
+from tests.helpers.loss_reference import official_uniforms as _uniforms
 
 
 def _problem(num_classes, b=16, d=32, num_labels=10, seed=0):
@@ -98,17 +35,6 @@ def _cfg(num_classes, **kw):
   cfg.recipe = "official"
   cfg.update(kw)
   return cfg
-
-
-def _uniforms(rng, b, l, k, n_shards, c_local, sampled):
-  """The documented sampling stream (make_loss_fn's docstring), drawn here for the reference."""
-  k_lab, k_pfc = jax.random.split(rng)
-  label_u = np.asarray(jax.random.uniform(k_lab, (b, l)))
-  if not sampled:
-    return label_u, None
-  slot_u = [[np.asarray(jax.random.uniform(jax.random.fold_in(jax.random.fold_in(k_pfc, j), i), (c_local,)))
-             for i in range(n_shards)] for j in range(k)]
-  return label_u, slot_u
 
 
 @pytest.mark.parametrize("num_classes,rate,thr,scale,mask", [
@@ -207,3 +133,111 @@ def test_official_preset_config_clipping_and_init():
   ctr = np.asarray(init_centers(jax.random.key(0), 1000, 256, 8, std=0.01))
   np.testing.assert_allclose(ctr.std(), 0.01, rtol=0.02)
   assert abs(ctr.mean()) < 1e-4
+
+
+def _branch_batch(rng, num_image, num_video):
+  """12 one-sample rows as the input pipeline forms them: stills of the image head, and clips of
+  the video head (ids shifted by its offset) through the codec, frames and collage branches. Each
+  half of the rows (the trainer's two microbatches: rows p::2) holds the three branches."""
+  from ovenc_jax.input import branches, features, packing
+  kinds = ["image", "image", branches.CODEC, branches.FRAMES, branches.COLLAGE, branches.CODEC,
+           "image", "image", branches.CODEC, branches.FRAMES, branches.COLLAGE, branches.FRAMES]
+  kinds = [kinds[i // 2 + 6 * (i % 2)] for i in range(12)]  # row r in microbatch r % 2
+  rows = []
+  for r, kind in enumerate(kinds):
+    still = kind == "image"
+    grid = (1, 8, 8) if still else (8, 4, 4)
+    flat = np.sort(rng.choice(int(np.prod(grid)), 64, replace=False))
+    rec = dict(patches=rng.integers(0, 256, (64, 14, 14, 3), dtype=np.uint8),
+               positions=np.stack(np.unravel_index(flat, grid), -1).astype(np.int32),
+               grid=np.array(grid), frame_types="I" * grid[0], source=f"s{r}", sample_id=r,
+               labels=(rng.choice(num_image, 3, replace=False) if still
+                       else num_image + rng.choice(num_video, 3, replace=False)).astype(np.int32),
+               signal="image" if still else "mv", class_label=-1, frame_indices=np.arange(grid[0]),
+               scores=np.zeros(64, np.float16), dense_t=np.arange(0 if still else 8, dtype=np.int32),
+               dense_patches=rng.integers(0, 256, (0 if still else 128, 14, 14, 3), dtype=np.uint8))
+    if not still:
+      rec["branch"] = kind
+    f = features.sample_features(rec, np.random.default_rng(r), patch_size=14, tokens_per_row=64,
+                                 max_labels=3, hflip=False, branch_frames=4)
+    rows.append(packing.pad_row(f, 64))
+  return {k: np.stack([row[k] for row in rows]) for k in rows[0]}, kinds
+
+
+@pytest.mark.slow
+def test_official_steps_match_the_published_step_transcription(tmp_path):
+  """recipe=official with two heads (loss weights, a per-head center lr, Partial FC on one), two
+  accumulated passes and per-head per-shard clipping, against published_step in float64: the loss
+  at step 0 and after optimizer steps on the same batch, and the centers after each step (AdamW on
+  the published lr curve). The embeddings come from this project's encoder at each step's weights,
+  computed per branch and placed back by row as the published step does."""
+  from ovenc_jax.configs import pretrain
+  from ovenc_jax.input import branches
+  from ovenc_jax.train.trainer import Trainer
+  from tests.helpers import loss_reference as ref
+
+  num_image, num_video, passes, steps = 40, 300, 2, 3
+  c = pretrain.get_config("variant=tiny,recipe=official")
+  c.input.update(tokens_per_row=64, max_segments=1, pack=False, global_batch_size=12, max_labels=3)
+  c.loss.update(scale=8.0, margin=0.3, fn_threshold=0.1, labels_per_step=8)
+  c.loss.heads = [dict(name="image", num_classes=num_image, weight=1.0, sample_rate=1.0),
+                  dict(name="video", num_classes=num_video, weight=0.5, sample_rate=0.1, centers_lr_mult=2.0)]
+  # clip_norm small enough that every head's shards are clipped; eps 1e-5 instead of 1e-8 bounds how
+  # far Adam's g / (|g| + eps) can move for an entry whose gradient is near float32 rounding.
+  c.optim.update(lr=1e-2, schedule="polynomial_as_run", warmup_steps=1, grad_accum_steps=passes, clip_norm=0.05,
+                 eps=1e-5)
+  c.total_steps = 6
+  trainer = Trainer(c, str(tmp_path), devices=jax.devices()[:2])
+  shards = 2  # the centers' rows are split over both devices
+  batch, kinds = _branch_batch(np.random.default_rng(0), num_image, num_video)
+  state = trainer.init_state(0)
+  heads = [dict(weight=1.0, num_classes=num_image, rate=1.0, lr_mult=1.0),
+           dict(weight=0.5, num_classes=num_video, rate=0.1, lr_mult=2.0)]
+  for h in heads:
+    h.update(scale=8.0, margin=0.3, thr=0.1, k=8, n_shards=shards)
+  names = ("image", "video")
+  centers = [np.asarray(state["params"]["centers"][n], np.float64) for n in names]
+  adam = [None, None]
+  lrs = ref.published_lr(1e-2, 1, 6, steps)
+
+  def embed(enc, rows):
+    # Each call padded to 3 rows (empty rows are their own segments), so it compiles once.
+    sub = {k: np.concatenate([batch[k][rows], np.zeros_like(batch[k][:3 - rows.size])])
+           for k in ("patches", "positions", "segment_ids")}
+    with jax.set_mesh(trainer.mesh):
+      return np.asarray(trainer._embed_fn(enc, sub), np.float64)[:rows.size]
+
+  for step in range(steps):
+    enc = jax.device_get(state["params"]["encoder"])
+    key = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), step)
+    embs, labels = [], []
+    for p in range(passes):
+      rows = np.arange(p, 12, passes)
+      # The published step: one backbone call for the stills, one for the codec and frames clips, one
+      # for the collages; each head's embeddings assembled by row.
+      full = np.zeros((rows.size, 128))
+      for group in (("image",), (branches.CODEC, branches.FRAMES), (branches.COLLAGE,)):
+        mine = np.array([kinds[r] in group for r in rows])
+        full[mine] = embed(enc, rows[mine])
+      lab = batch["labels"][rows, 0]
+      is_image = np.array([kinds[r] == "image" for r in rows])
+      embs.append([full[is_image], full[~is_image]])
+      labels.append([lab[is_image], lab[~is_image] - num_image])
+
+    def uniforms(p, h, key=key):
+      # The trainer's stream (step key, then the microbatch, then the bank) fixes the sampled
+      # negatives; with 3 labels and 8 slots a sample's labels are all used, so label_u is unused.
+      return ref.official_uniforms(jax.random.fold_in(jax.random.fold_in(key, p), h), 6, 3, 8, shards,
+                                   centers[h].shape[0] // shards, heads[h]["rate"] < 1)
+
+    want_loss, grads = ref.published_step(embs, centers, labels, heads, uniforms, passes=passes)
+    state, metrics = trainer.train_step(state, batch)
+    np.testing.assert_allclose(float(metrics["loss"]), want_loss, rtol=2e-5, err_msg=f"step {step}")
+    for h, head in enumerate(heads):
+      g = ref.clip_shards(grads[h], 0.05, shards)
+      centers[h], adam[h] = ref.adamw(centers[h], g, adam[h], lr=lrs[step] * head["lr_mult"], b1=0.9,
+                                      b2=0.999, eps=1e-5, weight_decay=0.05)
+      got = np.asarray(state["params"]["centers"][names[h]])
+      np.testing.assert_allclose(got, centers[h], rtol=0, atol=1e-3 * lrs[step] * head["lr_mult"],
+                                 err_msg=f"{names[h]} centers after step {step}")
+  assert abs(float(metrics["loss"]) - want_loss) < 1e-3 * want_loss

@@ -1,4 +1,5 @@
 """geometry=official: 64-frame clips at 224 px and 448 px stills, 2,048-token rows on the 64-slot timeline."""
+import jax
 import numpy as np
 import pytest
 
@@ -69,3 +70,43 @@ def test_print_config_geometry_official():
   assert cfg["input"]["tokens_per_row"] == 2048 and cfg["input"]["temporal_positions"] == "timeline64"
   assert cfg["input"]["geometry"] == {"image_size": 448, "num_frames": 64, "video_size": 224}
   assert cfg["model"]["patch_size"] == 14 and cfg["loss"]["recipe"] == "official"
+
+
+@pytest.mark.slow
+def test_official_geometry_end_to_end_on_64_frame_demo_clips(tmp_path):
+  """make_demo_data (64 frames, 224 px) -> codec_patchify --dense_frames 8 (Beam) -> two steps of the
+  tiny model at geometry=official with the three-branch batch (digit classes as labels here; the
+  documented command clusters the glyph teacher's embeddings instead)."""
+  import json
+  from data_prep import codec_patchify, make_demo_data
+  from ovenc_format import label_table
+  from ovenc_jax.input import pipeline
+  from ovenc_jax.train import trainer as train
+
+  make_demo_data.main(["--output_dir", str(tmp_path / "d"), "--num_clips", "4", "--num_images", "0",
+                       "--num_frames", "64", "--size", "224"])
+  rec_dir = str(tmp_path / "rec")
+  codec_patchify.run(["--input", str(tmp_path / "d" / "list.txt"), "--output_dir", rec_dir, "--num_frames",
+                      "64", "--image_size", "224", "--dense_frames", "8", "--decode_timeout", "0",
+                      "--class_labels", str(tmp_path / "d" / "class_labels.json")])
+  recs = list(records.read_all(rec_dir))
+  assert [r["grid"].tolist() for r in recs] == [[64, 16, 16]] * 4
+  assert all(r["positions"].shape == (2048, 3) and r["dense_t"].size == 8 for r in recs)
+  table = label_table.write_label_table(tmp_path / "labels.npz", [r["sample_id"] for r in recs],
+                                        [[r["class_label"]] for r in recs], num_classes=10)
+  c = pretrain.get_config(f"variant=tiny,recipe=official,geometry=official,branches=0.5/0.25,data={rec_dir}")
+  c.input.update(global_batch_size=4, label_table=table, max_labels=1)
+  c.loss.update(num_classes=10, labels_per_step=1)
+  c.update(total_steps=2, log_every=1, eval_every=0, ckpt_every=2)
+  # The rows of a step: 2 codec clips, 1 of 8 whole frames (t in 0..63), 1 collage of 8 x 16 x 16.
+  batch = next(pipeline.make_train_iterator(c.input, process_index=0, process_count=1))
+  assert (batch["segment_ids"] == 1).all()
+  pos = batch["positions"]
+  collage = [r for r in range(4) if pos[r, :, 1].max() == 127]
+  frames = [r for r in range(4) if r not in collage and len(np.unique(pos[r, :, 0])) == 8
+            and (np.bincount(pos[r, :, 0] // 8, minlength=8) == 256).all()]
+  assert len(collage) == 1 and (pos[collage[0], :, 0] == 0).all() and len(frames) == 1
+  summary = train.Trainer(c, str(tmp_path / "train"), devices=jax.devices()[:1]).run()
+  assert summary["final_step"] == 2 and np.isfinite(summary["final_loss"])
+  with open(tmp_path / "train" / "metrics.jsonl") as f:
+    assert [r["num_valid_labels"] for r in map(json.loads, f) if "num_valid_labels" in r] == [4.0] * 2

@@ -38,7 +38,7 @@ def test_sample_id_matches_independent_hash():
 def test_round_trip_exact():
   rec = _record()
   out = records.decode_record(records.encode_record(rec))
-  assert set(out) == set(records.FIELDS + records.V2_FIELDS)
+  assert set(out) == set(records.FIELDS + records.V2_FIELDS + records.V3_FIELDS)
   np.testing.assert_array_equal(out["patches"], rec["patches"])
   assert out["patches"].dtype == np.uint8 and out["patches"].flags.writeable
   np.testing.assert_array_equal(out["positions"], rec["positions"])
@@ -224,7 +224,7 @@ def _v1_payload(rec):
 def test_v2_round_trip():
   rec = _v2()
   data = records.encode_record(rec)
-  assert msgpack.unpackb(data)["v"] == 2 == records.FORMAT_VERSION
+  assert msgpack.unpackb(data)["v"] == 2  # no dense frames: format 2, as older checkouts read
   out = records.decode_record(data)
   np.testing.assert_array_equal(out["frame_indices"], [2, 9, 17])
   np.testing.assert_array_equal(out["timestamps"], [0.08, 0.36, 0.68])  # float64, exact
@@ -251,7 +251,7 @@ def test_v1_shard_reads_with_defaults():
 
 def test_future_and_unknown_versions_are_refused():
   raw = msgpack.unpackb(records.encode_record(_v2()))
-  for v, match in [(3, "newer data_prep"), (0, "reads \\[1, 2\\]"), ("2", "reads")]:
+  for v, match in [(4, "newer data_prep"), (0, "reads \\[1, 2, 3\\]"), ("2", "reads")]:
     with pytest.raises(ValueError, match=f"format version.*{match}"):
       records.decode_record(msgpack.packb(dict(raw, v=v), use_bin_type=True))
   # A v1 payload carrying v2 fields (or a v2 payload without them) is malformed.
@@ -289,3 +289,24 @@ def test_v2_raw_field_sizes_are_checked():
     bad = dict(raw, **{name: raw[name][:-1]})
     with pytest.raises(ValueError, match=f"'{name}'.*multiple of {size}"):
       records.decode_record(msgpack.packb(bad, use_bin_type=True))
+
+
+def test_v3_dense_frames_round_trip():
+  rec = _v2()
+  t, h, w = rec["grid"]
+  p = rec["patches"].shape[1]
+  dense = np.random.default_rng(3).integers(0, 256, (2 * h * w, p, p, 3), dtype=np.uint8)
+  data = records.encode_record(dict(rec, dense_t=np.array([0, 2], np.int32), dense_patches=dense))
+  assert msgpack.unpackb(data)["v"] == 3 == records.FORMAT_VERSION
+  out = records.decode_record(data)
+  np.testing.assert_array_equal(out["dense_t"], [0, 2])
+  np.testing.assert_array_equal(out["dense_patches"], dense)
+  np.testing.assert_array_equal(out["patches"], rec["patches"])
+  # Without dense frames the fields read back empty and the record stays format 2.
+  plain = records.decode_record(records.encode_record(rec))
+  assert plain["dense_t"].shape == (0,) and plain["dense_patches"].shape == (0, p, p, 3)
+  for bad, match in [(dict(dense_t=np.array([2, 0])), "dense_t.*strictly increasing"),
+                     (dict(dense_t=np.array([t])), "dense_t.*strictly increasing"),
+                     (dict(dense_t=np.array([1]), dense_patches=dense), "dense_patches.*shape")]:
+    with pytest.raises(ValueError, match=match):
+      records.encode_record(dict(dict(rec, dense_patches=dense[:h * w]), **bad))

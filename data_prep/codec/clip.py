@@ -20,6 +20,14 @@ def _patches_from(rgb: np.ndarray, hw: np.ndarray, p: int) -> np.ndarray:
   return tiles[hw[:, 0], hw[:, 1]]
 
 
+def dense_frame_choice(num_frames: int, dense_frames: int, seed) -> np.ndarray:
+  """t of the stored whole frames: one per each of `dense_frames` equal bins of the sampled frames,
+  at an offset drawn uniformly within the bin (seeded by the record's tie seed and sample id)."""
+  size = num_frames // dense_frames
+  rng = np.random.default_rng(np.random.SeedSequence([int(x) for x in np.atleast_1d(seed)] + [size]))
+  return (np.arange(dense_frames) * size + rng.integers(0, size, dense_frames)).astype(np.int32)
+
+
 def _decode_once(path, cfg, num_decoded, seed, free_between_samples):
   """_patchify_video on a fresh open of path."""
   container = decode.open_video(path)
@@ -156,10 +164,20 @@ def _patchify_video(container, cfg, num_decoded, seed=0, free_between_samples=Fa
   positions, tokens = _select(scores, has_mvs, tokens, cfg, seed)
   k = positions.shape[0]
   patches = np.empty((k, p, p, 3), np.uint8)
+
+  def rgb_of(t):
+    return np.rot90(decode.to_rgb(held[int(idx[t])], s, cfg.resize_interpolation), rot_k)
+
   for t in np.unique(positions[:, 0]):
     rows = np.flatnonzero(positions[:, 0] == t)
-    rgb = np.rot90(decode.to_rgb(held[int(idx[t])], s, cfg.resize_interpolation), rot_k)
-    patches[rows] = _patches_from(rgb, positions[rows, 1:], p)
+    patches[rows] = _patches_from(rgb_of(t), positions[rows, 1:], p)
+  dense = {}
+  if cfg.dense_frames:
+    g = cfg.grid_side
+    every = selection.unravel_positions(np.arange(g * g), (1, g, g))[:, 1:]
+    dense_t = dense_frame_choice(len(idx), cfg.dense_frames, seed)
+    dense = dict(dense_t=dense_t, dense_patches=np.concatenate([_patches_from(rgb_of(t), every, p)
+                                                                for t in dense_t]))
   frames = [held[int(i)] for i in idx]
   patch_scores = scores[positions[:, 0], positions[:, 1], positions[:, 2]]
   if cfg.keep_first_frame and "static_fallback" not in tokens:
@@ -169,7 +187,7 @@ def _patchify_video(container, cfg, num_decoded, seed=0, free_between_samples=Fa
               signal=records.canonical_signal(tokens), scores=scores,
               frame_indices=idx.astype(np.int32),
               timestamps=np.asarray([np.nan if f.time is None else f.time for f in frames]),
-              fps=fps, codec=codec, patch_scores=patch_scores), n + 1
+              fps=fps, codec=codec, patch_scores=patch_scores, **dense), n + 1
 
 
 def _image_saliency(luma: np.ndarray) -> np.ndarray:

@@ -65,6 +65,10 @@ class PatchifyConfig:
   max_mv_pixels: int = 64  # motion vectors are clipped to this many pixels when warping
   selector: str = CODEC  # selection rule for videos: one of SELECTORS
   score_on: str = "source"  # one of SCORE_ON
+  # Whole sampled frames stored beside the kept patches (records' dense_t/dense_patches) for the
+  # dense-frame and collage branches of training: one per each of D equal bins of the T frames,
+  # at a seeded offset; 0 = none, T = every frame.
+  dense_frames: int = 0
 
   @property
   def grid_side(self) -> int:
@@ -128,6 +132,9 @@ def _check_modes(cfg):
     _bad(cfg, "fusion", f"must be one of {FUSIONS}")
   if cfg.score_on not in SCORE_ON:
     _bad(cfg, "score_on", f"must be one of {SCORE_ON}")
+  if not _is_int(cfg.dense_frames) or cfg.dense_frames < 0 or (
+      cfg.dense_frames and cfg.num_frames % cfg.dense_frames):
+    _bad(cfg, "dense_frames", f"must be 0 or a divisor of num_frames={cfg.num_frames}")
 
 
 def _check_scoring(cfg):

@@ -97,6 +97,23 @@ def apply_geometry(config, name: str) -> None:
   config.eval.tokens_per_row = tokens
 
 
+def branch_split(arg: str, presets) -> dict:
+  """`branches=official` (a preset) or `branches=CODEC/FRAMES[/NUM_FRAMES]` (shares; collages the rest)."""
+  if arg in presets:
+    return dict(presets[arg])
+  parts = arg.split("/")
+  try:
+    codec, frames = float(parts[0]), float(parts[1])
+    num_frames = int(parts[2]) if len(parts) == 3 else 8
+    if len(parts) > 3:
+      raise ValueError
+  except (ValueError, IndexError):
+    raise ValueError(f"config arg branches={arg!r}: expected one of {sorted(presets)} or "
+                     f"CODEC/FRAMES[/NUM_FRAMES], e.g. 0.5/0.4/8") from None
+  return dict(codec=codec, frames=frames, collage=round(1 - codec - frames, 9), num_frames=num_frames,
+              period=0)
+
+
 def mesh_config(data=-1, fsdp=1, tensor=1) -> ml_collections.ConfigDict:
   """Mesh shape; -1 on one axis = fill with the remaining devices. dcn_<axis>: slices that axis spans
   (multi-slice TPU, or processes on platforms without slices); 1 everywhere = one slice."""

@@ -1,4 +1,4 @@
-"""Pretraining config: `ovenc_jax/configs/pretrain.py:variant=tiny[,runlocal][,data=SOURCES][,recipe=official][,pod=v5e-256][,geometry=official]`.
+"""Pretraining config: `ovenc_jax/configs/pretrain.py:variant=tiny[,runlocal][,data=SOURCES][,recipe=official][,pod=v5e-256][,geometry=official][,branches=official]`.
 
 SOURCES is one shard folder or glob, or a weighted mix `videos/:0.7+images/:0.3` (also as `sources=`).
 Built from plain values and the light defaults modules next to the code (none imports jax).
@@ -7,7 +7,7 @@ import ml_collections
 
 from ovenc_jax.configs import common
 from ovenc_jax.eval.defaults import ATTENTIVE_IN_TRAINING
-from ovenc_jax.input.defaults import default_input_config, parse_sources
+from ovenc_jax.input.defaults import BRANCH_SPLITS, default_input_config, parse_sources
 from ovenc_jax.loss.defaults import default_loss_config
 from ovenc_jax.model.defaults import model_config
 from ovenc_jax.train.defaults import default_optim_config
@@ -15,7 +15,7 @@ from ovenc_jax.train.defaults import default_optim_config
 
 def get_config(arg=None):
   a = common.parse_arg(arg, variant="tiny", runlocal=False, data="", sources="", eval_data="",
-                       recipe="default", pod="", geometry="")
+                       recipe="default", pod="", geometry="", branches="")
   if a.data and a.sources:
     raise ValueError("config args data= and sources= name the same thing; give one")
   c = ml_collections.ConfigDict()
@@ -65,6 +65,8 @@ def get_config(arg=None):
   RECIPE_PRESETS[a.recipe](c)
   if a.geometry:  # frames, token budget, timeline, patch and image sizes (input.defaults.GEOMETRIES)
     common.apply_geometry(c, a.geometry)
+  if a.branches:  # the three-branch video batch (input.branches; clips prepped with --dense_frames)
+    c.input.branches = common.branch_split(a.branches, BRANCH_SPLITS)
   if a.pod:  # mesh, batch, dtype, remat, attention for a pod shape (common.POD_PRESETS)
     common.apply_pod_preset(c, a.pod)
   return c

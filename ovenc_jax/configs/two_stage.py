@@ -2,7 +2,7 @@
 
 Stage 1 trains the image head alone; stage 2 starts from stage 1's last checkpoint (encoder and the
 image head's centers, through init_from), adds a fresh video head and trains both, their losses summed
-with per-head weights. Other args (variant, recipe, geometry, pod, runlocal) pass to pretrain.py;
+with per-head weights. Other args (variant, recipe, geometry, branches, pod, runlocal) pass to pretrain.py;
 recipe=official is the default here. Per-head keys: `--config.loss.heads` (banks.py's _BANK_KEYS).
 """
 from ovenc_jax.configs import common
@@ -13,7 +13,7 @@ STAGE2_LR, STAGE2_WARMUP_DIVISOR = 5e-5, 1000
 
 
 def get_config(arg=None):
-  a = common.parse_arg(arg, variant="tiny", runlocal=False, recipe="official", pod="", geometry="",
+  a = common.parse_arg(arg, variant="tiny", runlocal=False, recipe="official", pod="", geometry="", branches="",
                        stage=1, images="", videos="", init="", image_classes=0, video_classes=0,
                        image_weight=1.0, video_weight=1.0)
   if a.stage not in (1, 2):
@@ -21,7 +21,7 @@ def get_config(arg=None):
   if not a.images or (a.stage == 2 and not (a.videos and a.init)):
     raise ValueError("config args: stage 1 needs images=DIR, stage 2 images=DIR, videos=DIR and "
                      "init=STAGE1_WORKDIR")
-  passed = ",".join(f"{k}={a[k]}" for k in ("variant", "recipe", "pod", "geometry") if a[k])
+  passed = ",".join(f"{k}={a[k]}" for k in ("variant", "recipe", "pod", "geometry", "branches") if a[k])
   c = pretrain.get_config(passed + (",runlocal" if a.runlocal else "") + f",data={a.images}")
   for key in ("image_classes",) + (("video_classes",) if a.stage == 2 else ()):
     if not a[key] and not c.loss.num_classes:

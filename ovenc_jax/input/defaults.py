@@ -19,6 +19,13 @@ GEOMETRIES = {
                      tokens_per_row=2048, max_segments=2),
 }
 
+# `branches=NAME` config presets (input.branches): the published stage-2 split
+# (`--residual_ratio 0.5 --frame_sampling_ratio 0.4`, the rest collages) over 8 frames
+# (`--num_frames 8`); period 0 = one global batch.
+BRANCH_SPLITS = {
+    "official": dict(codec=0.5, frames=0.4, collage=0.1, num_frames=8, period=0),
+}
+
 
 def default_input_config() -> ml_collections.ConfigDict:
   """Input defaults; `sources` must be filled with at least one {"path", "weight"} before use."""
@@ -44,6 +51,11 @@ def default_input_config() -> ml_collections.ConfigDict:
       # None, or {"scale": [lo, hi], "ratio": [lo, hi], "hflip": bool}: stills get a random resized
       # crop back onto their grid and a flip, seeded per sample (augment.py; recipe=official sets it).
       image_augment=config_dict.placeholder(dict),
+      # None, or {"codec", "frames", "collage": shares summing to 1, "num_frames": F, "period": P}: clips
+      # split into three branches by their index in their source's stream, exactly per P of them
+      # (0 = input.global_batch_size): the kept tokens; F whole frames (records need
+      # codec_patchify --dense_frames); those F frames tiled into one image (branches.py).
+      branches=config_dict.placeholder(dict),
   ))
 
 

@@ -7,6 +7,7 @@ import numpy as np
 from ovenc_format import label_table as label_table_lib
 from ovenc_format import records
 from ovenc_jax.input import augment
+from ovenc_jax.input import branches as branches_lib
 from ovenc_jax.input.defaults import TIMELINE_FRAMES
 
 
@@ -71,7 +72,8 @@ def sample_features(record: Mapping[str, Any], rng: np.random.Generator, *, patc
                     max_tokens_per_sample: int | None = None,
                     temporal_positions: str = "sample_index",
                     geometry: Mapping[str, int] | None = None,
-                    image_augment: Mapping[str, Any] | None = None) -> dict[str, np.ndarray]:
+                    image_augment: Mapping[str, Any] | None = None,
+                    branch_frames: int | None = None) -> dict[str, np.ndarray]:
   """One decoded record -> truncated, optionally flipped, flattened token set and its row features.
 
   With `max_tokens_per_sample`, only that many tokens are kept: the highest `scores` of the record
@@ -83,6 +85,9 @@ def sample_features(record: Mapping[str, Any], rng: np.random.Generator, *, patc
   With `image_augment` ({"scale", "ratio", "hflip"}), a still (grid T = 1) is first cropped and
   resized back onto its grid (augment.crop_still) from a generator seeded by one draw of `rng`, and
   its "hflip" flips stills as `hflip` flips every sample.
+  With `branch_frames` F (input.branches), a clip the stream tagged for the frames or collage branch
+  is first replaced by F whole frames drawn from `rng` (branches.branch_record); those keep all
+  their tokens (no score cut) and are never cropped.
   """
   patches, positions = record["patches"], record["positions"]
   p = patches.shape[1]
@@ -90,6 +95,13 @@ def sample_features(record: Mapping[str, Any], rng: np.random.Generator, *, patc
     raise ValueError(f"record sample_id={record['sample_id']} (source {record['source']!r}): patch "
                      f"size {p} != input.patch_size={patch_size}")
   check_geometry(record, geometry, patch_size)
+  if branch_frames and int(record["grid"][0]) > 1 and record.get(branches_lib.FIELD, 0) != branches_lib.CODEC:
+    record = branches_lib.branch_record(record, branch_frames, rng)
+    patches, positions, image_augment, max_tokens_per_sample = record["patches"], record["positions"], None, None
+    if len(patches) > tokens_per_row:
+      raise ValueError(f"input.branches: the {branches_lib.NAMES[record[branches_lib.FIELD]]} branch of "
+                       f"record sample_id={record['sample_id']} gives {len(patches)} tokens, more than "
+                       f"input.tokens_per_row={tokens_per_row}")
   still = int(record["grid"][0]) == 1
   augment_still = still and image_augment is not None
   # The coin is drawn first and always, so a sample's flip does not depend on its length.

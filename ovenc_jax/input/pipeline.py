@@ -9,6 +9,7 @@ import grain
 import jax
 import numpy as np
 
+from ovenc_jax.input import branches as branches_lib
 from ovenc_jax.input import features as features_lib
 from ovenc_jax.input import packing
 from ovenc_jax.input import skipped
@@ -86,6 +87,8 @@ def _sample_stream(cfg, banks) -> grain.MapDataset:
     if not len(ds):
       raise ValueError(f"input.sources[{i}].path={src['path']}: the shards hold no records")
     parts.append(ds.shuffle(seed=_seed(cfg.seed, 1, i)).repeat(cfg.num_epochs))
+    if cfg.get("branches") is not None:  # by the index in this source's stream: exact per period
+      parts[-1] = parts[-1].map_with_index(branches_lib.tagger(cfg.branches, cfg.global_batch_size))
     if banks:
       tag = functools.partial(features_lib.tag_source, i)
       parts[-1] = parts[-1].map(functools.partial(skipped.unless_skipped, fn=tag))
@@ -108,7 +111,8 @@ def _decoder(cfg, banks, table):
   kw = dict(patch_size=int(cfg.patch_size), tokens_per_row=int(cfg.tokens_per_row),
             max_labels=int(cfg.max_labels), hflip=bool(cfg.hflip),
             max_tokens_per_sample=cfg.max_tokens_per_sample, temporal_positions=cfg.temporal_positions,
-            geometry=_geometry(cfg), image_augment=_image_augment(cfg))
+            geometry=_geometry(cfg), image_augment=_image_augment(cfg),
+            branch_frames=None if cfg.get("branches") is None else int(cfg.branches["num_frames"]))
   named = [i for i, src in enumerate(cfg.sources) if "bank" in src]
   if named and not banks:
     raise ValueError(f"input.sources[{named[0]}].bank is set, but loss.heads names no banks")

@@ -6,6 +6,7 @@ from typing import Mapping
 import numpy as np
 
 from ovenc_jax.input import augment
+from ovenc_jax.input import branches
 from ovenc_jax.input.defaults import TEMPORAL_POSITIONS, default_input_config, source_list
 
 
@@ -86,6 +87,7 @@ def validate_input_config(cfg, process_count: int = 1) -> None:
                      f"got {cfg.temporal_positions!r}")
   _validate_geometry(cfg)
   augment.validate(cfg.get("image_augment"))
+  branches.validate(cfg.get("branches"), cfg.global_batch_size)
   if cfg.global_batch_size % process_count:
     raise ValueError(f"input.global_batch_size={cfg.global_batch_size} is not divisible by the "
                      f"process count {process_count}")
