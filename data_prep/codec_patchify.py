@@ -22,6 +22,7 @@ from data_prep import patchify_output as output
 from data_prep.codec import clip, config
 from data_prep.codec.worker import DecodeWorker
 from ovenc_format import failures as failures_lib
+from ovenc_format import paths as pathio
 from ovenc_format import records
 
 log = logging.getLogger("codec_patchify")
@@ -69,6 +70,11 @@ def expand_inputs(specs) -> list:
     elif not output.is_url(spec) and os.path.isdir(spec):
       found = [os.path.join(root, name) for root, _, names in os.walk(spec) for name in names
                if os.path.splitext(name)[1].lower() in MEDIA_EXTENSIONS]
+      if not found:
+        raise ValueError(f"--input {spec!r}: the directory holds no media files")
+      out.extend(found)
+    elif output.is_url(spec) and pathio.is_dir(spec):  # a bucket "folder": the objects under it
+      found = [f for f in pathio.walk_files(spec) if os.path.splitext(f)[1].lower() in MEDIA_EXTENSIONS]
       if not found:
         raise ValueError(f"--input {spec!r}: the directory holds no media files")
       out.extend(found)
