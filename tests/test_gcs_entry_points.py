@@ -131,3 +131,29 @@ def test_evaluate_reads_and_writes_a_bucket(gcs_emulator, tmp_path, monkeypatch)
   assert [[r[k] for k in keys] for r in _comparable(again)] == [[r[k] for k in keys] for r in _comparable(local)]
   assert {n: gcs_emulator.generation("bkt", n) for n in generations} == generations
   assert not os.path.exists(tmp_path / "gs:")
+
+
+def test_video_labels_lists_and_writes_a_bucket(gcs_emulator, tmp_path, capsys):
+  from data_prep import codec_patchify, video_labels
+  for name in ("walk/a.mp4", "walk/deep/b.avi", "run/c.mp4", "run/notes.txt"):
+    (tmp_path / "empty").write_bytes(b"")
+    paths.upload(str(tmp_path / "empty"), f"gs://bkt/vl/train/{name}")
+  video_labels.main(["--folder", "gs://bkt/vl/train", "--output", "gs://bkt/vl/out_train"])
+  assert json.loads(gcs_emulator.read_object("bkt", "vl/out_train/classes.json")) == ["run", "walk"]
+  want = {"gs://bkt/vl/train/walk/a.mp4": 1, "gs://bkt/vl/train/walk/deep/b.avi": 1, "gs://bkt/vl/train/run/c.mp4": 0}
+  assert json.loads(gcs_emulator.read_object("bkt", "vl/out_train/class_labels.json")) == want
+  # What the codec job reads back: the list file and the labels, from the bucket.
+  assert codec_patchify.expand_inputs(["gs://bkt/vl/out_train/inputs.txt"]) == sorted(want)
+  assert codec_patchify.load_class_labels("gs://bkt/vl/out_train/class_labels.json") == want
+  # A CSV in the bucket: relative rows are under its folder; another split's classes.json from the bucket.
+  (tmp_path / "val.csv").write_text("path,label\nv/x.mp4,walk\ngs://other/y.mp4 run\n")
+  paths.upload(str(tmp_path / "val.csv"), "gs://bkt/vl/val.csv")
+  video_labels.main(["--csv", "gs://bkt/vl/val.csv", "--output", "gs://bkt/vl/out_val",
+                     "--classes", "gs://bkt/vl/out_train/classes.json"])
+  assert json.loads(gcs_emulator.read_object("bkt", "vl/out_val/class_labels.json")) == {
+      "gs://bkt/vl/v/x.mp4": 1, "gs://other/y.mp4": 0}
+  assert gcs_emulator.read_object("bkt", "vl/out_val/inputs.txt") == b"gs://bkt/vl/v/x.mp4\ngs://other/y.mp4\n"
+  _no_temp_objects(gcs_emulator, "vl/")
+  with pytest.raises(SystemExit):
+    video_labels.main(["--csv", "gs://bkt/vl/missing.csv", "--output", "gs://bkt/vl/o"])
+  assert "gs://bkt/vl/missing.csv" in capsys.readouterr().err
