@@ -130,6 +130,16 @@ def test_evaluate_reads_and_writes_a_bucket(gcs_emulator, tmp_path, monkeypatch)
   keys = ("probe", "top1", "top5", "train_clips", "val_clips", "frames", "tokens")
   assert [[r[k] for k in keys] for r in _comparable(again)] == [[r[k] for k in keys] for r in _comparable(local)]
   assert {n: gcs_emulator.generation("bkt", n) for n in generations} == generations
+  # An exported model folder in the bucket, against the same export on local disk.
+  from ovenc_jax.interop import export_torch
+  export_torch.main(["--workdir", str(tmp_path / "wd"), "--output", "gs://bkt/eval/export"])
+  export_torch.main(["--workdir", str(tmp_path / "wd"), "--output", str(tmp_path / "export")])
+  a = evaluate.main(["--model", "gs://bkt/eval/export", "--train", "gs://bkt/eval/train", "--val", "gs://bkt/eval/val",
+                     "--output", str(tmp_path / "out_export_remote")] + flags[:2] + flags[4:])
+  b = evaluate.main(["--model", str(tmp_path / "export"), "--train", train, "--val", val,
+                     "--output", str(tmp_path / "out_export_local")] + flags[:2] + flags[4:])
+  assert a[0]["temporal_positions"] == "timeline64"
+  assert [[r[k] for k in keys] for r in _comparable(a)] == [[r[k] for k in keys] for r in _comparable(b)]
   assert not os.path.exists(tmp_path / "gs:")
 
 
