@@ -22,7 +22,6 @@ from data_prep import patchify_output as output
 from data_prep.codec import clip, config
 from data_prep.codec.worker import DecodeWorker
 from ovenc_format import failures as failures_lib
-from ovenc_format import paths as pathio
 from ovenc_format import records
 
 log = logging.getLogger("codec_patchify")
@@ -73,8 +72,10 @@ def expand_inputs(specs) -> list:
       if not found:
         raise ValueError(f"--input {spec!r}: the directory holds no media files")
       out.extend(found)
-    elif output.is_url(spec) and pathio.is_dir(spec):  # a bucket "folder": the objects under it
-      found = [f for f in pathio.walk_files(spec) if os.path.splitext(f)[1].lower() in MEDIA_EXTENSIONS]
+    elif output.is_url(spec) and ext not in MEDIA_EXTENSIONS:  # a bucket "folder": the objects under it
+      pattern = FileSystems.join(spec.rstrip("/"), "**")
+      found = [m.path for r in FileSystems.match([pattern]) for m in r.metadata_list
+               if os.path.splitext(m.path)[1].lower() in MEDIA_EXTENSIONS]
       if not found:
         raise ValueError(f"--input {spec!r}: the directory holds no media files")
       out.extend(found)

@@ -44,7 +44,8 @@ def test_teacher_reads_and_writes_a_bucket_and_resumes_there(gcs_emulator, tmp_p
 
   flags = ["--frames", "3", "--per_frame_dim", "16", "--image_embedding", "frames", "--shard_size", "2",
            "--decode_workers", "0", "--batch_size", "4"]
-  teacher.main(["--input", "gs://bkt/media", "--model", "gs://bkt/models/clip", "--output_dir", "gs://bkt/teach"] + flags)
+  bucket_run = ["--input", "gs://bkt/media", "--model", "gs://bkt/models/clip", "--output_dir", "gs://bkt/teach"]
+  teacher.main(bucket_run + flags)
   teacher.main(["--input", str(media), "--model", model, "--output_dir", str(tmp_path / "teach")] + flags)
   local = sorted(os.listdir(tmp_path / "teach"))
   names = _no_temp_objects(gcs_emulator, "teach/")
@@ -53,7 +54,8 @@ def test_teacher_reads_and_writes_a_bucket_and_resumes_there(gcs_emulator, tmp_p
     name = f"embeddings-{i:05d}-of-00002.npy"
     assert gcs_emulator.read_object("bkt", f"teach/{name}") == (tmp_path / "teach" / name).read_bytes(), name
   x, ids = cluster.load_embeddings("gs://bkt/teach")
-  assert sorted(ids.tolist()) == sorted(records.sample_id_for(f"gs://bkt/media/{n}") for n in ("a.mp4", "b.mp4", "still.png"))
+  names_in = ("a.mp4", "b.mp4", "still.png")
+  assert sorted(ids.tolist()) == sorted(records.sample_id_for(f"gs://bkt/media/{n}") for n in names_in)
   fails = [json.loads(line) for line in gcs_emulator.read_object("bkt", "teach/failures.jsonl").decode().splitlines()]
   assert [f["path"] for f in fails] == ["gs://bkt/media/broken.mp4"]
   manifest = json.loads(gcs_emulator.read_object("bkt", "teach/teacher_manifest.json"))
@@ -64,7 +66,7 @@ def test_teacher_reads_and_writes_a_bucket_and_resumes_there(gcs_emulator, tmp_p
   redo = gcs_emulator.read_object("bkt", "teach/embeddings-00001-of-00002.npy")
   paths.remove("gs://bkt/teach/embeddings-00001-of-00002.npy")
   capsys.readouterr()
-  teacher.main(["--input", "gs://bkt/media", "--model", "gs://bkt/models/clip", "--output_dir", "gs://bkt/teach"] + flags)
+  teacher.main(bucket_run + flags)
   assert "(1 of 2 shards run)" in capsys.readouterr().out
   assert {n: gcs_emulator.generation("bkt", n) for n in kept} == kept
   assert gcs_emulator.read_object("bkt", "teach/embeddings-00001-of-00002.npy") == redo
@@ -167,3 +169,18 @@ def test_video_labels_lists_and_writes_a_bucket(gcs_emulator, tmp_path, capsys):
   with pytest.raises(SystemExit):
     video_labels.main(["--csv", "gs://bkt/vl/missing.csv", "--output", "gs://bkt/vl/o"])
   assert "gs://bkt/vl/missing.csv" in capsys.readouterr().err
+
+
+def test_missing_bucket_fails_at_start_naming_it(gcs_emulator, tmp_path, capsys):
+  from data_prep import teacher
+  from ovenc_jax import evaluate
+  with pytest.raises(SystemExit) as e:  # before the inputs are listed or the model is loaded
+    teacher.main(["--input", str(tmp_path / "x.mp4"), "--model", str(tmp_path / "none"),
+                  "--output_dir", "gs://nobkt/t"])
+  assert e.value.code == 2
+  assert "teacher: error: --output_dir gs://nobkt/t: bucket gs://nobkt does not exist" in capsys.readouterr().err
+  with pytest.raises(SystemExit) as e:
+    evaluate.main(["--model", str(tmp_path / "none"), "--train", "x", "--val", "y", "--output", "gs://nobkt/e"])
+  assert e.value.code == 2
+  assert "error: --output gs://nobkt/e: bucket gs://nobkt does not exist" in capsys.readouterr().err
+  assert not os.path.exists(tmp_path / "gs:")
