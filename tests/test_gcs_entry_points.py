@@ -61,12 +61,12 @@ def test_teacher_reads_and_writes_a_bucket_and_resumes_there(gcs_emulator, tmp_p
   manifest = json.loads(gcs_emulator.read_object("bkt", "teach/teacher_manifest.json"))
   assert manifest["complete"] and manifest["model"] == "gs://bkt/models/clip" and manifest["num_embeddings"] == 3
 
-  # Resume: only the shard whose embeddings are gone is run again; the other stays as it was.
+  # Resume (as a Beam job): only the shard whose embeddings are gone is run again; the other stays.
   kept = {n: gcs_emulator.generation("bkt", n) for n in names if "00000-of" in n}
   redo = gcs_emulator.read_object("bkt", "teach/embeddings-00001-of-00002.npy")
   paths.remove("gs://bkt/teach/embeddings-00001-of-00002.npy")
   capsys.readouterr()
-  teacher.main(bucket_run + flags)
+  teacher.main(bucket_run + flags + ["--mode", "beam"])
   assert "(1 of 2 shards run)" in capsys.readouterr().out
   assert {n: gcs_emulator.generation("bkt", n) for n in kept} == kept
   assert gcs_emulator.read_object("bkt", "teach/embeddings-00001-of-00002.npy") == redo
