@@ -72,6 +72,13 @@ def expand_inputs(specs) -> list:
       if not found:
         raise ValueError(f"--input {spec!r}: the directory holds no media files")
       out.extend(found)
+    elif output.is_url(spec) and ext not in MEDIA_EXTENSIONS:  # a bucket "folder": the objects under it
+      pattern = FileSystems.join(spec.rstrip("/"), "**")
+      found = [m.path for r in FileSystems.match([pattern]) for m in r.metadata_list
+               if os.path.splitext(m.path)[1].lower() in MEDIA_EXTENSIONS]
+      if not found:
+        raise ValueError(f"--input {spec!r}: the directory holds no media files")
+      out.extend(found)
     else:
       # A single path; a missing or broken one becomes a failures.jsonl row, not an abort.
       out.append(spec)

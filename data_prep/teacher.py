@@ -3,14 +3,15 @@ import argparse
 import concurrent.futures
 import contextlib
 import difflib
-import glob
 import hashlib
+import io
 import json
 import logging
 import multiprocessing
 import os
 import shutil
 import sys
+import tempfile
 import time
 import uuid
 
@@ -26,6 +27,7 @@ from data_prep import teacher_model as tm
 from data_prep.codec.config import is_image_path
 from ovenc_format import atomic_io
 from ovenc_format import failures as failures_lib
+from ovenc_format import paths as pathio
 from ovenc_format import progress as progress_lib
 from ovenc_format import records
 
@@ -40,9 +42,9 @@ _RESUME_KEYS = ("model", "frames", "per_frame_dim", "frame_rule", "image_embeddi
 def shard_files(output_dir: str, i: int, n: int) -> dict:
   """One shard's files; the ids file name is cluster.ids_path_for of the embeddings file name."""
   tag = f"{i:05d}-of-{n:05d}"
-  return dict(embeddings=os.path.join(output_dir, f"embeddings-{tag}.npy"),
-              sample_ids=os.path.join(output_dir, f"sample_ids-{tag}.npy"),
-              failures=os.path.join(output_dir, f"failures-{tag}.jsonl"))
+  return dict(embeddings=pathio.join(output_dir, f"embeddings-{tag}.npy"),
+              sample_ids=pathio.join(output_dir, f"sample_ids-{tag}.npy"),
+              failures=pathio.join(output_dir, f"failures-{tag}.jsonl"))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -53,7 +55,8 @@ def list_items(inputs, records_dir) -> list:
     items = []
     from array_record.python import array_record_module
     for path in records.list_shards(records_dir):
-      reader = array_record_module.ArrayRecordReader(path)
+      # Items keep the shard's own path (remote ones are staged once per host where they are read).
+      reader = array_record_module.ArrayRecordReader(pathio.stage(path))
       items += [("record", path, r) for r in range(reader.num_records())]
       reader.close()
     return items
@@ -134,7 +137,9 @@ def embed_shard(teacher, recipe, items, prepared, on_done=None):
 
 
 def write_shard(files: dict, rows, ids, fails, dim: int):
-  """Failures, ids, then embeddings last: the embeddings file marks the shard done."""
+  """Failures, ids, then embeddings last: the embeddings file marks the shard done. Each file is
+  written whole (atomic_io: temp then rename; on a bucket, a local file uploaded under a temp name,
+  then copied to its own), so a half-written shard never looks done."""
   failures_lib.write_report(files["failures"], fails)
   atomic_io.save_npy(files["sample_ids"], ids)
   emb = np.stack(rows).astype(np.float32) if rows else np.zeros((0, dim), np.float32)
@@ -204,8 +209,10 @@ class TeacherShardFn(beam.DoFn):
 
 def run_beam(settings, recipe, shards, output_dir, num_shards, beam_args, num_todo):
   """Beam job: one element per shard to do (DirectRunner by default; Dask, Dataflow, ...)."""
-  marks_dir = os.path.join(output_dir, f"{output.STAGING_PREFIX}teacher-{uuid.uuid4().hex}")
-  os.makedirs(marks_dir)
+  # Progress marks are appended one byte at a time: a local folder (a bucket cannot append).
+  marks_dir = (tempfile.mkdtemp(prefix=f"{output.STAGING_PREFIX}teacher-") if pathio.is_remote(output_dir)
+               else os.path.join(output_dir, f"{output.STAGING_PREFIX}teacher-{uuid.uuid4().hex}"))
+  os.makedirs(marks_dir, exist_ok=True)
   shard_items = dict(shards)
   on_dask = _is_dask(beam_args)
   if on_dask:
@@ -249,19 +256,17 @@ def _items_sha1(items) -> str:
 
 
 def prepare_output(output_dir, header, overwrite):
-  """Creates output_dir; refuses to resume shards made with other settings unless --overwrite."""
-  os.makedirs(output_dir, exist_ok=True)
-  path = os.path.join(output_dir, MANIFEST)
-  old = None
-  if os.path.exists(path):
-    with open(path) as f:
-      old = json.load(f)
-  stale = sorted(glob.glob(os.path.join(output_dir, "embeddings-*.npy"))
-                 + glob.glob(os.path.join(output_dir, "sample_ids-*.npy"))
-                 + glob.glob(os.path.join(output_dir, "failures-*.jsonl")))
+  """Creates output_dir (a folder or a gs:// prefix); refuses to resume shards made with other
+  settings unless --overwrite."""
+  pathio.makedirs(output_dir)
+  path = pathio.join(output_dir, MANIFEST)
+  old = json.loads(pathio.as_path(path).read_text()) if pathio.exists(path) else None
+  folder = pathio.as_path(output_dir)
+  stale = sorted(str(f) for pattern in ("embeddings-*.npy", "sample_ids-*.npy", "failures-*.jsonl")
+                 for f in folder.glob(pattern))
   if overwrite:
     for f in stale:
-      os.remove(f)
+      pathio.remove(f)
   elif old is not None:
     diff = [k for k in _RESUME_KEYS if old.get(k) != header.get(k)]
     if diff:
@@ -277,12 +282,12 @@ def finalize(output_dir, header, num_shards) -> dict:
   fails, n_rows = [], 0
   for i in range(num_shards):
     files = shard_files(output_dir, i, num_shards)
-    with open(files["failures"]) as f:
-      fails += [json.loads(line) for line in f if line.strip()]
-    n_rows += np.load(files["sample_ids"], mmap_mode="r").shape[0]
-  failures_lib.write_report(os.path.join(output_dir, FAILURES), fails)
+    text = pathio.as_path(files["failures"]).read_text()
+    fails += [json.loads(line) for line in text.splitlines() if line.strip()]
+    n_rows += np.load(io.BytesIO(pathio.as_path(files["sample_ids"]).read_bytes())).shape[0]
+  failures_lib.write_report(pathio.join(output_dir, FAILURES), fails)
   manifest = dict(header, complete=True, num_embeddings=n_rows, num_failures=len(fails))
-  atomic_io.save_json(os.path.join(output_dir, MANIFEST), manifest)
+  atomic_io.save_json(pathio.join(output_dir, MANIFEST), manifest)
   return manifest
 
 
@@ -304,8 +309,9 @@ def build_parser():
                    "(--selector dense); frames are rebuilt from the patches")
   ap.add_argument("--model", required=True,
                   help="transformers vision tower: a local folder or a hub id (CLIP, MetaCLIP, "
-                  "SigLIP, SigLIP2, DINOv2, ...) with its preprocessor_config.json")
-  ap.add_argument("--output_dir", required=True, help="local folder of the embedding shards")
+                  "SigLIP, SigLIP2, DINOv2, ...) with its preprocessor_config.json; a gs:// "
+                  "folder is staged once per host ($OVENC_CACHE_DIR)")
+  ap.add_argument("--output_dir", required=True, help="folder or gs:// prefix of the embedding shards")
   ap.add_argument("--frames", type=int, default=8, help="frames sampled per video")
   ap.add_argument("--per_frame_dim", type=int, default=512,
                   help="leading dims kept of each frame's embedding (0 = all)")
@@ -362,8 +368,7 @@ def run_parsed(args, beam_args) -> dict:
       raise ValueError(f"--{flag} must be >= 1, got {getattr(args, flag)}")
   if args.decode_workers < 0:
     raise ValueError(f"--decode_workers must be >= 0, got {args.decode_workers}")
-  if output.is_url(args.output_dir):
-    raise ValueError(f"--output_dir {args.output_dir}: a local folder (data_prep.cluster reads it)")
+  pathio.check_writable(args.output_dir, "--output_dir")
   items = list_items(args.input, args.records)
   if not items:
     raise ValueError("--input: no input paths")
@@ -394,7 +399,7 @@ def _run(args, beam_args, items, pool, start) -> dict:
                      f"dims with --image_embedding direct): pass --image_embedding frames for one "
                      f"space, or run images and videos into separate --output_dir")
   dim = recipe.out_dim = dims["image"] if kinds == {"image"} else dims["video"]
-  output_dir = os.path.abspath(args.output_dir)
+  output_dir = pathio.absolute(args.output_dir)
   num_shards = -(-len(items) // args.shard_size)
   header = dict(format="embeddings-*.npy + sample_ids-*.npy (data_prep.cluster --embeddings)",
                 created_by="data_prep.teacher", model=args.model, model_type=teacher.model_type,
@@ -405,7 +410,7 @@ def _run(args, beam_args, items, pool, start) -> dict:
   prepare_output(output_dir, header, args.overwrite)
   shards = [(i, items[i * args.shard_size:(i + 1) * args.shard_size]) for i in range(num_shards)]
   todo = [(i, its) for i, its in shards
-          if not os.path.exists(shard_files(output_dir, i, num_shards)["embeddings"])]
+          if not pathio.exists(shard_files(output_dir, i, num_shards)["embeddings"])]
   num_todo = sum(len(its) for _, its in todo)
   log.info("teacher %s (%s): %d inputs, %d of %d shards to do -> %s", args.model,
            teacher.model_type, len(items), len(todo), num_shards, output_dir)
@@ -434,7 +439,7 @@ def main(argv=None):
     args, beam_args = parse_args(argv)
     manifest = run_parsed(args, beam_args)
     failures_lib.check(manifest["num_failures"], manifest["num_items"], args.max_failure_fraction,
-                       os.path.join(args.output_dir, FAILURES), "inputs",
+                       pathio.join(args.output_dir, FAILURES), "inputs",
                        num_written=manifest["num_embeddings"])
   except ValueError as e:
     print(f"teacher: error: {e}", file=sys.stderr)

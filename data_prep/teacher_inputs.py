@@ -1,16 +1,14 @@
 """Teacher inputs in the decode workers: videos, images and dense records -> sampled frames -> processor arrays."""
 import os
+import tempfile
 
 import numpy as np
 
 from data_prep import teacher_model as tm
 from data_prep.codec import decode
 from data_prep.codec.config import InputError, is_image_path
+from ovenc_format import paths as pathio
 from ovenc_format import records
-
-
-def _is_url(path: str) -> bool:
-  return "://" in path  # as patchify_output.is_url; that module imports Beam, too slow for a worker
 
 
 def item_name(item) -> str:
@@ -63,9 +61,10 @@ def decode_image(path: str) -> np.ndarray:
 
 
 def record_frames(path: str, row: int, frames: int, rule: str):
-  """(sample_id, frames) of a dense record (every patch kept, e.g. --selector dense)."""
+  """(sample_id, frames) of a dense record (every patch kept, e.g. --selector dense); a remote
+  shard is read from its copy in this host's staging cache."""
   from array_record.python import array_record_module
-  reader = array_record_module.ArrayRecordReader(path)
+  reader = array_record_module.ArrayRecordReader(pathio.stage(path))
   try:
     rec = records.decode_record(reader.read([row])[0])
   finally:
@@ -90,14 +89,16 @@ def load_item(item, frames: int, rule: str):
     return sid, "video", fr
   path = item[1]
   local = path
-  if _is_url(path):
+  if pathio.is_remote(path):
+    fd, local = tempfile.mkstemp(suffix=os.path.splitext(path)[1])  # PyAV and PIL open local files
+    os.close(fd)
     try:
-      from data_prep import patchify_output  # only for remote inputs: it imports Beam
-      local = patchify_output.fetch(path)
+      pathio.download(path, local)
     except Exception as e:
+      os.remove(local)
       raise InputError(f"cannot fetch input ({type(e).__name__}: {e})") from e
   try:
-    if not _is_url(path) and not os.path.exists(path):
+    if not pathio.is_remote(path) and not os.path.exists(path):
       raise InputError("file does not exist")
     if os.path.getsize(local) == 0:
       raise InputError("empty file (0 bytes)")

@@ -3,6 +3,8 @@ import functools
 
 import numpy as np
 
+from ovenc_format import paths as pathio
+
 # model_type (of the checkpoint's config.json) -> the vision-only class and the output that is its
 # image embedding. A full two-tower checkpoint (clip, siglip) loads only its vision half.
 _VISION_CLASSES = {
@@ -18,10 +20,21 @@ _VISION_CLASSES = {
 _FALLBACK_OUTPUTS = ("image_embeds", "pooler_output")
 
 
+def local_model(model: str) -> str:
+  """A folder from_pretrained can read: a gs:// (or other URL) folder is staged once per host into
+  ovenc_format.paths' cache; local folders and hub ids are returned as they are."""
+  if not pathio.is_remote(model):
+    return model
+  try:
+    return pathio.stage_dir(model)
+  except Exception as e:  # the backends raise many kinds (OSError, HttpError, auth errors)
+    raise ValueError(f"--model {model!r}: cannot stage the model folder ({type(e).__name__}: {e})") from e
+
+
 def model_type(model: str) -> str:
   from transformers import AutoConfig
   try:
-    return AutoConfig.from_pretrained(model).model_type
+    return AutoConfig.from_pretrained(local_model(model)).model_type
   except (OSError, ValueError) as e:
     raise ValueError(f"--model {model!r}: cannot read a transformers config ({e})") from e
 
@@ -30,6 +43,8 @@ def load_processor(model: str):
   """The checkpoint's own image processor (AutoImageProcessor); without torchvision, whose absence
   makes AutoImageProcessor unavailable, the PIL class of the same processor (same arithmetic)."""
   import transformers
+  name = model
+  model = local_model(model)
   try:
     try:
       return transformers.AutoImageProcessor.from_pretrained(model)
@@ -41,7 +56,7 @@ def load_processor(model: str):
         raise ValueError(f"unknown image_processor_type {name!r}") from None
       return cls.from_pretrained(model)
   except (OSError, ValueError) as e:
-    raise ValueError(f"--model {model!r}: no image processor (preprocessor_config.json): {e}") from e
+    raise ValueError(f"--model {name!r}: no image processor (preprocessor_config.json): {e}") from e
 
 
 class Teacher:
@@ -55,7 +70,7 @@ class Teacher:
     cls_name, self.output = _VISION_CLASSES.get(kind, ("AutoModel", None))
     cls = getattr(transformers, cls_name)
     try:
-      self.model = cls.from_pretrained(model, dtype=getattr(torch, dtype))
+      self.model = cls.from_pretrained(local_model(model), dtype=getattr(torch, dtype))
     except (OSError, ValueError) as e:
       raise ValueError(f"--model {model!r}: cannot load {cls_name} ({e})") from e
     self.model.eval().to(device)

@@ -4,26 +4,42 @@ python -m data_prep.video_labels --folder ROOT/train --output OUT/train
 python -m data_prep.video_labels --csv val.csv --root VIDEOS --output OUT/val --classes OUT/train/classes.json
 OUT/x gets inputs.txt (one absolute path a line), class_labels.json ({path: class index}) and
 classes.json (class names; index = label). Give val the train's classes.json so indices agree.
+Any of these may be gs:// paths (listed and written through ovenc_format.paths).
 """
 import argparse
 import csv
+import io
 import json
 import os
 
 from data_prep.codec_patchify import MEDIA_EXTENSIONS
 from ovenc_format import atomic_io
+from ovenc_format import paths as pathio
+
+
+def _is_media(path: str) -> bool:
+  return os.path.splitext(path)[1].lower() in MEDIA_EXTENSIONS
+
+
+def _canonical(path: str) -> str:
+  """As codec_patchify's ids: local paths absolute with links resolved, URLs as written."""
+  return path if pathio.is_remote(path) else os.path.realpath(path)
+
+
+def _read(path: str, flag: str) -> str:
+  try:
+    return pathio.as_path(path).read_text()
+  except Exception as e:  # gcsfs' errors name the API URL, not the path
+    raise ValueError(f"{flag} {path!r}: cannot read ({type(e).__name__})") from e
 
 
 def from_folder(root: str) -> list[tuple[str, str]]:
   """(video path, class name) for each media file under ROOT/<class>/ (any depth below the class)."""
-  if not os.path.isdir(root):
+  if not pathio.is_dir(root):
     raise ValueError(f"--folder {root!r} is not a directory")
   out = []
-  for cls in sorted(os.listdir(root)):
-    d = os.path.join(root, cls)
-    if os.path.isdir(d):
-      out += [(os.path.join(r, n), cls) for r, _, names in os.walk(d) for n in sorted(names)
-              if os.path.splitext(n)[1].lower() in MEDIA_EXTENSIONS]
+  for cls in sorted(p.name for p in pathio.as_path(root).iterdir() if p.is_dir()):
+    out += [(f, cls) for f in pathio.walk_files(pathio.join(root, cls)) if _is_media(f)]
   if not out:
     raise ValueError(f"--folder {root!r}: no media files in class sub-folders")
   return out
@@ -32,20 +48,21 @@ def from_folder(root: str) -> list[tuple[str, str]]:
 def from_csv(path: str, root: str = "") -> list[tuple[str, str]]:
   """(video path, label) rows of a CSV `path,label` (a header row `path,label` is skipped; spaces
   also separate, as in the published lists). Relative paths join --root, else the CSV's folder."""
-  base = root or os.path.dirname(os.path.abspath(path))
+  base = root or (path.rsplit("/", 1)[0] if pathio.is_remote(path) else os.path.dirname(os.path.abspath(path)))
   out = []
-  with open(path, newline="") as f:
-    for i, row in enumerate(csv.reader(f)):
-      if len(row) == 1:
-        row = row[0].split()
-      row = [c.strip() for c in row]
-      if not row or not row[0] or row[0].startswith("#"):
-        continue
-      if len(row) != 2:
-        raise ValueError(f"--csv {path!r} line {i + 1}: expected `path,label`, got {row!r}")
-      if i == 0 and row[0].lower() == "path":
-        continue
-      out.append((row[0] if os.path.isabs(row[0]) else os.path.join(base, row[0]), row[1]))
+  text = _read(path, "--csv")
+  for i, row in enumerate(csv.reader(io.StringIO(text, newline=""))):
+    if len(row) == 1:
+      row = row[0].split()
+    row = [c.strip() for c in row]
+    if not row or not row[0] or row[0].startswith("#"):
+      continue
+    if len(row) != 2:
+      raise ValueError(f"--csv {path!r} line {i + 1}: expected `path,label`, got {row!r}")
+    if i == 0 and row[0].lower() == "path":
+      continue
+    absolute = os.path.isabs(row[0]) or pathio.is_remote(row[0])
+    out.append((row[0] if absolute else pathio.join(base, row[0]), row[1]))
   if not out:
     raise ValueError(f"--csv {path!r}: no rows")
   return out
@@ -61,7 +78,7 @@ def label_index(rows, classes: list[str] | None) -> tuple[dict[str, int], list[s
   unknown = sorted(set(names) - set(index))
   if unknown:
     raise ValueError(f"--classes: labels {unknown[:5]} are not among its {len(classes)} classes")
-  return {os.path.realpath(p): index[c] for p, c in rows}, list(classes)
+  return {_canonical(p): index[c] for p, c in rows}, list(classes)
 
 
 def main(argv=None):
@@ -78,16 +95,15 @@ def main(argv=None):
     rows = from_folder(a.folder) if a.folder else from_csv(a.csv, a.root)
     classes = None
     if a.classes:
-      with open(a.classes) as f:
-        classes = json.load(f)
+      classes = json.loads(_read(a.classes, "--classes"))
     labels, classes = label_index(rows, classes)
   except (OSError, ValueError) as e:
     ap.error(str(e))
-  os.makedirs(a.output, exist_ok=True)
+  pathio.makedirs(a.output)
   paths = sorted(labels)
-  atomic_io.atomic_write(os.path.join(a.output, "inputs.txt"), lambda f: f.write("\n".join(paths) + "\n"), mode="w")
-  atomic_io.save_json(os.path.join(a.output, "class_labels.json"), labels)
-  atomic_io.save_json(os.path.join(a.output, "classes.json"), classes)
+  atomic_io.atomic_write(pathio.join(a.output, "inputs.txt"), lambda f: f.write("\n".join(paths) + "\n"), mode="w")
+  atomic_io.save_json(pathio.join(a.output, "class_labels.json"), labels)
+  atomic_io.save_json(pathio.join(a.output, "classes.json"), classes)
   print(f"{len(paths)} videos in {len(classes)} classes -> {a.output}/inputs.txt, class_labels.json, classes.json")
 
 

@@ -103,6 +103,24 @@ def cache_dir() -> str:
   return os.environ.get("OVENC_CACHE_DIR") or os.path.join(tempfile.gettempdir(), "ovenc-cache")
 
 
+def _stage_key(path: str) -> tuple[epath.Path, str]:
+  p = epath.Path(path)
+  st = p.stat()
+  return p, hashlib.sha256(f"{path}|{st.length}|{st.mtime}".encode()).hexdigest()[:24]
+
+
+def upload_staged(local: str, remote: str, cache: str | None = None) -> str:
+  """Uploads a finished local file to `remote` (atomically, as upload) and moves the local file to
+  where stage(remote) looks for it, so this host reads it back without downloading it. Returns
+  that local path."""
+  upload(local, remote)
+  p, key = _stage_key(remote)
+  staged = os.path.join(cache or cache_dir(), key, p.name)
+  os.makedirs(os.path.dirname(staged), exist_ok=True)
+  shutil.move(local, staged)
+  return staged
+
+
 def stage(path, cache: str | None = None) -> str:
   """A local file with `path`'s bytes: local paths as they are; a remote file is downloaded once per
   host into the cache (keyed by URL, size and mtime, so a rewritten object is fetched again). Readers
@@ -110,12 +128,45 @@ def stage(path, cache: str | None = None) -> str:
   path = os.fspath(path)
   if not is_remote(path):
     return path
-  p = epath.Path(path)
-  st = p.stat()
-  key = hashlib.sha256(f"{path}|{st.length}|{st.mtime}".encode()).hexdigest()[:24]
+  p, key = _stage_key(path)
   local = os.path.join(cache or cache_dir(), key, p.name)
   if not os.path.isfile(local):
     download(path, local)
+  return local
+
+
+def walk_files(path) -> list[str]:
+  """Every file under the folder `path`, at any depth, sorted (epath's rglob refuses remote paths;
+  its walk on gs:// yields roots without the scheme, so paths are rebuilt from `path`)."""
+  path = os.fspath(path).rstrip("/")
+  top = str(epath.Path(path))
+  out = []
+  for root, _, names in epath.Path(path).walk():
+    rel = os.path.relpath(str(root), top.split("://", 1)[-1] if is_remote(path) else top)
+    out += [join(path, name) if rel == "." else join(path, rel, name) for name in names]
+  return sorted(out)
+
+
+def stage_dir(path, cache: str | None = None) -> str:
+  """A local folder with the files under `path` (recursively): local paths as they are; a remote
+  folder is downloaded once per host into the cache, keyed by URL and every file's name, size and
+  mtime, and marked complete last (for readers such as transformers' from_pretrained)."""
+  path = os.fspath(path)
+  if not is_remote(path):
+    return path
+  root = epath.Path(path)
+  if not root.is_dir():
+    raise FileNotFoundError(f"{path} is not a folder")
+  files = [(os.path.relpath(f, path), epath.Path(f)) for f in walk_files(path)]
+  stats = [(rel, f.stat()) for rel, f in files]
+  key = hashlib.sha256(repr([path] + [(r, s.length, s.mtime) for r, s in stats]).encode()).hexdigest()[:24]
+  local = os.path.join(cache or cache_dir(), key, root.name)
+  done = os.path.join(cache or cache_dir(), key, ".complete")
+  if not os.path.isfile(done):
+    for rel, f in files:
+      download(str(f), os.path.join(local, rel))
+    os.makedirs(local, exist_ok=True)
+    open(done, "w").close()
   return local
 
 

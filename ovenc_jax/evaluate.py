@@ -10,7 +10,6 @@ Writes OUT/results.json and OUT/results.md (dataset, frames, tokens, probe, lr, 
 import argparse
 import json
 import logging
-import os
 import sys
 import time
 
@@ -19,6 +18,7 @@ import numpy as np
 
 from ovenc_format import atomic_io
 from ovenc_format import failures as failures_lib
+from ovenc_format import paths as pathio
 from ovenc_jax.eval import attentive_probe as probe_lib
 from ovenc_jax.eval import embed as embed_lib
 from ovenc_jax.eval import probes
@@ -33,7 +33,7 @@ EXPORT_TEMPORAL_POSITIONS = "timeline64"
 
 def load_model(path: str, step: int | None = None):
   """(encoder module, encoder params, temporal positions it was trained with) of a workdir or an export folder."""
-  if os.path.isfile(os.path.join(path, "model.safetensors")):
+  if pathio.is_file(pathio.join(path, "model.safetensors")):
     from ovenc_jax.interop import import_torch  # torch is needed only for exported weights
     cfg, params = import_torch.read_export(path)
     return model_lib.encoder_from_config(cfg), params["encoder"], EXPORT_TEMPORAL_POSITIONS
@@ -43,17 +43,16 @@ def load_model(path: str, step: int | None = None):
 
 
 def _model_key(args) -> str:
-  return f"{os.path.abspath(args.model)}@{args.step if args.step is not None else 'latest'}"
+  return f"{pathio.absolute(args.model)}@{args.step if args.step is not None else 'latest'}"
 
 
 def _features(args, split, model, mesh):
-  out = os.path.join(args.output, "features", split)
+  out = pathio.join(args.output, "features", split)
   records = getattr(args, split)
-  meta_path = os.path.join(out, token_features.META_FILE)
-  if args.reuse_features and os.path.isfile(meta_path):
-    with open(meta_path) as f:
-      meta = json.load(f)
-    if meta["source"] == os.path.abspath(records) and meta.get("model") == _model_key(args):
+  meta_path = pathio.join(out, token_features.META_FILE)
+  if args.reuse_features and pathio.is_file(meta_path):
+    meta = json.loads(pathio.as_path(meta_path).read_text())
+    if meta["source"] == pathio.absolute(records) and meta.get("model") == _model_key(args):
       return token_features.load(out), meta, []
   encoder, params, temporal_positions = model()
   t0 = time.perf_counter()
@@ -63,8 +62,7 @@ def _features(args, split, model, mesh):
       batch_key="--batch_size", what=f"--{split}")
   meta = dict(stats.as_dict(), seconds=time.perf_counter() - t0, temporal_positions=temporal_positions)
   # The model the cache was made with: --reuse_features ignores a cache of another model or step.
-  with open(meta_path) as f:
-    written = json.load(f)
+  written = json.loads(pathio.as_path(meta_path).read_text())
   atomic_io.save_json(meta_path, dict(written, model=_model_key(args)))
   return feats, meta, stats.failures
 
@@ -93,7 +91,7 @@ def run(args) -> list[dict]:
     bad += failed
   tp = metas["val"]["temporal_positions"]
   total = metas["train"]["records"] + metas["val"]["records"]
-  report = failures_lib.write_report(os.path.join(args.output, "failures.jsonl"), bad)
+  report = failures_lib.write_report(pathio.join(args.output, "failures.jsonl"), bad)
   failures_lib.check(len(bad), total, args.max_failure_fraction, report, "records",
                      num_written=len(feats["train"]) + len(feats["val"]))
   tr, va = feats["train"], feats["val"]
@@ -101,7 +99,7 @@ def run(args) -> list[dict]:
   if len(va) == 0:
     raise probes.ProbeDataError(f"--val {args.val}: no labelled samples")
   classes, ytr, yva = _label_space(np.asarray(tr.labels), np.asarray(va.labels))
-  common = dict(dataset=args.dataset or os.path.basename(os.path.normpath(args.val)), model=args.model,
+  common = dict(dataset=args.dataset or args.val.rstrip("/").split("/")[-1], model=args.model,
                 frames=round(metas["val"]["frames_per_clip"], 2), tokens=round(metas["val"]["tokens_per_clip"], 1),
                 num_classes=len(classes), train_clips=len(tr), val_clips=len(va), temporal_positions=tp,
                 feature_stats=metas)
@@ -129,12 +127,12 @@ def run(args) -> list[dict]:
 
 
 def write_results(output: str, rows: list[dict]) -> tuple[str, str]:
-  js = atomic_io.save_json(os.path.join(output, "results.json"), rows)
+  js = atomic_io.save_json(pathio.join(output, "results.json"), rows)
   fmt = lambda v: "-" if v is None or (isinstance(v, float) and np.isnan(v)) else f"{100 * v:.2f}"
   lines = ["| dataset | frames | tokens | probe | lr | top-1 | top-5 |", "|---|---|---|---|---|---|---|"]
   lines += [f"| {r['dataset']} | {r['frames']} | {r['tokens']} | {r['probe']} | {r['lr'] if r['lr'] else '-'} | "
             f"{fmt(r['top1'])} | {fmt(r['top5'])} |" for r in rows]
-  md = os.path.join(output, "results.md")
+  md = pathio.join(output, "results.md")
   atomic_io.atomic_write(md, lambda f: f.write("\n".join(lines) + "\n"), mode="w")
   return js, md
 
@@ -174,8 +172,9 @@ def main(argv=None):
   ap = parser()
   args = ap.parse_args(argv)
   args.probe = list(dict.fromkeys(args.probe or ["attentive"]))
-  os.makedirs(args.output, exist_ok=True)
   try:
+    pathio.check_writable(args.output, "--output")
+    pathio.makedirs(args.output)
     rows = run(args)
   except failures_lib.TooManyFailures as e:
     print(f"{ap.prog}: error: {e}", file=sys.stderr)
@@ -183,7 +182,7 @@ def main(argv=None):
   except (ValueError, FileNotFoundError) as e:
     ap.error(str(e))
   paths = write_results(args.output, rows)
-  print(open(paths[1]).read(), end="")
+  print(pathio.as_path(paths[1]).read_text(), end="")
   print("wrote " + ", ".join(paths))
   return rows
 

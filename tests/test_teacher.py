@@ -11,9 +11,9 @@ import transformers
 from data_prep import cluster, codec_patchify, teacher
 from ovenc_format import label_table, records
 from data_prep.codec import clip, config
-from tests.helpers import codec_clips, digit_shards
+from tests.helpers import codec_clips, digit_shards, tiny_clip
 
-PROJ = 48
+PROJ = tiny_clip.PROJ
 LENGTHS = {"a.mp4": 16, "b.mp4": 11, "c.mp4": 5}
 
 
@@ -24,15 +24,7 @@ def _clip_frames(n, seed):
 
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory):
-  d = tmp_path_factory.mktemp("tiny_clip")
-  cfg = transformers.CLIPVisionConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                                      intermediate_size=128, image_size=64, patch_size=16,
-                                      projection_dim=PROJ)
-  torch.manual_seed(0)
-  transformers.CLIPVisionModelWithProjection(cfg).save_pretrained(d)
-  transformers.CLIPImageProcessor(size={"shortest_edge": 64},
-                                  crop_size={"height": 64, "width": 64}).save_pretrained(d)
-  return str(d)
+  return tiny_clip.save_tiny_clip(tmp_path_factory.mktemp("tiny_clip"))
 
 
 @pytest.fixture(scope="module")

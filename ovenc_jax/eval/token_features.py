@@ -1,10 +1,10 @@
 """Frozen-encoder token features of labelled records: extracted once, sharded over the mesh, cached as .npy shards."""
 import dataclasses
 import functools
-import glob
 import json
 import logging
 import os
+import tempfile
 
 import grain
 import jax
@@ -12,6 +12,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from ovenc_format import atomic_io
+from ovenc_format import paths as pathio
 from ovenc_jax.eval import attentive_probe as probe_lib
 from ovenc_jax.eval import embed as embed_lib
 from ovenc_jax.input import global_arrays
@@ -94,18 +95,26 @@ def token_apply(encoder):
   return apply
 
 
+@functools.lru_cache(maxsize=4)
+def _jitted_apply(encoder):
+  """One jitted forward per encoder (modules compare by value): the train and val passes, and
+  later runs in this process, reuse its compiled executables."""
+  return jax.jit(token_apply(encoder))
+
+
 def extract(encoder, enc_params, records_dir: str, *, patch_size: int, tokens_per_row: int,
             temporal_positions: str = "sample_index", batch_size: int = 32, mesh=None, batch_axes=("data",),
             out_dir: str | None = None, shard_clips: int = 1024, dtype=np.float16,
             batch_key: str = "--batch_size", what: str = "--records") -> tuple[probe_lib.Features, ReadStats]:
   """Encoder tokens of every labelled record, the batch sharded over `batch_axes` of `mesh`.
 
-  With `out_dir`, the features are written there as shards (tokens-XXXXX.npy of `dtype`, mask,
-  labels, sample_ids) plus meta.json, and returned memory-mapped from those files."""
+  With `out_dir` (a folder or a gs:// prefix), the features are written there as shards
+  (tokens-XXXXX.npy of `dtype`, mask, labels, sample_ids) plus meta.json, and returned memory-mapped
+  from those files (on a bucket: from this host's staged copies, kept as they are uploaded)."""
   mesh = mesh if mesh is not None else jax.make_mesh((1,), ("data",), devices=jax.devices()[:1])
   probe_lib.check_batch_size(batch_size, mesh, batch_axes, batch_key)
   params = jax.device_put(enc_params, NamedSharding(mesh, P()))
-  fn = jax.jit(token_apply(encoder))
+  fn = _jitted_apply(encoder)
   stats = ReadStats()
   empty = packing.empty_row(tokens_per_row, patch_size, 1)
   chunks = {k: [] for k in _ARRAYS}
@@ -125,7 +134,7 @@ def extract(encoder, enc_params, records_dir: str, *, patch_size: int, tokens_pe
       return
     i = len(written)
     for k in _ARRAYS:
-      atomic_io.save_npy(os.path.join(out_dir, f"{k}-{i:05d}.npy"), arrays[k])
+      _save_npy(pathio.join(out_dir, f"{k}-{i:05d}.npy"), arrays[k])
     written.append(len(arrays["labels"]))
 
   def run(rows):
@@ -141,9 +150,9 @@ def extract(encoder, enc_params, records_dir: str, *, patch_size: int, tokens_pe
     flush()
 
   if out_dir is not None:
-    os.makedirs(out_dir, exist_ok=True)
-    for old in glob.glob(os.path.join(out_dir, "*-[0-9][0-9][0-9][0-9][0-9].npy")):
-      os.remove(old)  # a cache of another run must not mix with this one
+    pathio.makedirs(out_dir)
+    for old in pathio.as_path(out_dir).glob("*-[0-9][0-9][0-9][0-9][0-9].npy"):
+      pathio.remove(str(old))  # a cache of another run must not mix with this one
   rows = []
   for row in labelled_rows(records_dir, patch_size=patch_size, tokens_per_row=tokens_per_row,
                            temporal_positions=temporal_positions, stats=stats, what=what):
@@ -161,23 +170,38 @@ def extract(encoder, enc_params, records_dir: str, *, patch_size: int, tokens_pe
                                 np.zeros((0,), np.int32)), stats
     arrays = {k: np.concatenate(v) for k, v in chunks.items()}
     return probe_lib.Features(arrays["tokens"], arrays["mask"], arrays["labels"]), stats
-  atomic_io.save_json(os.path.join(out_dir, META_FILE), dict(
-      source=os.path.abspath(records_dir), shards=written, tokens_per_row=tokens_per_row,
+  atomic_io.save_json(pathio.join(out_dir, META_FILE), dict(
+      source=pathio.absolute(records_dir), shards=written, tokens_per_row=tokens_per_row,
       width=int(encoder.width), temporal_positions=temporal_positions, **stats.as_dict()))
   return load(out_dir), stats
 
 
+def _save_npy(path: str, arr) -> None:
+  if not pathio.is_remote(path):
+    atomic_io.save_npy(path, arr)
+    return
+  # Written beside the staging cache, then kept there: this host reads it back without a download.
+  os.makedirs(pathio.cache_dir(), exist_ok=True)
+  fd, local = tempfile.mkstemp(suffix=".npy", prefix=".tmp-", dir=pathio.cache_dir())
+  try:
+    with os.fdopen(fd, "wb") as f:
+      np.save(f, arr)
+    pathio.upload_staged(local, path)
+  finally:
+    if os.path.exists(local):
+      os.remove(local)
+
+
 def load(cache_dir: str) -> probe_lib.Features:
-  """Features written by `extract(out_dir=...)`, memory-mapped."""
-  path = os.path.join(cache_dir, META_FILE)
-  if not os.path.isfile(path):
+  """Features written by `extract(out_dir=...)`, memory-mapped (remote shards staged once per host)."""
+  path = pathio.join(cache_dir, META_FILE)
+  if not pathio.is_file(path):
     raise FileNotFoundError(f"{path} not found: {cache_dir} is not a complete feature cache")
-  with open(path) as f:
-    meta = json.load(f)
+  meta = json.loads(pathio.as_path(path).read_text())
   if not meta["shards"]:
     w, t = meta["width"], meta["tokens_per_row"]
     return probe_lib.Features(np.zeros((0, t, w), np.float16), np.zeros((0, t), bool), np.zeros((0,), np.int32))
-  parts = {k: [np.load(os.path.join(cache_dir, f"{k}-{i:05d}.npy"), mmap_mode="r")
+  parts = {k: [np.load(pathio.stage(pathio.join(cache_dir, f"{k}-{i:05d}.npy")), mmap_mode="r")
                for i in range(len(meta["shards"]))] for k in _ARRAYS}
   return probe_lib.Features(ShardedArray(parts["tokens"]), ShardedArray(parts["mask"]),
                             np.concatenate([np.asarray(p) for p in parts["labels"]]))

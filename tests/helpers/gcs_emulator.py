@@ -94,6 +94,10 @@ class Emulator:
         return None
       raise
 
+  def generation(self, bucket: str, name: str) -> str:
+    """An object's generation (a new one at every write), from the emulator's JSON API."""
+    return self._request("GET", f"/storage/v1/b/{bucket}/o/{urllib.parse.quote(name, safe='')}")["generation"]
+
   def stop(self) -> None:
     if self.proc.poll() is None:
       self.proc.terminate()
