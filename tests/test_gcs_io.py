@@ -82,12 +82,6 @@ def test_bad_workdir_fails_at_start_naming_it(gcs_emulator, bucket_shards, tmp_p
   assert not (tmp_path / "gs:").exists()
 
 
-def _losses(gcs_emulator, name):
-  data = gcs_emulator.read_object("bkt", f"{name}/metrics.jsonl") or b""
-  rows = [json.loads(line) for line in data.decode().splitlines()]
-  return {r["step"]: r["loss"] for r in rows if "loss" in r}
-
-
 @pytest.mark.slow
 def test_bucket_workdir_sigterm_resume_is_bitwise(gcs_emulator, bucket_shards, tmp_path):
   steps, kw = 8, {"ckpt_every": 1000, "input.tokens_per_row": 32}
@@ -100,7 +94,7 @@ def test_bucket_workdir_sigterm_resume_is_bitwise(gcs_emulator, bucket_shards, t
 
   proc = run("cut")
   deadline = time.time() + 240
-  while not any(s >= 3 for s in _losses(gcs_emulator, "cut")):
+  while not any(s >= 3 for s in gcs_emulator.losses("bkt", "cut")):
     assert time.time() < deadline and proc.poll() is None, "no progress"
     time.sleep(0.1)
   proc.send_signal(signal.SIGTERM)
@@ -110,7 +104,7 @@ def test_bucket_workdir_sigterm_resume_is_bitwise(gcs_emulator, bucket_shards, t
   assert f"cut/checkpoints/{k}/" in " ".join(gcs_emulator.list_objects("bkt", "cut/checkpoints/"))
   finish([run("cut")], timeout=300)
 
-  a, b = _losses(gcs_emulator, "full"), _losses(gcs_emulator, "cut")
+  a, b = gcs_emulator.losses("bkt", "full"), gcs_emulator.losses("bkt", "cut")
   assert sorted(a) == sorted(b) == list(range(1, steps + 1))
   assert all(a[s] == b[s] for s in range(k + 1, steps + 1)), (a, b)
   names = gcs_emulator.list_objects("bkt", "cut/")
@@ -213,24 +207,6 @@ def test_data_prep_reads_and_writes_a_bucket(gcs_emulator, tmp_path, monkeypatch
     assert sorted(ra) == sorted(rb)
     for field in ra:
       np.testing.assert_array_equal(np.asarray(ra[field]), np.asarray(rb[field]), err_msg=field)
-
-
-@pytest.mark.slow
-def test_two_processes_train_into_a_bucket(gcs_emulator, bucket_shards, tmp_path):
-  from tests.helpers.train_cli import losses, start_processes
-  kw = {"total_steps": 4, "log_every": 2, "ckpt_every": 1000, "input.tokens_per_row": 32, "mesh.dcn_data": 2}
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
-             OVENC_CACHE_DIR=str(tmp_path / "cache"), JAX_COMPILATION_CACHE_DIR=str(tmp_path / "xla_cache"),
-             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
-  # The same run into a local folder is the reference: the bucket must change nothing.
-  finish(start_processes(tmp_path / "local", bucket_shards[0], 2, env, **kw), timeout=300)
-  finish(start_processes("gs://bkt/two", bucket_shards[0], 2, env, **kw), timeout=300)
-  assert _losses(gcs_emulator, "two") == losses(str(tmp_path / "local"))
-  names = gcs_emulator.list_objects("bkt", "two/")
-  assert {"two/config.json", "two/metrics.jsonl"} <= set(names)
-  assert any(n.startswith("two/checkpoints/4/") for n in names)
-  assert not any(".tmp-" in n or ".write-probe-" in n for n in names), names
-  assert not os.path.exists("gs:") and not (tmp_path / "gs:").exists()
 
 
 @pytest.mark.slow

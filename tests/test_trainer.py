@@ -67,20 +67,30 @@ def test_checkpoint_restores_on_fewer_devices(data, tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("mesh", [{}, {"mesh.data": 1, "mesh.fsdp": 8}], ids=["data", "fsdp8"])
-def test_two_processes_match_one_process(data, tmp_path, mesh):
+def test_two_processes_match_one_process(data, tmp_path, mesh, request):
   """Data parallel, and FSDP over both processes (each weight gathered from, and its gradient
-  reduce-scattered into, shards on the other process too)."""
+  reduce-scattered into, shards on the other process too). The data-parallel run's workdir is a
+  bucket (the GCS emulator): what a pod does, with the local one-process run as its reference."""
   kw = dict(total_steps=4, **{"input.pack": False, "input.max_segments": 1}, **mesh)
   one = tmp_path / "one"
   train.Trainer(make_config(data[0], **kw), str(one)).run()  # in this process: no CLI start-up
+  bucket = None if mesh else request.getfixturevalue("gcs_emulator")
+  two = str(tmp_path / "two") if mesh else "gs://bkt/two-processes"
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4")
-  outs = finish(start_processes(tmp_path / "two", data[0], 2, env, **kw), timeout=300)
+  outs = finish(start_processes(two, data[0], 2, env, **kw), timeout=300)
   assert "process 1/2" in outs[1] or "process 1/2" in outs[0]
   want_mesh = {"data": 1, "fsdp": 8, "tensor": 1} if mesh else {"data": 8, "fsdp": 1, "tensor": 1}
   assert all(f"mesh {want_mesh}" in out for out in outs), outs[0][-2000:]
-  a, b = losses(str(one)), losses(str(tmp_path / "two"))
+  a = losses(str(one))
+  b = losses(two) if mesh else bucket.losses("bkt", "two-processes")
   for s in range(1, 5):  # 2 processes x 4 devices vs 1 x 8: another reduction order
     assert_reorder_close(b[s], a[s], err_msg=f"step {s}")
+  if bucket is not None:
+    names = bucket.list_objects("bkt", "two-processes/")
+    assert {"two-processes/config.json", "two-processes/metrics.jsonl"} <= set(names)
+    assert any(n.startswith("two-processes/checkpoints/4/") for n in names), names
+    assert not any(".tmp-" in n or ".write-probe-" in n for n in names), names
+    assert not os.path.exists("gs:") and not (tmp_path / "gs:").exists()
 
 
 @pytest.mark.slow

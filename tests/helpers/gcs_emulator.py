@@ -94,6 +94,11 @@ class Emulator:
         return None
       raise
 
+  def losses(self, bucket: str, workdir: str) -> dict[int, float]:
+    """{step: loss} of a bucket workdir's metrics.jsonl, read straight from the emulator."""
+    rows = [json.loads(line) for line in (self.read_object(bucket, f"{workdir}/metrics.jsonl") or b"").decode().splitlines()]
+    return {r["step"]: r["loss"] for r in rows if "loss" in r}
+
   def generation(self, bucket: str, name: str) -> str:
     """An object's generation (a new one at every write), from the emulator's JSON API."""
     return self._request("GET", f"/storage/v1/b/{bucket}/o/{urllib.parse.quote(name, safe='')}")["generation"]
