@@ -46,14 +46,27 @@ class ProbeSettings:
       raise ValueError(f"{prefix}.epochs={self.epochs} must be >= 0 (0 = the protocol's default)")
 
 
-_TRUNC = nn.initializers.truncated_normal(0.02)
+# The published head's Linear init, timm's trunc_normal_(std=0.02): its cut is at +-2 absolute, so at
+# this std it cuts nothing and is a plain normal.
+_TRUNC = nn.initializers.normal(0.02)
+
+
+def _fused_xavier(key, shape, dtype=jnp.float32):
+  """Xavier-uniform of the fused [3D, D] query/key/value projection of torch's MultiheadAttention,
+  applied to each of flax's [D, heads, head_dim] kernels: the published head's starting scale."""
+  d = shape[0]
+  bound = math.sqrt(6.0 / (d + 3 * d))
+  return jax.random.uniform(key, shape, dtype, -bound, bound)
 
 
 class MAPHead(nn.Module):
-  """Multihead attention pooling (SigLIP/big_vision style) then LayerNorm and a linear classifier.
+  """Multihead attention pooling (SigLIP2 style, as the published probe) then LayerNorm and a linear classifier.
 
-  One learned query attends over the clip's tokens (padding masked out); an MLP block with a
-  residual follows; the classifier starts `init_scale` times smaller so first logits are near 0.
+  One learned query attends over the clip's tokens (padding masked out); an RMSNorm + MLP block with
+  a residual follows; the classifier starts `init_scale` times smaller so first logits are near 0.
+  The query starts at unit scale and the query/key/value projections Xavier-uniform, as in the
+  published head: at 0.02 both, the query's logits start near 0 and it barely moves, so the head
+  stays a mean-pool behind an MLP.
   """
   num_classes: int
   num_heads: int
@@ -64,13 +77,13 @@ class MAPHead(nn.Module):
   def __call__(self, tokens, mask):
     b, _, d = tokens.shape
     tokens = tokens.astype(jnp.float32)
-    probe = self.param("probe", _TRUNC, (1, 1, d))
+    probe = self.param("probe", nn.initializers.normal(1.0), (1, 1, d))
     attn_mask = mask[:, None, None, :].astype(bool)
-    x = nn.MultiHeadDotProductAttention(num_heads=self.num_heads, kernel_init=_TRUNC, name="attention")(
-        jnp.broadcast_to(probe, (b, 1, d)), tokens, mask=attn_mask)
-    y = nn.LayerNorm(epsilon=1e-6, name="mlp_norm")(x)
+    x = nn.MultiHeadDotProductAttention(num_heads=self.num_heads, kernel_init=_fused_xavier, out_kernel_init=_TRUNC,
+                                        name="attention")(jnp.broadcast_to(probe, (b, 1, d)), tokens, mask=attn_mask)
+    y = nn.RMSNorm(epsilon=1e-6, name="mlp_norm")(x)
     y = nn.Dense(d * self.mlp_ratio, kernel_init=_TRUNC, name="fc1")(y)
-    y = nn.Dense(d, kernel_init=_TRUNC, name="fc2")(nn.gelu(y, approximate=True))
+    y = nn.Dense(d, kernel_init=_TRUNC, name="fc2")(nn.gelu(y, approximate=False))
     x = (x + y)[:, 0]
     x = nn.LayerNorm(epsilon=1e-5, name="norm")(x)
     scaled = lambda key, shape, dtype=jnp.float32: _TRUNC(key, shape, dtype) * self.init_scale

@@ -63,11 +63,10 @@ def read_row(index: int, *, source, starts, paths, patch_size: int, tokens_per_r
 
 def temporal_positions_of(workdir: str) -> str:
   """The input.temporal_positions the workdir's model was trained with (config.json), else sample_index."""
-  path = os.path.join(workdir, CONFIG_FILE)
-  if not os.path.isfile(path):
+  path = pathio.join(workdir, CONFIG_FILE)
+  if not pathio.is_file(path):
     return "sample_index"
-  with open(path) as f:
-    return json.load(f).get("input", {}).get("temporal_positions", "sample_index")
+  return json.loads(pathio.as_path(path).read_text()).get("input", {}).get("temporal_positions", "sample_index")
 
 
 def open_shards(records_dir: str, what: str = "--records") -> tuple[list[str], np.ndarray]:
