@@ -37,8 +37,8 @@ def test_head_starts_at_the_published_heads_scales():
   """The query at unit scale and query/key/value kernels as torch's MultiheadAttention initialises its
   fused in-projection (Xavier-uniform over [3D, D]); out projection, MLP and classifier normal 0.02
   (timm's trunc_normal_ cuts at +-2 absolute: nothing at this std)."""
-  d, heads = 256, 4
-  params = probe_lib.MAPHead(num_classes=CLASSES, num_heads=heads).init(
+  d, heads = 128, 2
+  params = jax.jit(probe_lib.MAPHead(num_classes=50, num_heads=heads).init)(
       jax.random.key(0), np.zeros((1, 2, d), np.float32), np.ones((1, 2), bool))["params"]
   torch.manual_seed(0)
   ref = torch.nn.MultiheadAttention(d, heads).in_proj_weight.detach().numpy()
@@ -116,6 +116,7 @@ def _toy_features(n, seed):
   return probe_lib.Features(tokens, mask, labels)
 
 
+@pytest.mark.slow
 def test_probe_learns_sharded_equals_single_device_and_is_deterministic():
   train, val = _toy_features(64, 0), _toy_features(32, 1)
   s = probe_lib.ProbeSettings(lr=1e-2, epochs=5, batch_size=16)
@@ -128,6 +129,26 @@ def test_probe_learns_sharded_equals_single_device_and_is_deterministic():
   assert eight == again
   assert abs(one["top1"] - eight["top1"]) <= 1 / 32
   np.testing.assert_allclose(one["probe_train_loss"], eight["probe_train_loss"], rtol=1e-4)
+  # lr selection on a holdout of the train split: an lr too small to move the head in 5 epochs loses.
+  best, scores = probe_lib.select_lr(train, CLASSES, s, [1e-7, 1e-2], mesh=mesh)
+  assert best == 1e-2 and scores[1e-2] > scores[1e-7] + 0.3, scores
+  held = probe_lib.holdout_split(train.labels, 0.2, s.seed)
+  ref = probe_lib.run_probe(train.subset(np.flatnonzero(~held)), train.subset(np.flatnonzero(held)), CLASSES,
+                            probe_lib.ProbeSettings(lr=1e-2, epochs=5, batch_size=16), mesh=mesh)
+  assert scores[1e-2] == ref["top1"]
+
+
+def test_holdout_split_is_per_class_and_seeded():
+  labels = np.repeat([0, 1, 2, 3], [10, 5, 2, 1])
+  held = probe_lib.holdout_split(labels, 0.2, seed=0)
+  assert [int(held[labels == c].sum()) for c in range(4)] == [2, 1, 1, 0]  # at least one, never all
+  np.testing.assert_array_equal(held, probe_lib.holdout_split(labels, 0.2, seed=0))
+  assert not np.array_equal(held, probe_lib.holdout_split(labels, 0.2, seed=1))
+  sub = _toy_features(12, 0).subset(np.array([5, 2, 7]))
+  full = _toy_features(12, 0)
+  np.testing.assert_array_equal(sub.tokens[np.array([2, 0])], full.tokens[np.array([7, 5])])
+  np.testing.assert_array_equal(sub.labels, full.labels[[5, 2, 7]])
+  assert sub.tokens.shape == (3, T, D) and len(sub) == 3
 
 
 def test_probe_refuses_bad_settings():

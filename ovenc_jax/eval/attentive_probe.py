@@ -111,6 +111,20 @@ def smoothed_loss(logits, labels, weights, num_classes: int, smoothing: float):
   return jnp.sum(per * weights) / jnp.maximum(jnp.sum(weights), 1.0)
 
 
+class _Rows:
+  """Rows `rows` of an array-like (a memory-mapped cache stays on disk), indexed like one array."""
+
+  def __init__(self, base, rows: np.ndarray):
+    self.base, self.rows = base, rows
+    self.shape = (len(rows),) + tuple(base.shape[1:])
+
+  def __len__(self) -> int:
+    return len(self.rows)
+
+  def __getitem__(self, idx):
+    return self.base[self.rows[np.asarray(idx)]]
+
+
 @dataclasses.dataclass
 class Features:
   """Frozen encoder outputs of a labelled clip set: tokens [N, T, D], mask [N, T], labels [N]."""
@@ -120,6 +134,9 @@ class Features:
 
   def __len__(self) -> int:
     return len(self.labels)
+
+  def subset(self, rows: np.ndarray) -> "Features":
+    return Features(_Rows(self.tokens, rows), _Rows(self.mask, rows), np.asarray(self.labels)[rows])
 
 
 def _batch_shards(mesh, batch_axes) -> int:
@@ -257,3 +274,36 @@ def run_probe(train: Features, val: Features, num_classes: int, settings: ProbeS
   params, info = trainer.train(train)
   logits = trainer.logits(params, val)
   return dict(top1=topk_accuracy(logits, val.labels, 1), top5=topk_accuracy(logits, val.labels, 5), **info)
+
+
+def holdout_split(labels: np.ndarray, fraction: float, seed: int) -> np.ndarray:
+  """Boolean holdout mask: per class a seeded random `fraction` of its clips (at least one, never all);
+  a class with a single clip stays in the fitting part."""
+  rng = np.random.default_rng(seed)
+  held = np.zeros(len(labels), bool)
+  for c in np.unique(labels):
+    idx = np.flatnonzero(labels == c)
+    if len(idx) < 2:
+      continue
+    k = min(len(idx) - 1, max(1, int(round(fraction * len(idx)))))
+    held[rng.permutation(idx)[:k]] = True
+  return held
+
+
+def select_lr(train: Features, num_classes: int, settings: ProbeSettings, lrs, mesh=None, batch_axes=("data",),
+              batch_key: str = "probe.batch_size", holdout: float = 0.2) -> tuple[float, dict[float, float]]:
+  """The lr of `lrs` whose head, fit on the train split less a per-class holdout, scores best top-1 on
+  that holdout (ties: the first listed), and each lr's holdout top-1. The validation split is never seen."""
+  if not 0 < holdout < 1:
+    raise ValueError(f"holdout={holdout} must be in (0, 1)")
+  held = holdout_split(np.asarray(train.labels), holdout, settings.seed)
+  fit, check = train.subset(np.flatnonzero(~held)), train.subset(np.flatnonzero(held))
+  if len(check) == 0:
+    raise ValueError("attentive probe lr selection: no class of the training set has two clips to hold one out")
+  scores = {}
+  for lr in lrs:
+    # The epoch count of the full split (the small-set rule reads its size), as the final fit uses.
+    s = dataclasses.replace(settings, lr=float(lr), epochs=settings.resolved_epochs(len(train)))
+    scores[float(lr)] = run_probe(fit, check, num_classes, s, mesh, batch_axes, batch_key)["top1"]
+  best = max(scores, key=lambda lr: (scores[lr], -list(scores).index(lr)))
+  return best, scores

@@ -94,6 +94,13 @@ def token_apply(encoder):
   return apply
 
 
+@functools.lru_cache(maxsize=8)
+def _jitted_tokens(encoder):
+  """One jitted token function per encoder: the train and val splits (and a second params set of
+  the same model) reuse its compilation."""
+  return jax.jit(token_apply(encoder))
+
+
 def extract(encoder, enc_params, records_dir: str, *, patch_size: int, tokens_per_row: int,
             temporal_positions: str = "sample_index", batch_size: int = 32, mesh=None, batch_axes=("data",),
             out_dir: str | None = None, shard_clips: int = 1024, dtype=np.float16,
@@ -105,7 +112,7 @@ def extract(encoder, enc_params, records_dir: str, *, patch_size: int, tokens_pe
   mesh = mesh if mesh is not None else jax.make_mesh((1,), ("data",), devices=jax.devices()[:1])
   probe_lib.check_batch_size(batch_size, mesh, batch_axes, batch_key)
   params = jax.device_put(enc_params, NamedSharding(mesh, P()))
-  fn = jax.jit(token_apply(encoder))
+  fn = _jitted_tokens(encoder)
   stats = ReadStats()
   empty = packing.empty_row(tokens_per_row, patch_size, 1)
   chunks = {k: [] for k in _ARRAYS}
