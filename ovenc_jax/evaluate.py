@@ -107,14 +107,23 @@ def run(args) -> list[dict]:
   pooled = None
   for probe in args.probe:
     if probe == "attentive":
-      for lr in args.lr:
+      train_feats = probe_lib.Features(tr.tokens, tr.mask, ytr)
+      lrs, chosen = args.lr, {}
+      if args.select_lr:
+        s = probe_lib.ProbeSettings(min_lr=args.min_lr, schedule=args.schedule, batch_size=args.probe_batch_size,
+                                    epochs=args.epochs, seed=args.seed)
+        best, scores = probe_lib.select_lr(train_feats, len(classes), s, args.lr, mesh=mesh,
+                                           batch_key="--probe_batch_size", holdout=args.select_holdout)
+        lrs, chosen = [best], dict(lr_selected_on="train holdout", holdout_top1={str(k): v for k, v in scores.items()})
+      for lr in lrs:
         s = probe_lib.ProbeSettings(lr=lr, min_lr=args.min_lr, schedule=args.schedule, batch_size=args.probe_batch_size,
                                     epochs=args.epochs, seed=args.seed)
         t0 = time.perf_counter()
-        res = probe_lib.run_probe(probe_lib.Features(tr.tokens, tr.mask, ytr), probe_lib.Features(va.tokens, va.mask, yva),
+        res = probe_lib.run_probe(train_feats, probe_lib.Features(va.tokens, va.mask, yva),
                                   len(classes), s, mesh=mesh, batch_key="--probe_batch_size")
         rows.append(dict(common, probe="attentive", lr=lr, epochs=s.resolved_epochs(len(tr)), top1=res["top1"],
-                         top5=res["top5"], train_loss=res["probe_train_loss"], seconds=time.perf_counter() - t0))
+                         top5=res["top5"], train_loss=res["probe_train_loss"], seconds=time.perf_counter() - t0,
+                         **chosen))
       continue
     if pooled is None:
       pooled = token_features.pooled(tr), token_features.pooled(va)
@@ -156,6 +165,10 @@ def parser() -> argparse.ArgumentParser:
   ap.add_argument("--reuse_features", action="store_true",
                   help="reuse OUTPUT/features of the same record folders (an lr sweep without the encoder)")
   ap.add_argument("--lr", type=float, nargs="+", default=[d["lr"]], help="attentive probe lr(s), one row each")
+  ap.add_argument("--select_lr", action="store_true",
+                  help="pick one of --lr by top-1 on a per-class holdout of --train (never --val), refit on all "
+                       "of --train and report that one row: a principled lr for small sets")
+  ap.add_argument("--select_holdout", type=float, default=0.2, help="--train share held out by --select_lr")
   ap.add_argument("--min_lr", type=float, default=d["min_lr"])
   ap.add_argument("--schedule", choices=probe_lib.SCHEDULES, default=d["schedule"])
   ap.add_argument("--epochs", type=int, default=0,

@@ -62,3 +62,10 @@ def gcs_emulator():
       yield emulator
     finally:
       emulator.stop()
+
+
+@pytest.fixture(scope="session")
+def trained_digits(tmp_path_factory):
+  """A tiny encoder trained once per session on digit records (tests.helpers.trained_digits)."""
+  from tests.helpers import trained_digits as helper
+  return helper.train(str(tmp_path_factory.mktemp("trained_digits")))

@@ -27,10 +27,30 @@ def torch_head(p, tokens, mask):
 
   def ln(x, n, eps):
     return torch.nn.functional.layer_norm(x, (D,), n["scale"], n["bias"], eps)
-  y = ln(x, p["mlp_norm"], 1e-6) @ p["fc1"]["kernel"] + p["fc1"]["bias"]
-  y = torch.nn.functional.gelu(y, approximate="tanh") @ p["fc2"]["kernel"] + p["fc2"]["bias"]
+  y = torch.nn.functional.rms_norm(x, (D,), p["mlp_norm"]["scale"], 1e-6) @ p["fc1"]["kernel"] + p["fc1"]["bias"]
+  y = torch.nn.functional.gelu(y) @ p["fc2"]["kernel"] + p["fc2"]["bias"]
   x = ln((x + y)[:, 0], p["norm"], 1e-5)
   return x @ p["classifier"]["kernel"] + p["classifier"]["bias"]
+
+
+def test_head_starts_at_the_published_heads_scales():
+  """The query at unit scale and query/key/value kernels as torch's MultiheadAttention initialises its
+  fused in-projection (Xavier-uniform over [3D, D]); out projection, MLP and classifier normal 0.02
+  (timm's trunc_normal_ cuts at +-2 absolute: nothing at this std)."""
+  d, heads = 128, 2
+  params = jax.jit(probe_lib.MAPHead(num_classes=50, num_heads=heads).init)(
+      jax.random.key(0), np.zeros((1, 2, d), np.float32), np.ones((1, 2), bool))["params"]
+  torch.manual_seed(0)
+  ref = torch.nn.MultiheadAttention(d, heads).in_proj_weight.detach().numpy()
+  a = params["attention"]
+  for name, part in zip(("query", "key", "value"), np.split(ref, 3)):
+    k = np.asarray(a[name]["kernel"]).reshape(d, d)
+    assert np.std(k) == pytest.approx(np.std(part), rel=0.03), name
+    assert np.abs(k).max() == pytest.approx(np.abs(part).max(), rel=0.01), name
+  assert np.std(np.asarray(params["probe"])) == pytest.approx(1.0, rel=0.15)  # torch.randn, d values
+  for name, std in (("out", 0.02), ("fc1", 0.02), ("fc2", 0.02), ("classifier", 0.02 * probe_lib.DEFAULTS["init_scale"])):
+    k = np.asarray((a if name == "out" else params)[name]["kernel"])
+    assert np.std(k) == pytest.approx(std, rel=0.08), name
 
 
 def _inputs(b=4, seed=0):
@@ -71,10 +91,17 @@ def test_head_forward_and_one_step_match_torch():
   ref_loss.backward()
   torch.nn.utils.clip_grad_norm_(leaves, max_norm=0.5)
   opt = torch.optim.AdamW(leaves, lr=1e-2, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
-  opt.step()
   np.testing.assert_allclose(float(loss), ref_loss.item(), rtol=1e-5)
-  for got, want in zip(jax.tree.leaves(new), leaves):
-    np.testing.assert_allclose(np.asarray(got), want.detach().numpy(), rtol=1e-4, atol=2e-5)  # Adam divides by |g|: float32 noise of tiny gradients
+  grads = [x.grad.numpy().copy() for x in leaves]
+  opt.step()
+  names = [jax.tree_util.keystr(k) for k, _ in jax.tree_util.tree_flatten_with_path(new)[0]]
+  for name, got, was, want, g in zip(names, jax.tree.leaves(new), jax.tree.leaves(params), leaves, grads):
+    if "'key']['bias'" in name:
+      # A key bias shifts every logit of a query equally: its gradient is 0 up to rounding, and Adam
+      # turns rounding noise into steps of up to lr.
+      assert np.abs(g).max() < 1e-12 and np.abs(np.asarray(got) - was).max() <= 1.01e-2, name
+      continue
+    np.testing.assert_allclose(np.asarray(got), want.detach().numpy(), rtol=1e-4, atol=2e-5, err_msg=name)
 
 
 def _toy_features(n, seed):
@@ -89,6 +116,7 @@ def _toy_features(n, seed):
   return probe_lib.Features(tokens, mask, labels)
 
 
+@pytest.mark.slow
 def test_probe_learns_sharded_equals_single_device_and_is_deterministic():
   train, val = _toy_features(64, 0), _toy_features(32, 1)
   s = probe_lib.ProbeSettings(lr=1e-2, epochs=5, batch_size=16)
@@ -101,6 +129,26 @@ def test_probe_learns_sharded_equals_single_device_and_is_deterministic():
   assert eight == again
   assert abs(one["top1"] - eight["top1"]) <= 1 / 32
   np.testing.assert_allclose(one["probe_train_loss"], eight["probe_train_loss"], rtol=1e-4)
+  # lr selection on a holdout of the train split: an lr too small to move the head in 5 epochs loses.
+  best, scores = probe_lib.select_lr(train, CLASSES, s, [1e-7, 1e-2], mesh=mesh)
+  assert best == 1e-2 and scores[1e-2] > scores[1e-7] + 0.3, scores
+  held = probe_lib.holdout_split(train.labels, 0.2, s.seed)
+  ref = probe_lib.run_probe(train.subset(np.flatnonzero(~held)), train.subset(np.flatnonzero(held)), CLASSES,
+                            probe_lib.ProbeSettings(lr=1e-2, epochs=5, batch_size=16), mesh=mesh)
+  assert scores[1e-2] == ref["top1"]
+
+
+def test_holdout_split_is_per_class_and_seeded():
+  labels = np.repeat([0, 1, 2, 3], [10, 5, 2, 1])
+  held = probe_lib.holdout_split(labels, 0.2, seed=0)
+  assert [int(held[labels == c].sum()) for c in range(4)] == [2, 1, 1, 0]  # at least one, never all
+  np.testing.assert_array_equal(held, probe_lib.holdout_split(labels, 0.2, seed=0))
+  assert not np.array_equal(held, probe_lib.holdout_split(labels, 0.2, seed=1))
+  sub = _toy_features(12, 0).subset(np.array([5, 2, 7]))
+  full = _toy_features(12, 0)
+  np.testing.assert_array_equal(sub.tokens[np.array([2, 0])], full.tokens[np.array([7, 5])])
+  np.testing.assert_array_equal(sub.labels, full.labels[[5, 2, 7]])
+  assert sub.tokens.shape == (3, T, D) and len(sub) == 3
 
 
 def test_probe_refuses_bad_settings():

@@ -16,7 +16,6 @@ from ovenc_jax.eval import token_features
 from ovenc_jax.model import encoder as model_lib
 from ovenc_jax.train import checkpoint as ckpt_lib
 from tests.helpers import digit_shards
-from tests.helpers.train_cli import make_config
 
 
 @pytest.fixture(scope="module")
@@ -90,6 +89,13 @@ def test_cli_writes_results_reuses_features_and_matches_references(splits, tmp_p
                                     "--lr", "1e-4", "1e-3"])
   assert [r["lr"] for r in again] == [1e-4, 1e-3]
   assert again[0]["top1"] == rows[0]["top1"] and again[0]["train_loss"] == rows[0]["train_loss"]
+  # --select_lr: one row, its lr the best on a holdout of --train, then fit on all of --train as the sweep did.
+  picked = evaluate.main(argv[:8] + ["--epochs", "2", "--probe_batch_size", "16", "--reuse_features",
+                                     "--lr", "1e-4", "1e-3", "--select_lr"])
+  assert len(picked) == 1 and picked[0]["lr_selected_on"] == "train holdout"
+  holdout = picked[0]["holdout_top1"]
+  assert picked[0]["lr"] == max((1e-4, 1e-3), key=lambda lr: (holdout[str(lr)], -lr))
+  assert picked[0]["top1"] == again[[r["lr"] for r in again].index(picked[0]["lr"])]["top1"]
 
 
 def test_cli_refuses_one_class_and_bad_batch(splits, tmp_path):
@@ -100,50 +106,36 @@ def test_cli_refuses_one_class_and_bad_batch(splits, tmp_path):
   with pytest.raises(SystemExit):
     evaluate.main(["--model", wd, "--train", one, "--val", splits[1], "--output", str(tmp_path / "o"),
                    "--tokens_per_row", "32", "--batch_size", "8"])
+  # The features the failed run cached: the encoder does not run again.
+  args = evaluate.parser().parse_args(["--model", wd, "--train", one, "--val", splits[1], "--output",
+                                       str(tmp_path / "o"), "--tokens_per_row", "32", "--batch_size", "8",
+                                       "--reuse_features"])
+  args.probe = ["attentive"]
   with pytest.raises(ValueError, match=r"one class \(3\)"):
-    args = evaluate.parser().parse_args(["--model", wd, "--train", one, "--val", splits[1], "--output",
-                                         str(tmp_path / "o"), "--tokens_per_row", "32", "--batch_size", "8"])
-    args.probe = ["attentive"]
     evaluate.run(args)
+  args.batch_size, args.reuse_features = 12, False
   with pytest.raises(ValueError, match=r"--batch_size=12 is not divisible by the 8 devices"):
-    args.batch_size = 12
     evaluate.run(args)
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-  """A tiny encoder trained on 600 digits, and its initial params."""
-  from ovenc_jax.train import trainer as train
-  root = tmp_path_factory.mktemp("trained")
-  data = digit_shards.write_digit_shards(str(root / "pre"), 0, 600, num_shards=4)
-  cfg = make_config(data, total_steps=150, ckpt_every=150, log_every=50, async_ckpt=False,
-                    **{"input.global_batch_size": 16, "optim.warmup_steps": 20})
-  t = train.Trainer(cfg, str(root / "wd"))
-  init = nn.meta.unbox(jax.jit(t._init_state)(jax.random.key(cfg.seed))["params"]["encoder"])
-  t.run()
-  # The trainer's encoder names the training mesh's axes; the probe runs on a one-axis mesh.
-  return model_lib.encoder_from_config(cfg.model), init, ckpt_lib.load_params(str(root / "wd"))[1]["encoder"]
 
 
 @pytest.mark.slow
-def test_attentive_probe_on_trained_beats_initial(trained, tmp_path):
-  encoder, init, final = trained
+def test_attentive_probe_on_trained_beats_initial(trained_digits, tmp_path):
+  encoder = trained_digits["encoder"]
   splits = (digit_shards.write_digit_shards(str(tmp_path / "train"), 1000, 300, num_shards=2, seed=1),
             digit_shards.write_digit_shards(str(tmp_path / "val"), 1300, 200, num_shards=2, seed=2))
   out = {}
   mesh = jax.make_mesh((8,), ("data",))
-  s = probe_lib.ProbeSettings(lr=1e-3, epochs=20, batch_size=16)
-  for name, params in (("initial", init), ("trained", final)):
-    f = {k: token_features.extract(encoder, params, p, patch_size=14, tokens_per_row=32, batch_size=16,
-                                   mesh=mesh)[0] for k, p in zip(("train", "val"), splits)}
+  s = probe_lib.ProbeSettings()  # the published protocol: lr 1e-4, 30 epochs on a set this small, batch 32
+  for name in ("initial", "final"):
+    f = {k: token_features.extract(encoder, trained_digits[name], p, patch_size=14, tokens_per_row=32,
+                                   batch_size=16, mesh=mesh)[0] for k, p in zip(("train", "val"), splits)}
     out[f"attentive_{name}"] = probe_lib.run_probe(f["train"], f["val"], 10, s, mesh=mesh)["top1"]
     out[f"linear_{name}"] = probes.fit_linear_top1(token_features.pooled(f["train"]), f["train"].labels,
                                                    token_features.pooled(f["val"]), f["val"].labels)[0]
   print(out)
-  assert out["attentive_trained"] > out["attentive_initial"] + 0.08, out
-  # On 300 training clips the head (about 200k weights) trails the L2-regularised mean-pool probe a
-  # little; a gap beyond this means the head or its features are broken.
-  assert out["attentive_trained"] >= out["linear_trained"] - 0.1, out
+  assert out["attentive_final"] > out["attentive_initial"] + 0.15, out
+  # Matches the mean-pool linear probe within a few of the 200 validation clips.
+  assert out["attentive_final"] >= out["linear_final"] - 0.03, out
 
 
 def test_video_labels_from_folder_and_csv_share_class_indices(tmp_path):

@@ -33,17 +33,15 @@ def shards(tmp_path_factory):
   return digit_shards.write_digit_shards(str(tmp_path_factory.mktemp("digits") / "train"), 0, 300, num_shards=2)
 
 @pytest.mark.slow
-def test_short_run_lowers_loss_and_lifts_knn(data, tmp_path):
-  cfg = make_config(*data, total_steps=300, ckpt_every=300, log_every=50,
-                    **{"input.global_batch_size": 16, "optim.warmup_steps": 20})
-  summary = train.Trainer(cfg, str(tmp_path)).run()
-  loss = losses(str(tmp_path))
+def test_short_run_lowers_loss_and_lifts_knn(trained_digits):
+  summary, workdir = trained_digits["summary"], trained_digits["workdir"]
+  loss = losses(workdir)
   first, last = np.mean([loss[s] for s in range(1, 11)]), np.mean([loss[s] for s in range(291, 301)])
   init_knn, final_knn = summary["initial_eval"]["knn_top1"], summary["final_eval"]["knn_top1"]
   print(f"loss {first:.3f} -> {last:.3f}, kNN {init_knn:.3f} -> {final_knn:.3f}")
   assert last < 0.5 * first, (first, last)
   assert final_knn > init_knn + 0.1, (init_knn, final_knn)
-  assert os.path.isdir(os.path.join(tmp_path, "tensorboard"))
+  assert os.path.isdir(os.path.join(workdir, "tensorboard"))
 
 
 @pytest.mark.slow

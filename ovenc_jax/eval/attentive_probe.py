@@ -46,14 +46,27 @@ class ProbeSettings:
       raise ValueError(f"{prefix}.epochs={self.epochs} must be >= 0 (0 = the protocol's default)")
 
 
-_TRUNC = nn.initializers.truncated_normal(0.02)
+# The published head's Linear init, timm's trunc_normal_(std=0.02): its cut is at +-2 absolute, so at
+# this std it cuts nothing and is a plain normal.
+_TRUNC = nn.initializers.normal(0.02)
+
+
+def _fused_xavier(key, shape, dtype=jnp.float32):
+  """Xavier-uniform of the fused [3D, D] query/key/value projection of torch's MultiheadAttention,
+  applied to each of flax's [D, heads, head_dim] kernels: the published head's starting scale."""
+  d = shape[0]
+  bound = math.sqrt(6.0 / (d + 3 * d))
+  return jax.random.uniform(key, shape, dtype, -bound, bound)
 
 
 class MAPHead(nn.Module):
-  """Multihead attention pooling (SigLIP/big_vision style) then LayerNorm and a linear classifier.
+  """Multihead attention pooling (SigLIP2 style, as the published probe) then LayerNorm and a linear classifier.
 
-  One learned query attends over the clip's tokens (padding masked out); an MLP block with a
-  residual follows; the classifier starts `init_scale` times smaller so first logits are near 0.
+  One learned query attends over the clip's tokens (padding masked out); an RMSNorm + MLP block with
+  a residual follows; the classifier starts `init_scale` times smaller so first logits are near 0.
+  The query starts at unit scale and the query/key/value projections Xavier-uniform, as in the
+  published head: at 0.02 both, the query's logits start near 0 and it barely moves, so the head
+  stays a mean-pool behind an MLP.
   """
   num_classes: int
   num_heads: int
@@ -64,13 +77,13 @@ class MAPHead(nn.Module):
   def __call__(self, tokens, mask):
     b, _, d = tokens.shape
     tokens = tokens.astype(jnp.float32)
-    probe = self.param("probe", _TRUNC, (1, 1, d))
+    probe = self.param("probe", nn.initializers.normal(1.0), (1, 1, d))
     attn_mask = mask[:, None, None, :].astype(bool)
-    x = nn.MultiHeadDotProductAttention(num_heads=self.num_heads, kernel_init=_TRUNC, name="attention")(
-        jnp.broadcast_to(probe, (b, 1, d)), tokens, mask=attn_mask)
-    y = nn.LayerNorm(epsilon=1e-6, name="mlp_norm")(x)
+    x = nn.MultiHeadDotProductAttention(num_heads=self.num_heads, kernel_init=_fused_xavier, out_kernel_init=_TRUNC,
+                                        name="attention")(jnp.broadcast_to(probe, (b, 1, d)), tokens, mask=attn_mask)
+    y = nn.RMSNorm(epsilon=1e-6, name="mlp_norm")(x)
     y = nn.Dense(d * self.mlp_ratio, kernel_init=_TRUNC, name="fc1")(y)
-    y = nn.Dense(d, kernel_init=_TRUNC, name="fc2")(nn.gelu(y, approximate=True))
+    y = nn.Dense(d, kernel_init=_TRUNC, name="fc2")(nn.gelu(y, approximate=False))
     x = (x + y)[:, 0]
     x = nn.LayerNorm(epsilon=1e-5, name="norm")(x)
     scaled = lambda key, shape, dtype=jnp.float32: _TRUNC(key, shape, dtype) * self.init_scale
@@ -98,6 +111,20 @@ def smoothed_loss(logits, labels, weights, num_classes: int, smoothing: float):
   return jnp.sum(per * weights) / jnp.maximum(jnp.sum(weights), 1.0)
 
 
+class _Rows:
+  """Rows `rows` of an array-like (a memory-mapped cache stays on disk), indexed like one array."""
+
+  def __init__(self, base, rows: np.ndarray):
+    self.base, self.rows = base, rows
+    self.shape = (len(rows),) + tuple(base.shape[1:])
+
+  def __len__(self) -> int:
+    return len(self.rows)
+
+  def __getitem__(self, idx):
+    return self.base[self.rows[np.asarray(idx)]]
+
+
 @dataclasses.dataclass
 class Features:
   """Frozen encoder outputs of a labelled clip set: tokens [N, T, D], mask [N, T], labels [N]."""
@@ -107,6 +134,9 @@ class Features:
 
   def __len__(self) -> int:
     return len(self.labels)
+
+  def subset(self, rows: np.ndarray) -> "Features":
+    return Features(_Rows(self.tokens, rows), _Rows(self.mask, rows), np.asarray(self.labels)[rows])
 
 
 def _batch_shards(mesh, batch_axes) -> int:
@@ -244,3 +274,36 @@ def run_probe(train: Features, val: Features, num_classes: int, settings: ProbeS
   params, info = trainer.train(train)
   logits = trainer.logits(params, val)
   return dict(top1=topk_accuracy(logits, val.labels, 1), top5=topk_accuracy(logits, val.labels, 5), **info)
+
+
+def holdout_split(labels: np.ndarray, fraction: float, seed: int) -> np.ndarray:
+  """Boolean holdout mask: per class a seeded random `fraction` of its clips (at least one, never all);
+  a class with a single clip stays in the fitting part."""
+  rng = np.random.default_rng(seed)
+  held = np.zeros(len(labels), bool)
+  for c in np.unique(labels):
+    idx = np.flatnonzero(labels == c)
+    if len(idx) < 2:
+      continue
+    k = min(len(idx) - 1, max(1, int(round(fraction * len(idx)))))
+    held[rng.permutation(idx)[:k]] = True
+  return held
+
+
+def select_lr(train: Features, num_classes: int, settings: ProbeSettings, lrs, mesh=None, batch_axes=("data",),
+              batch_key: str = "probe.batch_size", holdout: float = 0.2) -> tuple[float, dict[float, float]]:
+  """The lr of `lrs` whose head, fit on the train split less a per-class holdout, scores best top-1 on
+  that holdout (ties: the first listed), and each lr's holdout top-1. The validation split is never seen."""
+  if not 0 < holdout < 1:
+    raise ValueError(f"holdout={holdout} must be in (0, 1)")
+  held = holdout_split(np.asarray(train.labels), holdout, settings.seed)
+  fit, check = train.subset(np.flatnonzero(~held)), train.subset(np.flatnonzero(held))
+  if len(check) == 0:
+    raise ValueError("attentive probe lr selection: no class of the training set has two clips to hold one out")
+  scores = {}
+  for lr in lrs:
+    # The epoch count of the full split (the small-set rule reads its size), as the final fit uses.
+    s = dataclasses.replace(settings, lr=float(lr), epochs=settings.resolved_epochs(len(train)))
+    scores[float(lr)] = run_probe(fit, check, num_classes, s, mesh, batch_axes, batch_key)["top1"]
+  best = max(scores, key=lambda lr: (scores[lr], -list(scores).index(lr)))
+  return best, scores

@@ -95,10 +95,10 @@ def token_apply(encoder):
   return apply
 
 
-@functools.lru_cache(maxsize=4)
-def _jitted_apply(encoder):
-  """One jitted forward per encoder (modules compare by value): the train and val passes, and
-  later runs in this process, reuse its compiled executables."""
+@functools.lru_cache(maxsize=8)
+def _jitted_tokens(encoder):
+  """One jitted token function per encoder: the train and val splits (and a second params set of
+  the same model) reuse its compilation."""
   return jax.jit(token_apply(encoder))
 
 
@@ -114,7 +114,7 @@ def extract(encoder, enc_params, records_dir: str, *, patch_size: int, tokens_pe
   mesh = mesh if mesh is not None else jax.make_mesh((1,), ("data",), devices=jax.devices()[:1])
   probe_lib.check_batch_size(batch_size, mesh, batch_axes, batch_key)
   params = jax.device_put(enc_params, NamedSharding(mesh, P()))
-  fn = _jitted_apply(encoder)
+  fn = _jitted_tokens(encoder)
   stats = ReadStats()
   empty = packing.empty_row(tokens_per_row, patch_size, 1)
   chunks = {k: [] for k in _ARRAYS}
