@@ -5,7 +5,8 @@ python benchmarks/bench_aot.py [--json PATH] [--out DIR] [--cases large_v5p128,b
 
 Each case is one `python -m ovenc_jax.aot.compile` run (its own process, one at a time) of a `pod=` preset
 (ovenc_jax/configs/common.py) on 16-frame clips at 12.5% (512 tokens, one clip a row), 1M centers, up to 10
-labels a sample. From its report (ovenc_jax.aot.figures):
+labels a sample; the `_official` cases (not run by default) use `geometry=official`: 64-frame clips at
+12.5%, 2,048 tokens a row. From its report (ovenc_jax.aot.figures):
 - compute_fraction = t_compute / max(t_compute, t_hbm): t_compute is the model's own FLOP count at
   the chip's peak, t_hbm XLA's bytes accessed at the chip's HBM bandwidth (the splash kernels declare
   their FLOPs and K/V re-reads to XLA: ovenc_jax/model/attention/splash.py; the fused MLP kernels their
@@ -36,25 +37,35 @@ from ovenc_format import atomic_io
 from ovenc_jax.aot import compile as aot
 from ovenc_jax.aot.figures import figures
 
-# name: (variant, pod preset / topology)
+# name: (variant, pod preset / topology, extra config args, tokens a row). The official-geometry
+# cases are the published 64-frame clip: 2,048 kept tokens a row, t on the 64-slot timeline.
 CASES = {
-    "large_v5p128": ("large", "v5p-128"),
-    "base_v5e256": ("base", "v5e-256"),
-    "base_h100x8": ("base", "h100x8"),
+    "large_v5p128": ("large", "v5p-128", "", 512),
+    "base_v5e256": ("base", "v5e-256", "", 512),
+    "base_h100x8": ("base", "h100x8", "", 512),
+    "base_v5e256_official": ("base", "v5e-256", ",geometry=official", 2048),
+    "large_v5p128_official": ("large", "v5p-128", ",geometry=official", 2048),
 }
-INPUT = ["--config.input.tokens_per_row=512", "--config.input.max_segments=1",
-         "--config.loss.num_classes=1000000", "--config.input.max_labels=10"]
+DEFAULT_CASES = ("large_v5p128", "base_v5e256", "base_h100x8")
+LOSS = ["--config.loss.num_classes=1000000", "--config.input.max_labels=10"]
+
+
+def case_flags(name: str) -> list[str]:
+  """One clip a row at the case's token budget, 1M centers, up to 10 labels a sample."""
+  tokens = CASES[name][3]
+  return [f"--config.input.tokens_per_row={tokens}", "--config.input.max_segments=1", *LOSS]
 GOALS = {"large_v5p128_compute_fraction": 0.6, "base_v5e256_compute_fraction": 0.5}
 
 
 def compile_case(name: str, out_dir: str, flags=()) -> dict | None:
   """The case's aot report; a GPU preset falls back to XLA attention where the cuDNN library (which
   tracing cuDNN attention queries for its version) is not installed, and the report says so."""
-  variant, pod = CASES[name]
+  variant, pod, extra, _ = CASES[name]
   path = os.path.join(out_dir, f"{name}.json")
   if not os.path.exists(path):
-    cmd = [sys.executable, "-m", "ovenc_jax.aot.compile", f"--config={aot.PRETRAIN_CONFIG}:variant={variant},pod={pod}",
-           f"--topology={pod}", f"--json={path}", *INPUT, *flags]
+    cmd = [sys.executable, "-m", "ovenc_jax.aot.compile",
+           f"--config={aot.PRETRAIN_CONFIG}:variant={variant},pod={pod}{extra}",
+           f"--topology={pod}", f"--json={path}", *case_flags(name), *flags]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     fallback = not os.path.exists(path) and "cuDNN not found" in proc.stderr
     if fallback:
@@ -87,7 +98,7 @@ def _fmt(v, unit=""):
 
 def table(names, res) -> str:
   rows = [("devices (mesh fsdp)", lambda n: f"{res[n + '_devices']} ({res[n + '_fsdp']})"),
-          ("global batch (rows x 512 tok)", lambda n: _fmt(res[n + "_global_batch"])),
+          ("global batch (rows x tokens)", lambda n: f"{res[n + '_global_batch']} x {CASES[n][3]}"),
           ("compute_fraction (from)", lambda n: f"{_fmt(res[n + '_compute_fraction'])} "
                                                 f"({res[n + '_compute_fraction_from']})"),
           ("step ms at peak FLOPs (model)", lambda n: _fmt(res[n + "_step_s_model_flops"], "ms")),
@@ -108,7 +119,7 @@ def table(names, res) -> str:
           ("replicated > 64 MiB", lambda n: _fmt(res[n + "_replicated_over_64mib"])),
           ("compile s", lambda n: f"{res[n + '_compile_s']:.0f}"),
           ("attention", lambda n: "xla (no cuDNN here)" if res[n + "_attention_fallback_xla"] else "preset")]
-  width = 20
+  width = max(20, *(len(n) + 2 for n in names))
   lines = [f"{'':32s}" + "".join(f"{n:>{width}s}" for n in names)]
   for label, get in rows:
     lines.append(f"{label:32s}" + "".join(f"{get(n):>{width}s}" for n in names))
@@ -123,7 +134,8 @@ def main(argv=None):
   ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   ap.add_argument("--json", help="write the figures here")
   ap.add_argument("--out", help="keep the per-case aot reports here (existing ones are reused)")
-  ap.add_argument("--cases", default=",".join(CASES))
+  ap.add_argument("--cases", default=",".join(DEFAULT_CASES),
+                  help=f"comma-separated, of: {', '.join(CASES)}")
   ap.add_argument("--flags", default="", help="config flags added to every case (a step change to compare), "
                   "e.g. --flags=--config.model.remat=dots; give a fresh --out with them")
   args = ap.parse_args(argv)
