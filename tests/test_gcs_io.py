@@ -2,9 +2,7 @@
 import io
 import json
 import os
-import signal
 import subprocess
-import sys
 import time
 
 import numpy as np
@@ -16,7 +14,7 @@ from ovenc_format import label_table as label_table_lib
 from ovenc_format import paths
 from ovenc_jax.input import shards as shards_lib
 from tests.helpers import digit_shards
-from tests.helpers.train_cli import cli, finish
+from tests.helpers.train_cli import cli
 
 
 def _upload_folder(local_dir, remote_dir):
@@ -80,38 +78,6 @@ def test_bad_workdir_fails_at_start_naming_it(gcs_emulator, bucket_shards, tmp_p
   assert line.startswith("ovenc-train: error: --workdir " + workdir) and expect in line, line
   assert time.time() - t0 < 60
   assert not (tmp_path / "gs:").exists()
-
-
-@pytest.mark.slow
-def test_bucket_workdir_sigterm_resume_is_bitwise(gcs_emulator, bucket_shards, tmp_path):
-  steps, kw = 8, {"ckpt_every": 1000, "input.tokens_per_row": 32}
-  env = dict(os.environ, OVENC_CACHE_DIR=str(tmp_path / "cache"),
-             JAX_COMPILATION_CACHE_DIR=str(tmp_path / "xla_cache"), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
-  run = lambda name: subprocess.Popen(cli(f"gs://bkt/{name}", bucket_shards[0], total_steps=steps, **kw),
-                                      env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                      text=True)
-  finish([run("full")], timeout=300)
-
-  proc = run("cut")
-  deadline = time.time() + 240
-  while not any(s >= 3 for s in gcs_emulator.losses("bkt", "cut")):
-    assert time.time() < deadline and proc.poll() is None, "no progress"
-    time.sleep(0.1)
-  proc.send_signal(signal.SIGTERM)
-  out = finish([proc], timeout=120)[0]
-  k = json.loads(out.split("SUMMARY ")[-1].splitlines()[0])["preempted_at"]
-  assert 3 <= k < steps
-  assert f"cut/checkpoints/{k}/" in " ".join(gcs_emulator.list_objects("bkt", "cut/checkpoints/"))
-  finish([run("cut")], timeout=300)
-
-  a, b = gcs_emulator.losses("bkt", "full"), gcs_emulator.losses("bkt", "cut")
-  assert sorted(a) == sorted(b) == list(range(1, steps + 1))
-  assert all(a[s] == b[s] for s in range(k + 1, steps + 1)), (a, b)
-  names = gcs_emulator.list_objects("bkt", "cut/")
-  assert "cut/config.json" in names
-  assert any(n.startswith("cut/tensorboard/events.out.tfevents") for n in names), names
-  assert not any(".tmp-" in n or ".write-probe-" in n for n in names), names
-  assert sorted(os.listdir(tmp_path)) == ["cache", "xla_cache"]  # nothing under a local `gs:` folder
 
 
 @pytest.mark.slow

@@ -1,4 +1,4 @@
-"""Preemption on 2 processes: SIGTERM to one process only; both agree on the stop step, save it, resume bitwise."""
+"""Preemption on 2 processes into a bucket: SIGTERM to one process only; both agree on the stop step, save it, resume bitwise."""
 import json
 import os
 import signal
@@ -30,22 +30,17 @@ def _start(workdir, data, cache):
   return start_processes(workdir, data, 2, env, **kw)
 
 
-def _reached(workdir, step):
-  try:
-    return any(s >= step for s in losses(str(workdir)))
-  except (OSError, ValueError):  # not written yet, or a line half written
-    return False
-
-
-def test_sigterm_to_one_process_stops_both_at_one_step(shards, tmp_path):
-  full, cut, cache = tmp_path / "full", tmp_path / "cut", str(tmp_path / "xla_cache")
+def test_sigterm_to_one_process_stops_both_at_one_step(shards, tmp_path, gcs_emulator):
+  """The preempted run's workdir is a bucket (the GCS emulator), as on a pod: its checkpoints,
+  metrics, config and TensorBoard events live there; the reference run writes to a local folder."""
+  full, cut, cache = tmp_path / "full", "gs://bkt/preempted", str(tmp_path / "xla_cache")
   finish(_start(full, shards, cache), timeout=300)
 
   procs = _start(cut, shards, cache)
   deadline = time.time() + 240
-  while not _reached(cut, 3):
+  while not any(s >= 3 for s in gcs_emulator.losses("bkt", "preempted")):
     assert time.time() < deadline and all(p.poll() is None for p in procs), "no progress"
-    time.sleep(0.05)
+    time.sleep(0.1)
   t0 = time.time()
   procs[1].send_signal(signal.SIGTERM)  # the other process gets no signal
   outs = finish(procs, timeout=60)
@@ -54,10 +49,16 @@ def test_sigterm_to_one_process_stops_both_at_one_step(shards, tmp_path):
   k = summary["preempted_at"]
   assert 3 <= k < STEPS
   # One preemption checkpoint, the agreed step (orbax also keeps its initial save of step 1).
-  assert sorted(os.listdir(cut / "checkpoints"), key=int) == sorted({"1", str(k)}, key=int)
+  saved = {n.split("/")[2] for n in gcs_emulator.list_objects("bkt", "preempted/checkpoints/")}
+  assert sorted(saved, key=int) == sorted({"1", str(k)}, key=int)
 
   finish(_start(cut, shards, cache), timeout=300)
-  a, b = losses(str(full)), losses(str(cut))
+  a, b = losses(str(full)), gcs_emulator.losses("bkt", "preempted")
   assert sorted(b) == list(range(1, STEPS + 1))
   for s in range(k + 1, STEPS + 1):
     assert a[s] == b[s], (s, a[s], b[s])
+  names = gcs_emulator.list_objects("bkt", "preempted/")
+  assert "preempted/config.json" in names
+  assert any(n.startswith("preempted/tensorboard/events.out.tfevents") for n in names), names
+  assert not any(".tmp-" in n or ".write-probe-" in n for n in names), names
+  assert not os.path.exists("gs:") and not (tmp_path / "gs:").exists()
