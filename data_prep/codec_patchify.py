@@ -355,7 +355,11 @@ def _option_strings(parser) -> list:
 
 
 def parse_args(argv=None):
-  """Our flags, then Beam's: (args, beam_args). Leftover flags must be Beam options; an unknown
+  return parse_with_beam_flags(build_parser(), argv)
+
+
+def parse_with_beam_flags(ap, argv=None):
+  """ap's flags, then Beam's: (args, beam_args). Leftover flags must be Beam options; an unknown
   one is an argparse error naming it and the closest known flag. After a lone '--', everything
   goes to Beam unchecked."""
   argv = list(sys.argv[1:] if argv is None else argv)
@@ -363,7 +367,6 @@ def parse_args(argv=None):
   if "--" in argv:
     i = argv.index("--")
     argv, unchecked = argv[:i], argv[i + 1:]
-  ap = build_parser()
   args, leftover = ap.parse_known_args(argv)
   if leftover:
     beam = _beam_parser()

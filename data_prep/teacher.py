@@ -2,7 +2,6 @@
 import argparse
 import concurrent.futures
 import contextlib
-import difflib
 import hashlib
 import io
 import json
@@ -338,23 +337,12 @@ def build_parser():
 
 
 def parse_args(argv=None):
-  argv = list(sys.argv[1:] if argv is None else argv)
-  unchecked = []
-  if "--" in argv:
-    i = argv.index("--")
-    argv, unchecked = argv[:i], argv[i + 1:]
+  """Our flags, then Beam's (checked as the codec job checks them); Beam's need --mode beam."""
   ap = build_parser()
-  args, leftover = ap.parse_known_args(argv)
-  if leftover and args.mode != "beam":
-    ap.error(f"unknown flag {leftover[0].split('=', 1)[0]} (Beam options need --mode beam)")
-  if leftover:
-    bp = cp._beam_parser()
-    _, unknown = bp.parse_known_args(leftover)
-    for token in unknown:
-      name = token.split("=", 1)[0]
-      close = difflib.get_close_matches(name, cp._option_strings(ap) + cp._option_strings(bp), n=1)
-      ap.error(f"unknown flag {name}" + (f" (did you mean {close[0]}?)" if close else ""))
-  return args, leftover + unchecked
+  args, beam_args = cp.parse_with_beam_flags(ap, argv)
+  if beam_args and args.mode != "beam":
+    ap.error(f"{beam_args[0].split('=', 1)[0]} is a Beam option: Beam options need --mode beam")
+  return args, beam_args
 
 
 def run(argv=None) -> dict:
