@@ -17,18 +17,7 @@ def atomic_write(path: str, write, mode: str = "wb") -> str:
       local = atomic_write(os.path.join(d, os.path.basename(os.fspath(path))), write, mode)
       pathio.upload(local, path)
     return path
-  d = os.path.dirname(os.path.abspath(path))
-  os.makedirs(d, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-", suffix=os.path.splitext(path)[1])
-  try:
-    with os.fdopen(fd, mode) as f:
-      write(f)
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
-  return path
+  return pathio.write_local(path, write, mode)
 
 
 def save_npy(path: str, arr) -> str:

@@ -82,20 +82,29 @@ def remove(path: str) -> None:
   epath.Path(path).unlink(missing_ok=True)
 
 
-def download(remote: str, local: str) -> str:
-  """Copies `remote` to the local file `local` through a temp file and rename (atomic locally)."""
-  d = os.path.dirname(os.path.abspath(local))
+def write_local(path: str, write, mode: str = "wb") -> str:
+  """Calls write(f) on a temp file beside the local `path`, then renames it over `path`: readers
+  never see a half-written file, and a crash leaves only a dot-temp file behind."""
+  d = os.path.dirname(os.path.abspath(path))
   os.makedirs(d, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-")
+  fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-", suffix=os.path.splitext(path)[1])
   try:
-    with os.fdopen(fd, "wb") as out, epath.Path(remote).open("rb") as src:
-      shutil.copyfileobj(src, out, CHUNK)
-    os.replace(tmp, local)
+    with os.fdopen(fd, mode) as f:
+      write(f)
+    os.replace(tmp, path)
   except BaseException:
     if os.path.exists(tmp):
       os.remove(tmp)
     raise
-  return local
+  return path
+
+
+def download(remote: str, local: str) -> str:
+  """Copies `remote` to the local file `local` through a temp file and rename (atomic locally)."""
+  def copy(out):
+    with epath.Path(remote).open("rb") as src:
+      shutil.copyfileobj(src, out, CHUNK)
+  return write_local(local, copy)
 
 
 def cache_dir() -> str:
