@@ -276,18 +276,22 @@ def run_probe(train: Features, val: Features, num_classes: int, settings: ProbeS
   return dict(top1=topk_accuracy(logits, val.labels, 1), top5=topk_accuracy(logits, val.labels, 5), **info)
 
 
-def holdout_split(labels: np.ndarray, fraction: float, seed: int) -> np.ndarray:
-  """Boolean holdout mask: per class a seeded random `fraction` of its clips (at least one, never all);
-  a class with a single clip stays in the fitting part."""
-  rng = np.random.default_rng(seed)
+def per_class_split(labels: np.ndarray, fraction: float, order) -> np.ndarray:
+  """Boolean mask: per class, the first `fraction` of its clips as `order(idx)` ranks them (at least
+  one, never all); a class with a single clip stays out of the mask."""
   held = np.zeros(len(labels), bool)
   for c in np.unique(labels):
     idx = np.flatnonzero(labels == c)
     if len(idx) < 2:
       continue
     k = min(len(idx) - 1, max(1, int(round(fraction * len(idx)))))
-    held[rng.permutation(idx)[:k]] = True
+    held[order(idx)[:k]] = True
   return held
+
+
+def holdout_split(labels: np.ndarray, fraction: float, seed: int) -> np.ndarray:
+  """Boolean holdout mask: per class a seeded random `fraction` of its clips (per_class_split)."""
+  return per_class_split(labels, fraction, np.random.default_rng(seed).permutation)
 
 
 def select_lr(train: Features, num_classes: int, settings: ProbeSettings, lrs, mesh=None, batch_axes=("data",),

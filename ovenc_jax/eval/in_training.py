@@ -43,16 +43,9 @@ def settings(a: dict) -> probe_lib.ProbeSettings:
 
 
 def split_by_class(labels: np.ndarray, sample_ids: np.ndarray, val_fraction: float) -> np.ndarray:
-  """Boolean val mask: per class, the lowest-id share of its samples (at least one, never all);
-  a class with a single sample stays in train."""
-  val = np.zeros(len(labels), bool)
-  for c in np.unique(labels):
-    idx = np.flatnonzero(labels == c)
-    if len(idx) < 2:
-      continue
-    k = min(len(idx) - 1, max(1, int(round(val_fraction * len(idx)))))
-    val[idx[np.argsort(sample_ids[idx], kind="stable")[:k]]] = True
-  return val
+  """Boolean val mask: per class, the lowest-id share of its samples (probe_lib.per_class_split)."""
+  return probe_lib.per_class_split(labels, val_fraction,
+                                   lambda idx: idx[np.argsort(sample_ids[idx], kind="stable")])
 
 
 class Evaluator:
