@@ -86,6 +86,77 @@ def test_a_called_computation_missing_from_the_text_is_named(cut):
     hlo_traffic.hbm_traffic(text)
 
 
+# Fusions that touch part of an operand, as XLA's GPU backend emits them: a gradient sliced out of the
+# all-reduce combiner's flat buffer, a fusion that gathers rows of a table and scatters into another
+# in place, and one that reads an operand whole beside one it slices.
+PARTIAL = """HloModule p, entry_computation_layout={()->f32[1024,256]{1,0}}
+
+%sliced (flat: f32[1048576]) -> f32[256] {
+  %flat = f32[1048576]{0} parameter(0)
+  ROOT %s = f32[256]{0} slice(%flat), slice={[1024:1280]}
+}
+
+%gather_scatter (grad: f32[1024,256], table: f32[1024,256], idx: s32[64,1], upd: f32[64,256]) -> f32[1024,256] {
+  %grad = f32[1024,256]{1,0} parameter(0)
+  %table = f32[1024,256]{1,0} parameter(1)
+  %idx = s32[64,1]{1,0} parameter(2)
+  %rows = f32[64,256]{1,0} gather(%table, %idx), offset_dims={1}, collapsed_slice_dims={0}, start_index_map={0}, index_vector_dim=1, slice_sizes={1,256}
+  %upd = f32[64,256]{1,0} parameter(3)
+  %sum = f32[64,256]{1,0} add(%rows, %upd)
+  ROOT %sc = f32[1024,256]{1,0} scatter(%grad, %idx, %sum), update_window_dims={1}, inserted_window_dims={0}, scatter_dims_to_operand_dims={0}, index_vector_dim=1, to_apply=%add
+}
+
+%add (l: f32[], r: f32[]) -> f32[] {
+  %l = f32[] parameter(0)
+  %r = f32[] parameter(1)
+  ROOT %a = f32[] add(%l, %r)
+}
+
+%mixed (whole: f32[1024,256], part: f32[1024,256]) -> f32[512,256] {
+  %whole = f32[1024,256]{1,0} parameter(0)
+  %part = f32[1024,256]{1,0} parameter(1)
+  %top = f32[512,256]{1,0} slice(%part), slice={[0:512], [0:256]}
+  %wb = f32[2,512,256]{2,1,0} bitcast(%whole)
+  %r = f32[512,256]{1,0} reduce(%wb, %zero), dimensions={0}, to_apply=%add
+  %zero = f32[] constant(0)
+  ROOT %m = f32[512,256]{1,0} multiply(%top, %r)
+}
+
+ENTRY %main (flat: f32[1048576], grad: f32[1024,256], table: f32[1024,256], idx: s32[64,1], upd: f32[64,256]) -> f32[1024,256] {
+  %flat = f32[1048576]{0} parameter(0)
+  %grad = f32[1024,256]{1,0} parameter(1)
+  %table = f32[1024,256]{1,0} parameter(2)
+  %idx = s32[64,1]{1,0} parameter(3)
+  %upd = f32[64,256]{1,0} parameter(4)
+  %b = f32[256]{0} fusion(%flat), kind=kLoop, calls=%sliced, metadata={op_name="jit(step)/bias_slice"}
+  %sc = f32[1024,256]{1,0} fusion(%grad, %table, %idx, %upd), kind=kInput, calls=%gather_scatter, metadata={op_name="jit(step)/scatter"}
+  %m = f32[512,256]{1,0} fusion(%sc, %table), kind=kLoop, calls=%mixed, metadata={op_name="jit(step)/mixed"}
+  ROOT %out = f32[1024,256]{1,0} copy(%sc)
+}
+"""
+
+
+def test_fusions_count_the_part_of_an_operand_they_touch():
+  largest = dict(hlo_traffic.hbm_traffic(PARTIAL)["largest"])
+  kib = 1024
+  # 256 floats read out of a 4 MiB buffer, 1 KiB written.
+  assert largest["bias_slice"] == 2 * kib
+  # In place: the 64 updated rows read and written (64 KiB each), the 64 rows gathered from the table
+  # (64 KiB), the indices (256 B) and the updates (64 KiB); nothing of the rest of either table.
+  assert largest["scatter"] == 4 * 64 * kib + 256
+  # The operand reduced is read whole (1 MiB), the sliced one only in its first half; 512 KiB written.
+  assert largest["mixed"] == 1024 * kib + 512 * kib + 512 * kib
+  assert largest["(copy)"] == 2 * 1024 * kib
+
+
+def test_a_scatter_into_an_operand_read_elsewhere_in_the_fusion_is_not_in_place():
+  # The target is also read by the gather: XLA cannot update it in place, the fusion reads it whole.
+  text = PARTIAL.replace("%rows = f32[64,256]{1,0} gather(%table,", "%rows = f32[64,256]{1,0} gather(%grad,")
+  largest = dict(hlo_traffic.hbm_traffic(text)["largest"])
+  # grad whole (1 MiB) + table untouched + indices + updates + the whole result written (1 MiB).
+  assert largest["scatter"] == 2 * 1024 * 1024 + 256 + 64 * 1024
+
+
 _COMPILE = """
 import json
 import jax, jax.numpy as jnp, numpy as np

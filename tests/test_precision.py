@@ -41,6 +41,56 @@ def test_dense_gradient_matches_autodiff(spec):
   np.testing.assert_allclose(no_bias[1], ref[1], rtol=1e-6)
 
 
+def _rand(rng, shape, dtype=jnp.float32, scale=1.0):
+  return jnp.asarray(rng.normal(size=shape) * scale, dtype)
+
+
+def test_layer_norm_value_and_gradients_match_autodiff():
+  """The hand-written backward (stored row statistics, x recomputed to x-hat) against autodiff of the
+  plain formula, in float32 and from a bfloat16 input."""
+  rng = np.random.default_rng(1)
+  x, ct = _rand(rng, (3, 5, 48), scale=3.0) + 2.0, _rand(rng, (3, 5, 48))
+  scale, bias = _rand(rng, (48,)) + 1.0, _rand(rng, (48,))
+
+  def reference(x, scale, bias):
+    xf = x.astype(jnp.float32)
+    mean = xf.mean(-1, keepdims=True)
+    var = jnp.square(xf - mean).mean(-1, keepdims=True)
+    return (xf - mean) / jnp.sqrt(var + 1e-6) * scale + bias
+
+  for dtype, tol in [(jnp.float32, 2e-5), (jnp.bfloat16, 1e-2)]:
+    xd = x.astype(dtype)
+    loss = lambda f: jax.jit(jax.value_and_grad(lambda *a: jnp.sum(f(*a) * ct), argnums=(0, 1, 2)))
+    (v_got, g_got), (v_ref, g_ref) = (loss(lambda *a: precision.layer_norm(*a, 1e-6))(xd, scale, bias),
+                                      loss(reference)(xd, scale, bias))
+    np.testing.assert_allclose(v_got, v_ref, rtol=tol)
+    for name, g, r in zip(("x", "scale", "bias"), g_got, g_ref):
+      assert g.dtype == r.dtype, name
+      np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(r, np.float32), rtol=tol,
+                                 atol=tol * float(np.abs(np.asarray(r, np.float32)).max()), err_msg=f"{name} {dtype}")
+
+
+def test_bias_gelu_matches_flax_gelu_and_its_autodiff():
+  """Exact GELU of y + b: the value equals flax's erf GELU, and the gradients of y and of the fp32 bias
+  (summed over every leading axis) equal autodiff of it."""
+  import flax.linen as nn
+  rng = np.random.default_rng(2)
+  y, b, ct = _rand(rng, (2, 7, 40), scale=2.0), _rand(rng, (40,)), _rand(rng, (2, 7, 40))
+  ref_fn = lambda y, b: nn.gelu(y + b, approximate=False)
+  v_ref, g_ref = jax.value_and_grad(lambda y, b: jnp.sum(ref_fn(y, b) * ct), argnums=(0, 1))(y, b)
+  for cdt, tol in [(jnp.float32, 1e-5), (jnp.bfloat16, 2e-2)]:
+    v_got, g_got = jax.jit(jax.value_and_grad(
+        lambda y, b: jnp.sum(precision.bias_gelu(y.astype(cdt), b).astype(jnp.float32) * ct), argnums=(0, 1)))(y, b)
+    np.testing.assert_allclose(v_got, v_ref, rtol=tol)
+    assert g_got[1].dtype == jnp.float32  # the bias's gradient comes back in its own dtype
+    for name, g, r in zip("yb", g_got, g_ref):
+      np.testing.assert_allclose(g, r, rtol=tol, atol=tol * float(np.abs(r).max()), err_msg=f"{name} {cdt}")
+  out = precision.bias_gelu(y.astype(jnp.bfloat16), b)
+  assert out.dtype == jnp.bfloat16
+  np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(ref_fn(y.astype(jnp.bfloat16).astype(jnp.float32), b)),
+                             rtol=1e-2, atol=1e-2)
+
+
 def _lowered_train_step(grad_reduce_dtype, fsdp=1):
   cfg = pretrain.get_config("tiny")
   cfg.model.update(dtype="bfloat16", grad_reduce_dtype=grad_reduce_dtype)

@@ -8,9 +8,14 @@ single matmul reports well over the bytes of its operands and result. This modul
 per instruction of the scheduled program, only the arrays whose layout puts them in HBM (memory
 space 0): an async copy or slice moves its HBM side once, a fusion reads its HBM operands and
 writes its HBM result, a while loop counts its body times its known trip count, and a Pallas kernel
-counts at least what its cost estimate declares (splash re-reads K/V per query block). Fusions that
-read only a slice of an operand are still counted as reading all of it, so this is an upper bound
-of the traffic, much closer than XLA's figure; it is reported beside XLA's, not instead.
+counts at least what its cost estimate declares (splash re-reads K/V per query block). A fusion
+that reads an operand only through static slices, dynamic slices or gathers reads those elements,
+not the whole operand (XLA's GPU all-reduce combiner slices each gradient out of one concatenated
+buffer; the loss gathers its positives' rows out of the center table), and a fusion rooted in a
+scatter or dynamic-update-slice into its own operand updates that buffer in place, moving the
+updated elements only. Any other elementwise read of part of an operand is still counted as
+reading all of it, so this is an upper bound of the traffic, much closer than XLA's figure; it is
+reported beside XLA's, not instead.
 """
 import math
 import re
@@ -108,6 +113,90 @@ def _operands(call: str) -> list[str]:
   return []
 
 
+# Ops through which a fused computation reads only part of an operand, and views that pass it on.
+_PARTIAL_READS = {"slice", "dynamic-slice", "gather"}
+_VIEWS = {"bitcast", "reshape"}
+_IN_PLACE_ROOTS = {"scatter": 2, "dynamic-update-slice": 1}  # opcode -> index of its update operand
+
+
+def _fused_instructions(comp_lines):
+  """{name: (opcode, type, operand names)} of a fused computation, and its root's name."""
+  out, root = {}, None
+  for line in comp_lines:
+    m = _INSTR.match(line)
+    if not m:
+      continue
+    iname, rest = m.groups()
+    type_str, rest = _split_type(rest)
+    opcode = re.match(r"([\w\-]+)\(", rest)
+    if opcode:
+      out[iname] = (opcode.group(1), type_str, _operands(rest[len(opcode.group(1)):]))
+      root = iname if line.lstrip().startswith("ROOT ") else root
+  return out, root
+
+
+def _fusion_bytes(comp_lines, type_str, operand_types) -> int | None:
+  """HBM bytes of a fusion whose computation reads some operand only in part or updates one in
+  place; None where neither applies (every operand read whole, the result written whole)."""
+  instrs, root = _fused_instructions(comp_lines)
+  params = {int(re.search(r"parameter\((\d+)\)", l).group(1)): m.group(1)
+            for l in comp_lines if (m := _INSTR.match(l)) and " parameter(" in l}
+  users = {}
+  for name, (_, _, ops) in instrs.items():
+    for o in ops:
+      users.setdefault(o, []).append(name)
+
+  def readers(name):
+    """The instructions reading `name` through views, or None if a reader that is not a view reads it whole."""
+    out = []
+    for u in users.get(name, []):
+      op, _, ops = instrs[u]
+      if op in _VIEWS:
+        sub = readers(u)
+        if sub is None:
+          return None
+        out += sub
+      elif op in _PARTIAL_READS and ops[0] == name and all(o != name for o in ops[1:]):
+        out.append(u)
+      else:
+        return None
+    return out
+
+  in_place = None  # (parameter index, bytes of the update)
+  root_op, _, root_ops = instrs[root]
+  if root_op in _IN_PLACE_ROOTS and len(root_ops) > _IN_PLACE_ROOTS[root_op]:
+    # The buffer updated must reach the root only through views that nothing else reads.
+    target, reader = root_ops[0], root
+    while target in instrs and instrs[target][0] in _VIEWS and users.get(target) == [reader]:
+      target, reader = instrs[target][2][0], target
+    update = instrs.get(root_ops[_IN_PLACE_ROOTS[root_op]])
+    if target in params.values() and users.get(target) == [reader] and update is not None:
+      idx = next(i for i, n in params.items() if n == target)
+      in_place = (idx, sum(b for _, b, _ in arrays(update[1])))
+  partial = False
+  total = 0
+  for idx, t in enumerate(operand_types):
+    whole = _hbm(t)
+    if in_place and idx == in_place[0]:
+      total += min(whole, in_place[1]) if whole else 0
+      partial = True
+      continue
+    name = params.get(idx)
+    if name is not None and not users.get(name):  # passed in, never read
+      partial = True
+      continue
+    parts = readers(name) if name is not None else None
+    if whole and parts:
+      total += min(whole, sum(b for _, b, _ in (x for r in parts for x in arrays(instrs[r][1]))))
+      partial = True
+    else:
+      total += whole
+  if not partial:
+    return None
+  out = _hbm(type_str)
+  return total + (min(out, in_place[1]) if in_place and out else out)
+
+
 def _instruction_bytes(opcode, type_str, rest, operand_types, comps, by_name, scale):
   """HBM bytes of one instruction (a loop or call: of its called computations)."""
   if opcode in _FREE:
@@ -149,6 +238,12 @@ def _instruction_bytes(opcode, type_str, rest, operand_types, comps, by_name, sc
     return 2 * _hbm(operand_types[1]) if len(operand_types) > 1 else 0
   if opcode == "dynamic-slice":
     return 2 * _hbm(type_str)
+  if opcode == "fusion":
+    called = re.search(r"calls=%([\w.\-]+)", rest)
+    if called and called.group(1) in comps:
+      nbytes = _fusion_bytes(comps[called.group(1)], type_str, operand_types)
+      if nbytes is not None:
+        return nbytes
   total = _hbm(type_str) + sum(_hbm(t) for t in operand_types)
   if opcode == "custom-call":
     declared = re.search(r'"cost_estimate":\{[^}]*"bytes_accessed":"(\d+)"', rest)

@@ -183,11 +183,16 @@ class Mlp(_Module):
   def __call__(self, x):
     d = x.shape[-1]
     kw = dict(self._kw(), params_only=self.params_only)
-    fc1 = Linear(name="fc1", features=self.mlp_dim, names=("embed", "mlp"), **kw)
+    # fc1 hands over its parameters: its bias is added inside the activation, whose backward then
+    # keeps only the matmul's output (precision.bias_gelu).
+    fc1 = Linear(name="fc1", features=self.mlp_dim, names=("embed", "mlp"), **dict(kw, params_only=True))
     fc2 = Linear(name="fc2", features=d, names=("mlp", "embed"), **kw)
     if self.params_only:  # the fused kernel's operands, created as the layers below create them
       return fc1(x) + fc2(jax.ShapeDtypeStruct((1, self.mlp_dim), x.dtype))
-    h = self._constrain(nn.gelu(fc1(x), approximate=False), ("batch", "length", "act_mlp"))
+    kernel, bias = fc1(x)
+    lead = "abcdefg"[:x.ndim - 1]
+    y = self._dense(f"{lead}i,io->{lead}o", x, kernel, None, ("embed", "mlp"))
+    h = self._constrain(precision.bias_gelu(y, bias, self.grad_reduce_dtype), ("batch", "length", "act_mlp"))
     return fc2(h)
 
 

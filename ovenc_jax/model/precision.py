@@ -212,6 +212,43 @@ def _dense_bwd(spec, cdt, rdt, fsdp, res, dy):
 _dense.defvjp(_dense_fwd, _dense_bwd)
 
 
+def bias_gelu(y, b, grad_reduce_dtype=jnp.float32):
+  """Exact (erf) GELU of y + b in y's dtype, y a matmul's output in the compute dtype and b its
+  (float32) bias. The bias is added in the compute dtype and the activation evaluated in float32, as
+  PyTorch's bf16 nn.GELU does. Its backward keeps only y: under autodiff the biased input and the
+  erf terms are saved too, activation-sized tensors written in the forward pass and read back in the
+  backward; here the derivative is recomputed from y and b inside the backward's fusion, and b's
+  gradient is summed in `grad_reduce_dtype` as `dense` sums a bias's."""
+  return _bias_gelu(jnp.dtype(grad_reduce_dtype), y, b)
+
+
+def _gelu_terms(y, b):
+  x = (y + b.astype(y.dtype)).astype(jnp.float32)
+  return x, 0.5 * (1.0 + jax.lax.erf(x * (1.0 / math.sqrt(2.0))))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _bias_gelu(rdt, y, b):
+  x, cdf = _gelu_terms(y, b)
+  return (x * cdf).astype(y.dtype)
+
+
+def _bias_gelu_fwd(rdt, y, b):
+  return _bias_gelu(rdt, y, b), (y, b)
+
+
+def _bias_gelu_bwd(rdt, res, dh):
+  y, b = res
+  x, cdf = _gelu_terms(y, b)
+  pdf = jnp.exp(-0.5 * x * x) * (1.0 / math.sqrt(2.0 * math.pi))
+  dx = (dh.astype(jnp.float32) * (cdf + x * pdf)).astype(y.dtype)
+  db = jnp.sum(dx.astype(rdt), tuple(range(dx.ndim - 1)))
+  return dx, db.astype(b.dtype)
+
+
+_bias_gelu.defvjp(_bias_gelu_fwd, _bias_gelu_bwd)
+
+
 def layer_norm(x, scale, bias, eps: float):
   """(x - mean) / sqrt(var + eps) * scale + bias over the last axis, in float32, with a hand-written
   backward pass.
@@ -233,17 +270,27 @@ def _layer_norm_fwd(eps, x, scale, bias):
   xf = x.astype(jnp.float32)
   mean = xf.mean(-1, keepdims=True)
   rstd = jax.lax.rsqrt(jnp.square(xf - mean).mean(-1, keepdims=True) + eps)
-  xhat = (xf - mean) * rstd
-  return xhat * scale + bias, (xhat, rstd, scale, jnp.zeros((0,), x.dtype))
+  # The residuals are x itself (in its own, compute dtype: alive anyway as the block's input) and
+  # two floats a row; the normalised x is recomputed in each fusion of the backward that needs it.
+  # The barrier keeps the row statistics stored: left to itself XLA recomputes them inside every
+  # backward fusion, and a fusion that needs a row reduction cannot also sum over the rows, so the
+  # scale's gradient would go through an fp32 activation-sized temporary.
+  stats = jax.lax.optimization_barrier((mean, rstd))
+  return (xf - mean) * rstd * scale + bias, (x, *stats, scale)
 
 
 def _layer_norm_bwd(eps, res, dy):
-  xhat, rstd, scale, x_dtype = res
+  x, mean, rstd, scale = res
+  xhat = (x.astype(jnp.float32) - mean) * rstd
   dy = dy.astype(jnp.float32)
   g = dy * scale
-  dx = rstd * (g - g.mean(-1, keepdims=True) - xhat * (g * xhat).mean(-1, keepdims=True))
+  # Row statistics first (one reduction over the features), then the input gradient elementwise,
+  # and the parameter gradients as column sums of dy and dy * xhat straight from dy and x.
+  g_mean = g.mean(-1, keepdims=True)
+  gx_mean = (g * xhat).mean(-1, keepdims=True)
+  dx = rstd * (g - g_mean - xhat * gx_mean)
   lead = tuple(range(dy.ndim - 1))
-  return dx.astype(x_dtype.dtype), jnp.sum(dy * xhat, lead), jnp.sum(dy, lead)
+  return dx.astype(x.dtype), jnp.sum(dy * xhat, lead), jnp.sum(dy, lead)
 
 
 _layer_norm.defvjp(_layer_norm_fwd, _layer_norm_bwd)
