@@ -52,7 +52,9 @@ def allow_none(cfg, *keys) -> None:
 # (rows) and remat; all run bf16 with the platform's flash kernel. TPU slice names count TensorCores on
 # v5p (v5p-128 is 64 chips, one JAX device each) and chips on v5e. FSDP shards weights and Adam state
 # 16 ways on the TPU slices, where pure data parallelism would all-reduce every gradient each step;
-# on 8 H100s base stays data parallel and large shards over all 8.
+# on 8 H100s base stays data parallel and large shards over all 8, base at 64 rows of 512 tokens a GPU:
+# the published run's 16 clips of 2,048 tokens a GPU. `loss` settings ride along (GPU: the center
+# table padded to 256 rows a GPU, loss.center_row_multiple).
 POD_PRESETS = {
     "v5e-256": dict(devices=256, platform="tpu", attention="splash", variants={
         # 16 rows per chip, as on v5p: fewer rows' tokens do not amortise a chip's weight gathers.
@@ -63,8 +65,8 @@ POD_PRESETS = {
         "base": ((4, 16, 1), 1024, "none"),
         "large": ((4, 16, 1), 1024, "none"),     # 16 rows per chip
     }),
-    "h100x8": dict(devices=8, platform="gpu", attention="cudnn", variants={
-        "base": ((8, 1, 1), 256, "none"),
+    "h100x8": dict(devices=8, platform="gpu", attention="cudnn", loss=dict(center_row_multiple=2048), variants={
+        "base": ((8, 1, 1), 512, "none"),
         "large": ((1, 8, 1), 128, "dots"),
     }),
 }
@@ -82,6 +84,7 @@ def apply_pod_preset(config, pod: str) -> None:
   config.mesh.update(data=data, fsdp=fsdp, tensor=tensor)
   config.input.global_batch_size = batch
   config.model.update(dtype="bfloat16", remat=remat, attention=preset["attention"])
+  config.loss.update(preset.get("loss", {}))
 
 
 def apply_geometry(config, name: str) -> None:

@@ -26,6 +26,11 @@ OPTIONAL_DEFAULTS = dict(
     # How a sample's own classes are kept out of its negatives: 'auto' | 'scatter' | 'compare'
     # (OWN_LABEL_MASKS; same result, different cost per platform).
     own_label_mask="auto",
+    # The center table's rows are padded to a multiple of this (and of the class shard count): a
+    # checkpoint restores onto any mesh whose class shard count divides it. GPU presets raise it so
+    # each GPU's rows are a multiple of 256, which XLA's split-K matmuls over the classes need to
+    # read the table in place instead of copying it into a padded buffer (docs/benchmarks.md).
+    center_row_multiple=128,
 )
 
 

@@ -49,6 +49,9 @@ def validate_loss_config(cfg) -> None:
   if opt("own_label_mask") not in defaults.OWN_LABEL_MASKS:
     raise ValueError(f"loss.own_label_mask must be one of {defaults.OWN_LABEL_MASKS}, "
                      f"got {opt('own_label_mask')!r}")
+  multiple = opt("center_row_multiple")
+  if not (isinstance(multiple, int) and multiple >= 1):
+    raise ValueError(f"loss.center_row_multiple must be an integer >= 1, got {multiple!r}")
   if not opt("centers_init_std") >= 0:
     raise ValueError(f"loss.centers_init_std must be >= 0 (0 = unit rows), got {opt('centers_init_std')!r}")
 

@@ -79,19 +79,25 @@ def _shard_logits_fwd(e, c, drop_col, col_ok, scale, thr, shift, mask):
     m = jnp.where(jnp.isfinite(mx), mx, -jnp.inf)
     q = jnp.where(keep, jnp.exp(z - jnp.where(jnp.isfinite(mx), mx, 0.0)[:, None]) * r[None, :], 0.0)
     n_kept = jnp.sum(keep.astype(jnp.float32), axis=1)
-  return (m, q @ (1.0 / r), n_kept), (e, c, r, q)
+  return (m, q @ (1.0 / r), n_kept), (e, c, r, q, m)
 
 
 def _shard_logits_bwd(scale, thr, shift, mask, res, g):
   # With G = s * g_sum * p the gradient of the logits, u_j = sum_b G_bj e_b is the gradient w.r.t.
   # the unit center c_j / |c_j|; then dc_j = r_j (u_j - (u_j.ĉ_j) ĉ_j). Both matmuls use q = p * r
   # and the raw c, so the row weights stay on the small [B, D] side.
-  e, c, r, q = res
+  # u_j.ĉ_j = sum_b G_bj cos_bj: a column sum over the [B, n] logits instead of a row sum over the
+  # [n, D] table (a table-sized pass fewer), with cos recovered from q itself on the kept terms:
+  # q = exp(scale * cos - m) * r.
+  e, c, r, q, m = res
   _, g_sum, _ = g
   w = scale * g_sum[:, None]
   de = w * (q @ c)
   ru = q.T @ (w * e)                                                                 # r * u
-  dc = ru - (r * r * jnp.sum(ru * c, axis=1))[:, None] * c
+  kept = q > 0
+  cos = (jnp.log(jnp.where(kept, q, 1.0) / r[None, :]) + m[:, None]) / scale
+  s = jnp.sum(jnp.where(kept, q * w * cos, 0.0), axis=0)                             # u.ĉ / r
+  dc = ru - (r * s)[:, None] * c
   return (de, dc, None, None)
 
 

@@ -121,6 +121,7 @@ class HeadProjection(_Module):
   num_heads: int = 1
   head_dim: int = 64
   heads_first: bool = False
+  defer_bias: bool = False  # return (x W, bias): the caller applies the bias (Attention, to v)
 
   @nn.compact
   def __call__(self, x):
@@ -128,6 +129,8 @@ class HeadProjection(_Module):
                      ("embed", "heads", "kv"))
     bias = self._p("bias", _zeros, (self.num_heads, self.head_dim), ("heads", "kv"))
     spec = "bnd,dhk->bhnk" if self.heads_first else "bnd,dhk->bnhk"
+    if self.defer_bias:
+      return self._dense(spec, x, kernel, None, ("embed", "heads", "kv")), bias
     return self._dense(spec, x, kernel, bias, ("embed", "heads", "kv"))
 
 
@@ -137,10 +140,13 @@ class OutProjection(_Module):
   heads_first: bool = False
 
   @nn.compact
-  def __call__(self, x):
+  def __call__(self, x, v_bias=None):
+    """v_bias [H, hd]: a bias of the attention's values, applied here as kernel-mapped output bias."""
     h, k = (x.shape[1], x.shape[3]) if self.heads_first else x.shape[-2:]
     kernel = self._p("kernel", _dense_init, (h, k, self.features), ("heads", "kv", "embed"))
     bias = self._p("bias", _zeros, (self.features,), ("norm",))
+    if v_bias is not None:
+      bias = bias + jnp.einsum("hk,hkd->d", v_bias, kernel)
     spec = "bhnk,hkd->bnd" if self.heads_first else "bnhk,hkd->bnd"
     return self._dense(spec, x, kernel, bias, ("heads", "kv", "embed"))
 
@@ -162,7 +168,12 @@ class Attention(_Module):
     kw = dict(self._kw(), num_heads=self.num_heads, head_dim=hd, heads_first=heads_first)
     q = HeadProjection(name="q_proj", **kw)(x_q)
     k = HeadProjection(name="k_proj", **kw)(x_kv)
-    v = HeadProjection(name="v_proj", **kw)(x_kv)
+    # In self-attention every query sees at least one key (padding sees padding: segment_mask), so
+    # each row of attention weights sums to one and v's bias passes through unchanged: it is added
+    # after the output projection, as b_v W_o, instead of to every key (a pass over v each way).
+    fold_v_bias = x_q is x_kv
+    v = HeadProjection(name="v_proj", defer_bias=fold_v_bias, **kw)(x_kv)
+    v, v_bias = v if fold_v_bias else (v, None)
     if angles is not None:
       q = rope_lib.apply_rope(q, angles, self.rope_layout, heads_first)
       k = rope_lib.apply_rope(k, angles, self.rope_layout, heads_first)
@@ -172,7 +183,7 @@ class Attention(_Module):
                                        chunk_size=self.chunk_size, axis_rules=self.axis_rules,
                                        heads_first=heads_first)
     o = self._constrain(o, names)
-    return OutProjection(name="out_proj", features=d, heads_first=heads_first, **self._kw())(o)
+    return OutProjection(name="out_proj", features=d, heads_first=heads_first, **self._kw())(o, v_bias)
 
 
 class Mlp(_Module):

@@ -266,10 +266,29 @@ def _layer_norm(eps, x, scale, bias):
   return _layer_norm_fwd(eps, x, scale, bias)[0]
 
 
+def _welford(a, b):
+  """Chan et al.'s pairwise merge of two (count, mean, sum of squared deviations) partials."""
+  (n_a, m_a, s_a), (n_b, m_b, s_b) = a, b
+  n = n_a + n_b
+  delta = m_b - m_a
+  w = jnp.where(n > 0, n_b / jnp.where(n > 0, n, 1.0), 0.0)
+  return n, m_a + delta * w, s_a + s_b + delta * delta * n_a * w
+
+
+def _mean_var(xf):
+  """Mean and variance over the last axis in one pass over x, numerically as stable as two passes:
+  a Welford reduction. Two passes (the mean, then the squared deviations) read x from memory twice;
+  the one-pass E[x^2] - E[x]^2 cancels catastrophically for rows whose mean is far from zero."""
+  zeros = jnp.zeros((), xf.dtype)
+  n, mean, m2 = jax.lax.reduce((jnp.ones_like(xf), xf, jnp.zeros_like(xf)), (zeros, zeros, zeros),
+                               _welford, (xf.ndim - 1,))
+  return mean[..., None], (m2 / n)[..., None]
+
+
 def _layer_norm_fwd(eps, x, scale, bias):
   xf = x.astype(jnp.float32)
-  mean = xf.mean(-1, keepdims=True)
-  rstd = jax.lax.rsqrt(jnp.square(xf - mean).mean(-1, keepdims=True) + eps)
+  mean, var = _mean_var(xf)
+  rstd = jax.lax.rsqrt(var + eps)
   # The residuals are x itself (in its own, compute dtype: alive anyway as the block's input) and
   # two floats a row; the normalised x is recomputed in each fusion of the backward that needs it.
   # The barrier keeps the row statistics stored: left to itself XLA recomputes them inside every
@@ -289,8 +308,9 @@ def _layer_norm_bwd(eps, res, dy):
   g_mean = g.mean(-1, keepdims=True)
   gx_mean = (g * xhat).mean(-1, keepdims=True)
   dx = rstd * (g - g_mean - xhat * gx_mean)
-  lead = tuple(range(dy.ndim - 1))
-  return dx.astype(x.dtype), jnp.sum(dy * xhat, lead), jnp.sum(dy, lead)
+  # Both column sums in one reduction, so dy and x are read once for the two of them.
+  dscale, dbias = jnp.sum(jnp.stack([dy * xhat, dy], axis=-2), tuple(range(dy.ndim - 1)))
+  return dx.astype(x.dtype), dscale, dbias
 
 
 _layer_norm.defvjp(_layer_norm_fwd, _layer_norm_bwd)

@@ -26,12 +26,12 @@ from ovenc_jax.input import features as input_features
 from ovenc_jax.input import global_arrays
 from ovenc_jax.input import pipeline as input_pipeline
 from ovenc_jax.loss import banks as loss_lib
+from ovenc_jax.loss import defaults as loss_defaults
 from ovenc_jax.model import encoder as model_lib
 from ovenc_jax.train import optim
 from ovenc_jax import sharding as sharding_lib
 
 log = logging.getLogger("ovenc_jax.train.trainer")
-CENTER_ROW_MULTIPLE = 128
 
 
 # Metrics that are counts: summed over microbatches; the others are means weighted by loss_count.
@@ -108,10 +108,11 @@ class Trainer:
                        f"{'*'.join('mesh.' + a for a in self.batch_axes)}={batch_shards}")
     self.encoder = model_lib.encoder_from_config(config.model, self.rules,
                                                  platform=self.mesh.devices.flat[0].platform)
-    # Center rows are padded to a multiple of 128 (and of the shard count) so one checkpoint restores
-    # onto any mesh of up to 128 devices (powers of two) without reshaping the centers.
+    # Center rows are padded to a multiple of loss.center_row_multiple (128 by default) and of the
+    # shard count, so one checkpoint restores onto any mesh of up to that many devices (powers of
+    # two) without reshaping the centers.
     self.num_shards = int(np.lcm(int(np.prod([self.mesh.shape[a] for a in self.class_axes])),
-                                 CENTER_ROW_MULTIPLE))
+                                 int(loss_defaults.option(config.loss, "center_row_multiple"))))
     self.loss_fn = loss_lib.loss_fn_from_config(self.mesh, config.loss, self.batch_axes, self.class_axes)
     self.tx = optim.make_optimizer(config.optim, config.loss, config.total_steps,
                                    class_shards=int(np.prod([self.mesh.shape[a] for a in self.class_axes])))
