@@ -228,6 +228,58 @@ def test_cudnn_call_matches_xla_reference():
   _assert_close(got, want, TOL[jnp.bfloat16], "cudnn call via xla")
 
 
+def _one_sample_rows(n, h, d, dtype, seed=0):
+  """q/k/v and rows of one sample then padding, one row empty (all padding)."""
+  rng = np.random.default_rng(seed)
+  q, k, v = (jnp.asarray(rng.normal(size=(3, n, h, d)), dtype) for _ in range(3))
+  lengths = [n - 37, n, 0]
+  seg = jnp.asarray([[1] * m + [0] * (n - m) for m in lengths], jnp.int32)
+  return q, k, v, seg
+
+
+def test_cudnn_one_sample_rows_call_matches_mask_path():
+  """The cuDNN path's sequence-length call (rows of one sample) run through XLA's kernel: real tokens'
+  outputs and the q, k, v gradients of a loss over them equal the mask path's; padding outputs are 0."""
+  q, k, v, seg = _one_sample_rows(150, 2, 64, jnp.float32)
+  scale = 64 ** -0.5
+  real = seg[..., None, None] > 0
+
+  def run(one_sample_rows):
+    def loss(q, k, v):
+      o = cudnn.attention(q, k, v, seg, seg, scale=scale, implementation="xla", one_sample_rows=one_sample_rows)
+      return jnp.sum(jnp.sin(o) * real), o
+    return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))(q, k, v)
+
+  (l_len, o_len), g_len = run(True)
+  (l_mask, o_mask), g_mask = run(False)
+  np.testing.assert_allclose(l_len, l_mask, rtol=1e-5)
+  keep = np.asarray(real)[..., 0, 0]
+  np.testing.assert_allclose(np.asarray(o_len)[keep], np.asarray(o_mask)[keep], rtol=1e-5, atol=1e-6)
+  # Past each row's length (an empty row counts one token) the outputs are zeros.
+  counted = np.arange(seg.shape[1])[None, :] < np.maximum(keep.sum(1), 1)[:, None]
+  assert not np.asarray(o_len)[~counted].any(), "queries past a row's length give zeros"
+  assert np.isfinite(np.asarray(o_len)).all()
+  for name, a, b in zip("qkv", g_len, g_mask):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6 * float(np.abs(b).max()), err_msg=f"d{name}")
+    assert np.isfinite(np.asarray(a)).all()
+
+
+@pytest.mark.gpu  # cuDNN numerics need a GPU
+def test_cudnn_one_sample_rows_matches_xla_on_gpu():
+  """cuDNN flash attention with sequence lengths against XLA's masked kernel, bf16, on the GPU: real
+  tokens agree, and nothing past a row's length (its outputs, its gradients) is non-finite."""
+  q, k, v, seg = _one_sample_rows(512, 4, 64, jnp.bfloat16)
+  (_, o_ref), g_ref = _loss_and_grads("xla", q, k, v, seg)
+  (_, o_cud), g_cud = _loss_and_grads("cudnn", q, k, v, seg, one_sample_rows=True)
+  real = np.asarray(seg > 0)
+  _assert_close(np.asarray(o_cud, np.float32)[real], np.asarray(o_ref, np.float32)[real], TOL[jnp.bfloat16], "out")
+  assert np.isfinite(np.asarray(o_cud, np.float32)).all()
+  for name, a, b in zip("qkv", g_cud, g_ref):
+    a = np.asarray(a, np.float32)
+    assert np.isfinite(a).all(), f"d{name}"
+    _assert_close(a[real], np.asarray(b, np.float32)[real], TOL[jnp.bfloat16], f"d{name}")
+
+
 @pytest.mark.gpu  # cuDNN numerics need a GPU
 @pytest.mark.parametrize("n", [150, 512])
 def test_cudnn_matches_xla_forward_and_grads_on_gpu(n):

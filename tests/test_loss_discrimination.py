@@ -9,6 +9,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from ovenc_jax.loss import centers as centers_lib
 from ovenc_jax.loss import discrimination as loss_lib
+from ovenc_jax.loss import negatives
 from ovenc_jax.loss import positives
 from ovenc_jax.loss.defaults import default_loss_config
 from tests.helpers import tpu_compile
@@ -306,6 +307,31 @@ def test_compare_mask_matches_scatter_and_reference(num_classes, thr, scale, rat
   assert not grads_c[1][num_classes:].any(), "padding centers must get no gradient"
 
 
+@pytest.mark.parametrize("thr,shift", [(0.3, None), (None, None), (0.3, 20.0)])
+def test_row_sums_reduce_matches_matvec(thr, shift):
+  """negatives.shard_logits' GPU/TPU row sums (a reduction) equal CPU's matvec, values and gradients."""
+  rng = np.random.default_rng(3)
+  e = rng.normal(size=(6, 16)).astype(np.float32)
+  e /= np.linalg.norm(e, axis=1, keepdims=True)
+  c = rng.normal(size=(50, 16)).astype(np.float32) * rng.uniform(0.5, 2.0, size=(50, 1)).astype(np.float32)
+  drop = rng.integers(0, 50, size=(6, 2)).astype(np.int32)
+  col_ok = jnp.asarray(rng.uniform(size=50) > 0.2)
+
+  def run(row_sums):
+    def f(e, c):
+      m, s, n = negatives.shard_logits(e, c, drop, col_ok, 16.0, thr, shift, "compare", row_sums)
+      return jnp.sum(jnp.log(s) + m), (m, s, n)
+    return jax.jit(jax.value_and_grad(f, argnums=(0, 1), has_aux=True))(jnp.asarray(e), jnp.asarray(c))
+
+  (v_r, aux_r), g_r = run("reduce")
+  (v_m, aux_m), g_m = run("matvec")
+  np.testing.assert_allclose(v_r, v_m, rtol=1e-6)
+  for a, b in zip(aux_r, aux_m):
+    np.testing.assert_allclose(a, b, rtol=1e-6)
+  for a, b in zip(g_r, g_m):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6 * float(np.abs(b).max()))
+
+
 def _lowered_loss(mesh, cfg, emb, centers, labels):
   fn = jax.jit(loss_lib.make_loss_fn(mesh, cfg, BATCH_AXES, CLASS_AXES))
   return fn.lower(emb, centers, labels, jax.random.key(0)).as_text()
@@ -322,12 +348,26 @@ def test_own_label_mask_auto_scatters_on_cpu():
     loss_lib.make_loss_fn(_mesh(), _cfg(1003, own_label_mask="mask"), BATCH_AXES, CLASS_AXES)
 
 
+@pytest.mark.parametrize("platform, mask, row_sums", [("cpu", "scatter", "matvec"), ("gpu", "compare", "reduce"),
+                                                     ("cuda", "compare", "reduce"), ("tpu", "compare", "reduce")])
+def test_platform_choices(platform, mask, row_sums):
+  """What 'auto' and the row sums resolve to on each platform (the numbers are the same either way:
+  test_compare_mask_matches_scatter_and_reference, test_row_sums_reduce_matches_matvec)."""
+  import types
+  mesh = _mesh()
+  fake = types.SimpleNamespace(axis_names=mesh.axis_names, shape=mesh.shape,
+                               devices=np.array([types.SimpleNamespace(platform=platform)]))
+  spec = loss_lib._loss_spec(fake, _cfg(1003), BATCH_AXES, CLASS_AXES)
+  assert (spec.mask, spec.row_sums) == (mask, row_sums)
+
+
 _TPU_LOSS_COMPILE = """
 import json
 import jax, jax.numpy as jnp, numpy as np
 from jax.experimental import topologies
 from jax.sharding import NamedSharding, PartitionSpec as P
 from ovenc_jax.loss import discrimination as loss_lib
+from ovenc_jax.loss import negatives
 from ovenc_jax.loss.defaults import default_loss_config
 devices = topologies.get_topology_desc(topology_name="v5e:2x2", platform="tpu", chip_config_name="default",
                                       chips_per_host_bounds=(2, 2, 1), num_slices=1).devices

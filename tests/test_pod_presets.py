@@ -70,3 +70,31 @@ def test_preset_errors_name_the_arg():
     pretrain.get_config("variant=tiny,pod=h100x8")
   plain = pretrain.get_config("variant=base")
   assert plain.model.dtype == "float32" and plain.mesh.data == -1  # no pod: nothing changes
+
+
+def _tiny_trainer(**updates):
+  cfg = pretrain.get_config("tiny")
+  for key, value in updates.items():
+    section, _, name = key.rpartition(".")
+    cfg[section][name] = value
+  return train_lib.Trainer(cfg, workdir="")
+
+
+def test_center_rows_pad_to_the_row_multiple():
+  """loss.center_row_multiple pads the table to that multiple (and the shard count's); a bad value is
+  an error naming the key. GPU presets set 2048: 256 rows a GPU on 8 GPUs."""
+  assert common.POD_PRESETS["h100x8"]["loss"]["center_row_multiple"] == 2048
+  for multiple in (128, 2048):
+    t = _tiny_trainer(**{"loss.num_classes": 1000, "loss.center_row_multiple": multiple})
+    rows = t.abstract_state["params"]["centers"].shape[0]
+    assert rows == -(-1000 // multiple) * multiple, (multiple, rows)
+  with pytest.raises(ValueError, match="loss.center_row_multiple"):
+    _tiny_trainer(**{"loss.num_classes": 1000, "loss.center_row_multiple": 0})
+
+
+@pytest.mark.parametrize("pack, segments, expected", [(True, 1, True), (True, 4, False), (False, 4, True)])
+def test_train_encoder_knows_when_rows_hold_one_sample(pack, segments, expected):
+  """The train step's encoder may take sequence lengths (cuDNN) only where every row is one sample."""
+  t = _tiny_trainer(**{"input.pack": pack, "input.max_segments": segments})
+  assert t.train_encoder.one_sample_rows is expected
+  assert t.encoder.one_sample_rows is False  # embedding and evaluation keep the mask

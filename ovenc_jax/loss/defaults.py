@@ -5,9 +5,9 @@ RECIPES = ("default", "official")
 
 # How a row's own columns leave its logits (loss.own_label_mask): 'scatter' writes -inf into them in
 # place; 'compare' keeps a column when it differs from each of the row's few own columns, compares
-# fused into the logits' elementwise pass. 'auto' compares on TPU, where XLA's cost model charges
-# the scatter a large share of the loss's memory traffic, and scatters elsewhere, where it is the
-# faster of the two (docs/benchmarks.md).
+# fused into the logits' elementwise pass. 'auto' scatters on CPU, where it is the faster of the two,
+# and compares on TPU and GPU, where the in-place scatter makes XLA write the logits out once more
+# (docs/benchmarks.md).
 OWN_LABEL_MASKS = ("auto", "scatter", "compare")
 
 # Keys added after the first release: configs saved without them read these values.

@@ -88,6 +88,7 @@ class LossSpec(NamedTuple):
   official: bool
   slack: float
   mask: str                     # 'scatter' | 'compare' ('auto' resolved for the mesh's platform)
+  row_sums: str                 # 'matvec' (CPU) | 'reduce' (negatives.shard_logits)
   shift: float | None           # the fixed softmax shift, or None for the exact row max
   n_batch: int
   n_class: int
@@ -121,9 +122,10 @@ def _loss_spec(mesh, cfg, batch_axes, class_axes) -> LossSpec:
       raise ValueError(f"make_loss_fn: axis {a!r} is not in the mesh axes {mesh.axis_names}")
   thr = None if cfg.fn_threshold is None else float(cfg.fn_threshold)
   official = defaults.option(cfg, "recipe") == "official"
+  platform = mesh.devices.flat[0].platform
   mask = defaults.option(cfg, "own_label_mask")
   if mask == "auto":
-    mask = "compare" if mesh.devices.flat[0].platform == "tpu" else "scatter"
+    mask = "scatter" if platform == "cpu" else "compare"
   return LossSpec(
       mesh=mesh, batch_axes=batch_axes, class_axes=class_axes,
       # The custom-VJP blocks need both operands typed alike (varying over every axis in play).
@@ -131,6 +133,7 @@ def _loss_spec(mesh, cfg, batch_axes, class_axes) -> LossSpec:
       num_classes=int(cfg.num_classes), scale=float(cfg.scale), margin=float(cfg.margin), thr=thr,
       k_labels=int(cfg.labels_per_step), rate=float(cfg.sample_rate), official=official,
       slack=float(defaults.option(cfg, "pfc_positive_slack")), mask=mask,
+      row_sums="matvec" if platform == "cpu" else "reduce",
       shift=fixed_shift(float(cfg.scale), thr, int(cfg.num_classes), official),
       n_batch=axes_size(mesh, batch_axes), n_class=axes_size(mesh, class_axes))
 
@@ -234,7 +237,7 @@ def _owned_positive_cosines(spec: LossSpec, e, c, pos_loc, pos_own):
 def _shard_negatives(spec: LossSpec, e, cs, drop_col, col_ok):
   """This shard's sum-exp over kept negatives [B] on the global shift m [B], and their count."""
   m_loc, s_loc, n_kept = shard_logits(vary(e, spec.all_axes), vary(cs, spec.all_axes), drop_col, col_ok,
-                                      spec.scale, spec.thr, spec.shift, spec.mask)
+                                      spec.scale, spec.thr, spec.shift, spec.mask, spec.row_sums)
   # The shift only stabilises: no gradient through it.
   m_loc = jax.lax.stop_gradient(m_loc)
   if spec.shift is not None:

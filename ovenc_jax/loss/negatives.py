@@ -34,19 +34,21 @@ def own_columns_kept(drop_col, n: int):
   return keep
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
-def shard_logits(e, c, drop_col, col_ok, scale, thr, shift, mask):
-  return _shard_logits_fwd(e, c, drop_col, col_ok, scale, thr, shift, mask)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7, 8))
+def shard_logits(e, c, drop_col, col_ok, scale, thr, shift, mask, row_sums="matvec"):
+  return _shard_logits_fwd(e, c, drop_col, col_ok, scale, thr, shift, mask, row_sums)[0]
 
 
-def _shard_logits_fwd(e, c, drop_col, col_ok, scale, thr, shift, mask):
+def _shard_logits_fwd(e, c, drop_col, col_ok, scale, thr, shift, mask, row_sums="matvec"):
   """One shard's part of the softmaxes' negatives, from unit embeddings e [B, D] and raw rows c [n, D].
 
   Returns m [B] and sum_j exp(s*cos_bj - m) [B] over the kept negatives, and their count [B].
   Kept = not in drop_col [B, *] (the row's own labels and padding classes; n = nothing), in col_ok
   [n] when given (Partial-FC selection, or the real classes), cos <= thr. With `shift` (a float) m is
   that constant and no row max is computed; shift=None: the row max. `mask`: how drop_col is applied
-  ('scatter' | 'compare', defaults.OWN_LABEL_MASKS).
+  ('scatter' | 'compare', defaults.OWN_LABEL_MASKS). `row_sums`: 'matvec' takes the row sums as
+  q @ (1/r) (XLA:CPU's matvec vectorises where its reductions do not), 'reduce' as a reduction that
+  XLA fuses into the pass writing q on GPU and TPU (the matvec there is another pass over q).
 
   The centers are normalised by scaling the logit columns with r = 1/|c| instead of writing
   normalised rows: the residual is q = p * r, and q @ (1/r) (a matvec) recovers the row sums.
@@ -79,10 +81,11 @@ def _shard_logits_fwd(e, c, drop_col, col_ok, scale, thr, shift, mask):
     m = jnp.where(jnp.isfinite(mx), mx, -jnp.inf)
     q = jnp.where(keep, jnp.exp(z - jnp.where(jnp.isfinite(mx), mx, 0.0)[:, None]) * r[None, :], 0.0)
     n_kept = jnp.sum(keep.astype(jnp.float32), axis=1)
-  return (m, q @ (1.0 / r), n_kept), (e, c, r, q, m)
+  sums = q @ (1.0 / r) if row_sums == "matvec" else jnp.sum(q * (1.0 / r)[None, :], axis=1)
+  return (m, sums, n_kept), (e, c, r, q, m)
 
 
-def _shard_logits_bwd(scale, thr, shift, mask, res, g):
+def _shard_logits_bwd(scale, thr, shift, mask, row_sums, res, g):
   # With G = s * g_sum * p the gradient of the logits, u_j = sum_b G_bj e_b is the gradient w.r.t.
   # the unit center c_j / |c_j|; then dc_j = r_j (u_j - (u_j.ĉ_j) ĉ_j). Both matmuls use q = p * r
   # and the raw c, so the row weights stay on the small [B, D] side.

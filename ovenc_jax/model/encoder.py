@@ -122,12 +122,15 @@ class HeadProjection(_Module):
   head_dim: int = 64
   heads_first: bool = False
   defer_bias: bool = False  # return (x W, bias): the caller applies the bias (Attention, to v)
+  params_only: bool = False  # return (kernel, bias) (Attention's pooling path)
 
   @nn.compact
   def __call__(self, x):
     kernel = self._p("kernel", _dense_init, (x.shape[-1], self.num_heads, self.head_dim),
                      ("embed", "heads", "kv"))
     bias = self._p("bias", _zeros, (self.num_heads, self.head_dim), ("heads", "kv"))
+    if self.params_only:
+      return kernel, bias
     spec = "bnd,dhk->bhnk" if self.heads_first else "bnd,dhk->bnhk"
     if self.defer_bias:
       return self._dense(spec, x, kernel, None, ("embed", "heads", "kv")), bias
@@ -157,11 +160,15 @@ class Attention(_Module):
   rope_layout: str = "official"
   impl: str = "xla"
   chunk_size: int = 512
+  pool: bool = False  # a few queries over a long row without RoPE (the probe head): see _pool
+  one_sample_rows: bool = False  # each row is one sample then padding (Encoder.one_sample_rows)
 
   @nn.compact
   def __call__(self, x_q, x_kv, q_segments, kv_segments, angles=None):
     d = x_kv.shape[-1]
     hd = d // self.num_heads
+    if self.pool:
+      return self._pool(x_q, x_kv, q_segments, kv_segments, hd)
     # The splash kernel takes [B, H, N, hd]: the projections write that layout themselves (their
     # matmuls' output order), instead of XLA transposing q, k, v and the output around every call.
     heads_first = self.impl in attn_lib.HEADS_FIRST
@@ -181,9 +188,32 @@ class Attention(_Module):
     q, k, v = (self._constrain(t, names) for t in (q, k, v))
     o = attn_lib.dot_product_attention(q, k, v, q_segments, kv_segments, impl=self.impl,
                                        chunk_size=self.chunk_size, axis_rules=self.axis_rules,
-                                       heads_first=heads_first)
+                                       heads_first=heads_first, one_sample_rows=self.one_sample_rows)
     o = self._constrain(o, names)
     return OutProjection(name="out_proj", features=d, heads_first=heads_first, **self._kw())(o, v_bias)
+
+  def _pool(self, x_q, x, q_segments, kv_segments, hd):
+    """Attention of S queries a row over its N tokens, with keys and values left in x's space.
+
+    q . (x W_k + b_k) = (W_k q) . x + q . b_k, and the last term is the same for every key of a query,
+    so softmax drops it; sum_t p_t (x_t W_v + b_v) = (sum_t p_t x_t) W_v + b_v where the weights sum to
+    one (a query with no key of its segment spreads over the whole row, as in xla._attend). So the
+    queries are mapped into x's space and the values pooled there: two [S, D] x [D, N] products a row
+    instead of projecting all N tokens to keys and values and reading them back."""
+    kw = dict(self._kw(), num_heads=self.num_heads, head_dim=hd, params_only=True)
+    q = HeadProjection(name="q_proj", **dict(kw, params_only=False))(x_q)                 # [B, S, H, hd]
+    wk, _ = HeadProjection(name="k_proj", **kw)(x)
+    wv, bv = HeadProjection(name="v_proj", **kw)(x)
+    f32, cdt = jnp.float32, self.dtype
+    qx = jnp.einsum("bshk,dhk->bshd", q.astype(f32), wk)                                  # [B, S, H, D]
+    logits = jnp.einsum("bshd,btd->bsht", qx.astype(cdt), x.astype(cdt), preferred_element_type=f32)
+    bias = jnp.where(q_segments[:, :, None, None] == kv_segments[:, None, None, :], 0.0,
+                     attn_lib.xla.large_negative(f32))
+    logits = logits * jnp.asarray(hd ** -0.5, f32) + bias
+    p = jax.nn.softmax(logits, axis=-1).astype(cdt)
+    pooled = jnp.einsum("bsht,btd->bshd", p, x.astype(cdt), preferred_element_type=f32)   # [B, S, H, D]
+    o = (jnp.einsum("bshd,dhk->bshk", pooled, wv) + bv).astype(cdt)
+    return OutProjection(name="out_proj", features=x.shape[-1], **self._kw())(o)
 
 
 class Mlp(_Module):
@@ -215,13 +245,15 @@ class EncoderLayer(_Module):
   impl: str = "xla"
   chunk_size: int = 512
   mlp_kernel: str = "xla"
+  one_sample_rows: bool = False
 
   @nn.compact
   def __call__(self, x, segments, angles):
     kw = self._kw()
     h = LayerNorm(name="layer_norm1", **kw)(x)
     x = x + Attention(name="self_attn", num_heads=self.num_heads, rope_layout=self.rope_layout,
-                      impl=self.impl, chunk_size=self.chunk_size, **kw)(h, h, segments, segments, angles)
+                      impl=self.impl, chunk_size=self.chunk_size, one_sample_rows=self.one_sample_rows,
+                      **kw)(h, h, segments, segments, angles)
     x = self._constrain(x, ("batch", "length", "act_embed"))
     specs, batch = self._mlp_layout()
     if self.mlp_kernel == "pallas" or (
@@ -262,7 +294,7 @@ class ProbeHead(_Module):
     # Broadcast before the cast: the probe's gradient, a sum over rows and segments, stays fp32.
     queries = jnp.broadcast_to(probe, (b, num_segments, d)).astype(self.dtype)
     q_segments = jnp.broadcast_to(jnp.arange(1, num_segments + 1, dtype=jnp.int32), (b, num_segments))
-    h = Attention(name="attention", num_heads=self.num_heads, impl="xla", **kw)(
+    h = Attention(name="attention", num_heads=self.num_heads, impl="xla", pool=True, **kw)(
         queries, x, q_segments, segments)
     y = RMSNorm(name="norm", **kw)(h)
     out = h + Mlp(name="mlp", mlp_dim=self.mlp_dim, **kw)(y)
@@ -288,6 +320,9 @@ class Encoder(_Module):
   attn_chunk_size: int = defaults.FIELDS["attn_chunk_size"]
   mlp_kernel: str = defaults.FIELDS["mlp_kernel"]  # MLP_KERNELS
   remat: str = defaults.FIELDS["remat"]
+  # Set by the trainer when every input row is one sample's tokens followed by padding (no packing,
+  # or one segment a row): an attention kernel may then take sequence lengths instead of a mask.
+  one_sample_rows: bool = False
 
   @nn.compact
   def __call__(self, patches, positions, segment_ids, num_segments: int = 1):
@@ -305,7 +340,8 @@ class Encoder(_Module):
     for i in range(self.depth):
       x = layer_cls(name=f"layers_{i}", num_heads=self.num_heads, mlp_dim=self.mlp_dim,
                     rope_layout=self.rope_layout, impl=impl,
-                    chunk_size=self.attn_chunk_size, mlp_kernel=self.mlp_kernel, **kw)(
+                    chunk_size=self.attn_chunk_size, mlp_kernel=self.mlp_kernel,
+                    one_sample_rows=self.one_sample_rows, **kw)(
                         x, segment_ids, angles)
     x = LayerNorm(name="layernorm_post", **kw)(x)
     pooled = ProbeHead(name="head", num_heads=self.num_heads, mlp_dim=self.mlp_dim, **kw)(

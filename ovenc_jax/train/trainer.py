@@ -108,6 +108,10 @@ class Trainer:
                        f"{'*'.join('mesh.' + a for a in self.batch_axes)}={batch_shards}")
     self.encoder = model_lib.encoder_from_config(config.model, self.rules,
                                                  platform=self.mesh.devices.flat[0].platform)
+    # The train step's rows are one sample each without packing or with one segment a row; the same
+    # parameters, and the attention may take sequence lengths for them (model.attention.cudnn).
+    self.train_encoder = self.encoder.clone(
+        one_sample_rows=not config.input.pack or int(config.input.max_segments) == 1)
     # Center rows are padded to a multiple of loss.center_row_multiple (128 by default) and of the
     # shard count, so one checkpoint restores onto any mesh of up to that many devices (powers of
     # two) without reshaping the centers.
@@ -176,7 +180,7 @@ class Trainer:
   # ---- step --------------------------------------------------------------------------------
   def _loss(self, params, batch, rng):
     s = self.config.input.max_segments
-    out = self.encoder.apply({"params": params["encoder"]}, batch["patches"], batch["positions"],
+    out = self.train_encoder.apply({"params": params["encoder"]}, batch["patches"], batch["positions"],
                              batch["segment_ids"], num_segments=s)
     emb = out["pooled"].astype(jnp.float32)
     emb = emb.reshape(-1, emb.shape[-1])

@@ -39,13 +39,15 @@ def resolve(impl: str, platform: str, dtype=jnp.float32) -> str:
 def dot_product_attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray,
                           q_segments: jnp.ndarray, kv_segments: jnp.ndarray, *,
                           impl: str = "xla", chunk_size: int = 512, axis_rules=(),
-                          heads_first: bool = False) -> jnp.ndarray:
+                          heads_first: bool = False, one_sample_rows: bool = False) -> jnp.ndarray:
   """q [B, Nq, H, hd], k/v [B, Nk, H, hd] -> [B, Nq, H, hd], scale hd^-0.5. heads_first: all four
-  [B, H, N, hd], for the kernels in HEADS_FIRST."""
+  [B, H, N, hd], for the kernels in HEADS_FIRST. one_sample_rows: each row is one sample followed by
+  padding, which a kernel may use (cudnn: sequence lengths instead of a mask)."""
   if impl not in KERNELS:  # 'auto' outside encoder_from_config: the local backend decides
     impl = resolve(impl, jax.default_backend(), q.dtype)
   if heads_first and impl not in HEADS_FIRST:
     raise ValueError(f"attention {impl!r} takes [B, N, H, hd], not heads first")
   layout = dict(heads_first=True) if heads_first else {}  # only HEADS_FIRST kernels take the flag
+  rows = dict(one_sample_rows=True) if one_sample_rows else {}
   return KERNELS[impl](q, k, v, q_segments, kv_segments, scale=q.shape[-1] ** -0.5,
-                       chunk_size=chunk_size, axis_rules=axis_rules, **layout)
+                       chunk_size=chunk_size, axis_rules=axis_rules, **layout, **rows)

@@ -15,7 +15,7 @@ def segment_mask(q_segments: jnp.ndarray, kv_segments: jnp.ndarray) -> jnp.ndarr
   return (q_segments[:, :, None] == kv_segments[:, None, :])[:, None]
 
 
-def _large_negative(dtype):
+def large_negative(dtype):
   # What jax.nn.dot_product_attention writes into masked logits (fp32 here: logits are always fp32).
   return jnp.asarray(-0.7 * jnp.finfo(dtype).max, dtype)
 
@@ -41,7 +41,7 @@ def _probabilities(qh, kh, q_seg, kv_seg, scale):
   # The mask as an additive bias, 0 or the large negative number jnp.where(mask, logits, big) writes:
   # |logit| is far below that number's spacing, so both give the same logits, but the add fuses into
   # XLA:CPU's (multi-threaded) softmax while a select is a separate single-threaded pass over the scores.
-  bias = jnp.where(segment_mask(q_seg, kv_seg), 0.0, _large_negative(jnp.float32))
+  bias = jnp.where(segment_mask(q_seg, kv_seg), 0.0, large_negative(jnp.float32))
   logits = logits * jnp.asarray(scale, jnp.float32) + bias
   unnormalized = jnp.exp(logits - jnp.max(logits, axis=-1, keepdims=True))
   return unnormalized / jnp.sum(unnormalized, axis=-1, keepdims=True)
