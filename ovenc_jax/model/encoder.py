@@ -177,8 +177,9 @@ class Attention(_Module):
     k = HeadProjection(name="k_proj", **kw)(x_kv)
     # In self-attention every query sees at least one key (padding sees padding: segment_mask), so
     # each row of attention weights sums to one and v's bias passes through unchanged: it is added
-    # after the output projection, as b_v W_o, instead of to every key (a pass over v each way).
-    fold_v_bias = x_q is x_kv
+    # after the output projection, as b_v W_o, instead of to every key (on GPU a pass over v each
+    # way). Not for the heads-first TPU kernel, where XLA's own fusion of the bias is cheaper.
+    fold_v_bias = x_q is x_kv and not heads_first
     v = HeadProjection(name="v_proj", defer_bias=fold_v_bias, **kw)(x_kv)
     v, v_bias = v if fold_v_bias else (v, None)
     if angles is not None:
