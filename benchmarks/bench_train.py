@@ -12,7 +12,7 @@ python benchmarks/bench_train.py [--json PATH] [--steps N] [--loop_steps N] [--v
 python benchmarks/bench_train.py --gpu [--json PATH] [--variant base] [--loop_steps 50] [--peak_tflops 989]
 
 --gpu: a real train on the visible GPUs with the `pod=h100x8` preset's per-GPU share (base:
-32 rows a GPU, data parallel, bf16, cuDNN flash attention) on 16-frame clips at 12.5% (512 tokens, one
+64 rows a GPU, data parallel, bf16, cuDNN flash attention) on 16-frame clips at 12.5% (512 tokens, one
 clip a row), 1M centers, 10 labels a clip, as bench_aot compiles it. It times Trainer.run over
 --loop_steps steps (input pipeline, metrics and the final checkpoint save included; timed after the
 compiling step, before the save), the compiled step alone on one device-resident batch, the input
