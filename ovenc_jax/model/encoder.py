@@ -200,20 +200,26 @@ class Attention(_Module):
     so softmax drops it; sum_t p_t (x_t W_v + b_v) = (sum_t p_t x_t) W_v + b_v where the weights sum to
     one (a query with no key of its segment spreads over the whole row, as in xla._attend). So the
     queries are mapped into x's space and the values pooled there: two [S, D] x [D, N] products a row
-    instead of projecting all N tokens to keys and values and reading them back."""
+    instead of projecting all N tokens to keys and values and reading them back.
+
+    The two small per-head products go through `dense` (its FSDP gather and reduce-scatter) as
+    block-diagonal ones: a head's query against every head's slice of W_k, W_v against every head's
+    pooled x, and the diagonal kept (H times the FLOPs of S x D x D, small beside the row's)."""
     kw = dict(self._kw(), num_heads=self.num_heads, head_dim=hd, params_only=True)
     q = HeadProjection(name="q_proj", **dict(kw, params_only=False))(x_q)                 # [B, S, H, hd]
     wk, _ = HeadProjection(name="k_proj", **kw)(x)
     wv, bv = HeadProjection(name="v_proj", **kw)(x)
     f32, cdt = jnp.float32, self.dtype
-    qx = jnp.einsum("bshk,dhk->bshd", q.astype(f32), wk)                                  # [B, S, H, D]
-    logits = jnp.einsum("bshd,btd->bsht", qx.astype(cdt), x.astype(cdt), preferred_element_type=f32)
+    eye = jnp.eye(self.num_heads, dtype=q.dtype)
+    names = ("embed", "heads", "kv")
+    qx = self._dense("bsghk,dhk->bsgd", q[:, :, :, None, :] * eye[:, :, None], wk, None, names)  # [B, S, H, D]
+    logits = jnp.einsum("bshd,btd->bsht", qx, x.astype(cdt), preferred_element_type=f32)
     bias = jnp.where(q_segments[:, :, None, None] == kv_segments[:, None, None, :], 0.0,
                      attn_lib.xla.large_negative(f32))
     logits = logits * jnp.asarray(hd ** -0.5, f32) + bias
     p = jax.nn.softmax(logits, axis=-1).astype(cdt)
     pooled = jnp.einsum("bsht,btd->bshd", p, x.astype(cdt), preferred_element_type=f32)   # [B, S, H, D]
-    o = (jnp.einsum("bshd,dhk->bshk", pooled, wv) + bv).astype(cdt)
+    o = jnp.einsum("bsghk,gh->bsgk", self._dense("bsgd,dhk->bsghk", pooled, wv, bv, names), eye)
     return OutProjection(name="out_proj", features=x.shape[-1], **self._kw())(o)
 
 

@@ -41,7 +41,11 @@ def model_flops(config, class_shards: int, padded_classes: int, tensor: int = 1)
   d, f, depth, p = int(m.width), int(m.mlp_dim), int(m.depth), int(i.patch_size) ** 2 * 3
   patch = 2 * b * n * p * d
   layers = depth * (2 * b * n * (4 * d * d + 2 * d * f) + 4 * b * n * n * d)
-  head = 2 * b * (2 * n * d * d + 2 * s * d * d + 2 * s * n * d + 2 * s * d * f)
+  # The probe head as Attention._pool computes it: per query the q and output projections, the query
+  # mapped into x's space and the values pooled there (d x d each), scores and pooling over the row
+  # in x's space for each of the h heads, then the MLP.
+  h = int(m.num_heads)
+  head = 2 * b * (4 * s * d * d + 2 * s * n * d * h + 2 * s * d * f)
   # The loss: each of the class shards scores all B*S embeddings against its columns of the centers.
   # The column count is loss.make_loss_fn's own: all local rows, or the static Partial-FC selection
   # (loss.partial_fc.selection_size); the official recipe draws one selection per label slot.
