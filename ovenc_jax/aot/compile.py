@@ -3,7 +3,6 @@
 ovenc-aot --config ovenc_jax/configs/pretrain.py:variant=base --topology v5e-256 [--json PATH]
 (or python -m ovenc_jax.aot.compile ...)
 """
-import json
 import dataclasses
 import math
 import os
@@ -234,7 +233,7 @@ def analyse(config, target: Target, dump_dir: str | None = None, save_path: str 
     atomic_io.atomic_write(os.path.join(dump_dir, "train_step.stablehlo.mlir"),
                            lambda f: f.write(lowered.as_text()), mode="w")
   try:
-    compiled = lowered.compile(compiler_options=json.loads(os.environ.get("OVENC_XLA_OPTS", "{}")) or None)
+    compiled = lowered.compile()
   except Exception as e:  # noqa: BLE001 - only the compiler's out-of-memory verdict is handled
     msg = _oom_message(e)
     if msg is None:
