@@ -119,9 +119,8 @@ _VIEWS = {"bitcast", "reshape"}
 _IN_PLACE_ROOTS = {"scatter": 2, "dynamic-update-slice": 1}  # opcode -> index of its update operand
 
 
-def _fused_instructions(comp_lines):
-  """{name: (opcode, type, operand names)} of a fused computation, and its root's name."""
-  out, root = {}, None
+def _instructions(comp_lines):
+  """(name, type, opcode, text after the type, operand names, is the root) of each instruction."""
   for line in comp_lines:
     m = _INSTR.match(line)
     if not m:
@@ -130,17 +129,19 @@ def _fused_instructions(comp_lines):
     type_str, rest = _split_type(rest)
     opcode = re.match(r"([\w\-]+)\(", rest)
     if opcode:
-      out[iname] = (opcode.group(1), type_str, _operands(rest[len(opcode.group(1)):]))
-      root = iname if line.lstrip().startswith("ROOT ") else root
-  return out, root
+      opcode = opcode.group(1)
+      yield iname, type_str, opcode, rest, _operands(rest[len(opcode):]), line.lstrip().startswith("ROOT ")
 
 
 def _fusion_bytes(comp_lines, type_str, operand_types) -> int | None:
   """HBM bytes of a fusion whose computation reads some operand only in part or updates one in
   place; None where neither applies (every operand read whole, the result written whole)."""
-  instrs, root = _fused_instructions(comp_lines)
-  params = {int(re.search(r"parameter\((\d+)\)", l).group(1)): m.group(1)
-            for l in comp_lines if (m := _INSTR.match(l)) and " parameter(" in l}
+  instrs, params, root = {}, {}, None
+  for iname, itype, opcode, rest, ops, is_root in _instructions(comp_lines):
+    instrs[iname] = (opcode, itype, ops)
+    root = iname if is_root else root
+    if opcode == "parameter":
+      params[int(re.match(r"parameter\((\d+)\)", rest).group(1))] = iname
   users = {}
   for name, (_, _, ops) in instrs.items():
     for o in ops:
@@ -257,18 +258,9 @@ def _computation_bytes(name, comps, by_name, scale):
   if name not in comps:
     raise ValueError(f"HLO text calls computation %{name}, which it does not define (truncated dump?)")
   types, total = {}, 0
-  for line in comps[name]:
-    m = _INSTR.match(line)
-    if not m:
-      continue
-    iname, rest = m.groups()
-    type_str, rest = _split_type(rest)
+  for iname, type_str, opcode, rest, operands, _ in _instructions(comps[name]):
     types[iname] = type_str
-    opcode = re.match(r"([\w\-]+)\(", rest)
-    if not opcode:
-      continue
-    opcode = opcode.group(1)
-    operand_types = [types.get(o, "") for o in _operands(rest[len(opcode):])]
+    operand_types = [types.get(o, "") for o in operands]
     nbytes = _instruction_bytes(opcode, type_str, rest, operand_types, comps, by_name, scale)
     if opcode not in ("while", "call", "conditional") and nbytes:
       op_name = re.search(r'op_name="([^"]*)"', rest)
