@@ -205,10 +205,10 @@ class Attention(_Module):
     The two small per-head products go through `dense` (its FSDP gather and reduce-scatter) as
     block-diagonal ones: a head's query against every head's slice of W_k, W_v against every head's
     pooled x, and the diagonal kept (H times the FLOPs of S x D x D, small beside the row's)."""
-    kw = dict(self._kw(), num_heads=self.num_heads, head_dim=hd, params_only=True)
-    q = HeadProjection(name="q_proj", **dict(kw, params_only=False))(x_q)                 # [B, S, H, hd]
-    wk, _ = HeadProjection(name="k_proj", **kw)(x)
-    wv, bv = HeadProjection(name="v_proj", **kw)(x)
+    kw = dict(self._kw(), num_heads=self.num_heads, head_dim=hd)
+    q = HeadProjection(name="q_proj", **kw)(x_q)                                          # [B, S, H, hd]
+    wk, _ = HeadProjection(name="k_proj", params_only=True, **kw)(x)
+    wv, bv = HeadProjection(name="v_proj", params_only=True, **kw)(x)
     f32, cdt = jnp.float32, self.dtype
     eye = jnp.eye(self.num_heads, dtype=q.dtype)
     names = ("embed", "heads", "kv")

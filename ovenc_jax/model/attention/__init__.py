@@ -48,6 +48,6 @@ def dot_product_attention(q: jnp.ndarray, k: jnp.ndarray, v: jnp.ndarray,
   if heads_first and impl not in HEADS_FIRST:
     raise ValueError(f"attention {impl!r} takes [B, N, H, hd], not heads first")
   layout = dict(heads_first=True) if heads_first else {}  # only HEADS_FIRST kernels take the flag
-  rows = dict(one_sample_rows=True) if one_sample_rows else {}
   return KERNELS[impl](q, k, v, q_segments, kv_segments, scale=q.shape[-1] ** -0.5,
-                       chunk_size=chunk_size, axis_rules=axis_rules, **layout, **rows)
+                       chunk_size=chunk_size, axis_rules=axis_rules, one_sample_rows=one_sample_rows,
+                       **layout)
